@@ -1,0 +1,5 @@
+import sys
+
+from painwatch.cli import main
+
+sys.exit(main())
