@@ -116,8 +116,11 @@ def fit_temperature(
     )
     # Brent's bounded method never evaluates the end points themselves; check them so a minimum
     # on the boundary is reported exactly.
-    candidates = [(float(result.fun), float(result.x)), (objective(math.log(lo)), math.log(lo)),
-                  (objective(math.log(hi)), math.log(hi))]
+    candidates = [
+        (float(result.fun), float(result.x)),
+        (objective(math.log(lo)), math.log(lo)),
+        (objective(math.log(hi)), math.log(hi)),
+    ]
     best_log_temperature = min(candidates)[1]
     return float(min(max(math.exp(best_log_temperature), lo), hi))
 

@@ -60,8 +60,10 @@ def check_labels(labels: Any, num_classes: int | None = None, name: str = "label
     if array.size and not np.issubdtype(array.dtype, np.integer):
         if array.dtype == bool:
             array = array.astype(np.int64)
-        elif not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)) or not np.all(
-            array == np.round(array)
+        elif (
+            not np.issubdtype(array.dtype, np.number)
+            or not np.all(np.isfinite(array))
+            or not np.all(array == np.round(array))
         ):
             raise ValueError(f"{name} must be integer class indices; got dtype {array.dtype}")
     array = array.astype(np.int64)
@@ -447,7 +449,10 @@ def bootstrap_confidence_intervals(
                 auc[r] = roc_auc_score(y[kept], probs[kept, 1], sample_weight=weights[kept])
             else:
                 auc[r] = roc_auc_score(
-                    y[kept], probs[kept], sample_weight=weights[kept], multi_class="ovr",
+                    y[kept],
+                    probs[kept],
+                    sample_weight=weights[kept],
+                    multi_class="ovr",
                     labels=list(range(num_classes)),
                 )
     replicates = np.concatenate([from_confusion, auc[:, None], ece[:, None]], axis=1)
@@ -456,7 +461,7 @@ def bootstrap_confidence_intervals(
     for column, name in enumerate(metric_names):
         values = replicates[:, column]
         values = values[np.isfinite(values)]
-        low, high = (np.quantile(values, [tail, 1.0 - tail]) if len(values) else (np.nan, np.nan))
+        low, high = np.quantile(values, [tail, 1.0 - tail]) if len(values) else (np.nan, np.nan)
         result["metrics"][name] = {
             "estimate": estimates[name],
             "low": _json_float(low),
