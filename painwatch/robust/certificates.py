@@ -1,0 +1,325 @@
+"""Certificates: the ``Certificate`` record, Lipschitz margin certificates and the smoothed margin.
+
+Units: ``x`` is one image ``(C, H, W)`` with pixels in ``[0, 1]``; every radius and every noise level
+``sigma`` is an L2 norm in that pixel space, at the model's input resolution. Margins are computed in
+float64. ``L`` (``lipschitz_constant``) must be a *sound upper bound* of the L2 Lipschitz constant of the
+logit map ``f`` (see :func:`painwatch.robust.lipschitz_upper_bound`); with an estimate that is too small
+the radii below are not guaranteed.
+
+Methods (DESIGN "The certificates"):
+
+- ``"lipschitz"`` (Tsuzuku et al. 2018): ``r = M_f(x) / (sqrt(2) L)``, deterministic, one forward pass.
+- ``"smoothed_margin"`` (thesis Ch. 3): ``SM(x) = E[M_c(x + xi)]``, ``xi ~ N(0, sigma^2 I)``, lower confidence
+  bound by Gaussian concentration, ``r = SM_low / (sqrt(2) L)``; certifies the expected-logit classifier.
+- :func:`smoothed_robustness`: the probability bound of the thesis's framework (Ch. 2) over (eps, sigma).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from painwatch.robust.validation import (
+    check_alpha,
+    check_count,
+    check_generator,
+    check_image,
+    check_lipschitz_constant,
+    check_logits,
+    check_model,
+    check_sigma,
+)
+
+__all__ = [
+    "ABSTAIN",
+    "METHODS",
+    "Certificate",
+    "lipschitz_certify",
+    "lipschitz_certify_batch",
+    "logit_margin",
+    "margin_for_class",
+    "smoothed_margin_certify",
+    "smoothed_margin_slack",
+    "smoothed_robustness",
+]
+
+ABSTAIN: int = -1
+"""The prediction of a certificate that abstains (its radius is 0)."""
+
+METHODS: tuple[str, ...] = (
+    "lipschitz",
+    "smoothed_margin",
+    "randomized_smoothing",
+    "soft_smoothing",
+    # Anytime-valid variants of the two smoothing methods (painwatch.robust.sequential).
+    "randomized_smoothing_sequential",
+    "soft_smoothing_sequential",
+)
+"""Every certification method, by the name stored in ``Certificate.method``."""
+
+_SQRT2 = math.sqrt(2.0)
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The answer of one certification of one image.
+
+    Attributes:
+        prediction: the certified class index, or ``ABSTAIN`` (-1) when nothing could be certified.
+        radius: certified L2 radius in [0, 1] pixel units (0.0 when abstaining). For every perturbation
+            ``delta`` with ``||delta||_2 < radius`` the certified classifier (see ``method``) predicts
+            ``prediction`` at ``x + delta``; for the statistical methods this holds with probability at
+            least ``1 - alpha`` over the sampling noise.
+        method: one of :data:`METHODS`.
+        sigma: the Gaussian noise std of the smoothing (0.0 for ``"lipschitz"``).
+        n: the number of noise samples that estimated the bound (0 for ``"lipschitz"``).
+        alpha: the failure probability of the bound (0.0 for the deterministic ``"lipschitz"``).
+        bound: the statistic the radius came from: the logit margin (``"lipschitz"``), the lower
+            confidence bound ``SM_low`` of the smoothed margin, the Clopper-Pearson bound ``pA_low``
+            (``"randomized_smoothing"``), or the lower bound of the expected top-class softmax score
+            (``"soft_smoothing"``). May be NaN when a method abstained before estimating it.
+        forward_passes: how many images went through the model to produce this certificate
+            (1 for ``"lipschitz"``, ``n0 + n`` for the two-stage statistical methods).
+    """
+
+    prediction: int
+    radius: float
+    method: str
+    sigma: float
+    n: int
+    alpha: float
+    bound: float
+    forward_passes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown certificate method {self.method!r}; expected one of {METHODS}")
+        valid_type = isinstance(self.prediction, int) and not isinstance(self.prediction, bool)
+        if not valid_type or self.prediction < ABSTAIN:
+            raise ValueError(
+                f"prediction must be a class index >= 0 or ABSTAIN (-1), got {self.prediction!r}"
+            )
+        if not (self.radius >= 0.0) or math.isnan(self.radius):
+            raise ValueError(f"radius must be >= 0, got {self.radius!r}")
+        if self.prediction == ABSTAIN and self.radius != 0.0:
+            raise ValueError(f"an abstaining certificate must have radius 0.0, got {self.radius!r}")
+        if not (self.sigma >= 0.0 and math.isfinite(self.sigma)):
+            raise ValueError(f"sigma must be finite and >= 0, got {self.sigma!r}")
+        if not (0.0 <= self.alpha < 1.0):
+            raise ValueError(f"alpha must be in [0, 1), got {self.alpha!r}")
+        if self.n < 0 or self.forward_passes < 0:
+            raise ValueError(
+                f"n and forward_passes must be >= 0, got n={self.n}, forward_passes={self.forward_passes}"
+            )
+
+    @property
+    def abstained(self) -> bool:
+        """True when no class could be certified (``prediction == ABSTAIN``)."""
+        return self.prediction == ABSTAIN
+
+    def radius_rms(self, input_shape: tuple[int, int, int]) -> float:
+        """The radius as a per-pixel RMS change: ``radius / sqrt(C * H * W)`` (pixel values in [0, 1])."""
+        return self.radius / math.sqrt(_numel(input_shape))
+
+    def radius_grey_levels(self, input_shape: tuple[int, int, int]) -> float:
+        """The radius as an RMS change in 8-bit grey levels: ``255 * radius / sqrt(C * H * W)``."""
+        return 255.0 * self.radius_rms(input_shape)
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict (NaN bounds become ``None``; ``abstained`` is included)."""
+        record = asdict(self)
+        for key in ("radius", "bound", "sigma", "alpha"):
+            value = float(record[key])
+            record[key] = None if math.isnan(value) else value
+        record["abstained"] = self.abstained
+        return record
+
+
+def _numel(input_shape: tuple[int, ...]) -> int:
+    if len(input_shape) != 3 or any(int(d) < 1 for d in input_shape):
+        raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {tuple(input_shape)}")
+    return int(np.prod([int(d) for d in input_shape]))
+
+
+def logit_margin(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 class and its margin over the runner-up, for a batch of logits ``(B, K)``, ``K >= 2``.
+
+    Returns ``(prediction, margin)``: ``prediction`` a LongTensor ``(B,)`` (ties go to the lowest index,
+    as ``torch.argmax``), ``margin = f_c - max_{j != c} f_j >= 0`` as a float64 tensor ``(B,)``.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] < 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a tensor of shape (B, K) with K >= 2, got {shape}")
+    logits64 = logits.detach().to(torch.float64)
+    prediction = torch.argmax(logits64, dim=1)
+    top2 = torch.topk(logits64, k=2, dim=1).values
+    return prediction, top2[:, 0] - top2[:, 1]
+
+
+def margin_for_class(logits: torch.Tensor, label: int | torch.Tensor) -> torch.Tensor:
+    """Margin of a *fixed* class: ``M_c = f_c - max_{j != c} f_j`` in float64 (negative when c loses).
+
+    ``logits`` is ``(B, K)``; ``label`` is one class for all rows or a LongTensor ``(B,)``.
+    ``M_c`` is ``sqrt(2) L``-Lipschitz in the input when ``f`` is ``L``-Lipschitz.
+    """
+    logits64 = logits.detach().to(torch.float64)
+    batch, num_classes = logits64.shape
+    labels = torch.as_tensor(label, dtype=torch.long, device=logits64.device).expand(batch)
+    if bool(((labels < 0) | (labels >= num_classes)).any()):
+        raise ValueError(f"label must be in [0, {num_classes}), got {labels.unique().tolist()}")
+    own = logits64.gather(1, labels[:, None])[:, 0]
+    others = logits64.scatter(1, labels[:, None], -math.inf)
+    return own - others.max(dim=1).values
+
+
+def _model_logits(model, batch: torch.Tensor) -> torch.Tensor:
+    """Logits of ``model`` on ``batch`` in eval mode without autograd, checked for shape and finiteness."""
+    from painwatch.robust.smoothing import evaluation_mode
+
+    with evaluation_mode(model), torch.no_grad():
+        logits = model(batch)
+    return check_logits(logits, batch.shape[0])
+
+
+def lipschitz_certify(model, x: torch.Tensor, lipschitz_constant: float) -> Certificate:
+    """Lipschitz margin certificate (Tsuzuku et al. 2018) of the bare network at one image.
+
+    Guarantee: if ``lipschitz_constant >= Lip_2(f)``, then ``argmax f(x + delta) = prediction`` for every
+    ``||delta||_2 < radius = M_f(x) / (sqrt(2) L)`` (deterministic: ``alpha = 0``). One forward pass in
+    eval mode. A tie between the top two logits gives radius 0 (the prediction is kept: the certificate
+    then only states what ``f`` predicts at ``x``).
+    """
+    return lipschitz_certify_batch(model, check_image(x).unsqueeze(0), lipschitz_constant)[0]
+
+
+def lipschitz_certify_batch(model, x: torch.Tensor, lipschitz_constant: float) -> list[Certificate]:
+    """:func:`lipschitz_certify` for a batch ``(B, C, H, W)``: one forward pass for all images."""
+    from painwatch.robust.validation import check_batch
+
+    check_model(model)
+    check_batch(x)
+    constant = check_lipschitz_constant(lipschitz_constant)
+    prediction, margin = logit_margin(_model_logits(model, x))
+    radii = (margin / (_SQRT2 * constant)).tolist()
+    return [
+        Certificate(int(c), float(r), "lipschitz", 0.0, 0, 0.0, float(m), forward_passes=1)
+        for c, r, m in zip(prediction.tolist(), radii, margin.tolist(), strict=True)
+    ]
+
+
+def smoothed_margin_slack(lipschitz_constant: float, sigma: float, n: int, alpha: float) -> float:
+    """Gaussian-concentration slack ``2 L sigma sqrt(ln(1/alpha) / n)`` of the smoothed-margin bound.
+
+    ``M_c(x + sigma Z)`` is ``sqrt(2) L sigma``-Lipschitz in a standard Gaussian ``Z``, so the mean of ``n``
+    independent draws is ``sqrt(2) L sigma / sqrt(n)``-Lipschitz in ``(Z_1..Z_n)`` and falls below its
+    expectation by more than this slack with probability at most ``alpha``.
+    """
+    constant = check_lipschitz_constant(lipschitz_constant)
+    log_term = math.log(1.0 / check_alpha(alpha))
+    return 2.0 * constant * check_sigma(sigma) * math.sqrt(log_term / check_count(n, "n"))
+
+
+def smoothed_margin_certify(
+    model,
+    x: torch.Tensor,
+    sigma: float,
+    lipschitz_constant: float,
+    n0: int = 100,
+    n: int = 1000,
+    alpha: float = 0.001,
+    batch_size: int = 1000,
+    generator: torch.Generator | None = None,
+) -> Certificate:
+    """Smoothed (expected) margin certificate (thesis Ch. 3; DESIGN item 2), two-stage like Cohen et al.
+
+    What it certifies is the expected-logit classifier ``h(x) = argmax_c E_xi[f_c(x + xi)]``,
+    ``xi ~ N(0, sigma^2 I)``, *not* the bare network ``f``.
+
+    1. ``n0`` noisy samples select ``c``, the argmax of their mean logits.
+    2. ``n`` fresh samples estimate ``SM(x) = E[M_c(x + xi)]`` (``M_c = f_c - max_{j != c} f_j``, float64);
+       ``SM_low = SM_hat - 2 L sigma sqrt(ln(1/alpha) / n)``.
+
+    Guarantee: with probability at least ``1 - alpha`` over the fresh samples, ``SM(x) >= SM_low``; then,
+    since ``SM`` is ``sqrt(2) L``-Lipschitz and ``SM(x') > 0`` implies ``h(x') = c``, ``h(x + delta) = c`` for
+    every ``||delta||_2 < r = SM_low / (sqrt(2) L)``. Abstains (prediction -1, radius 0) when
+    ``SM_low <= 0``. Requires ``lipschitz_constant`` to be a sound upper bound of ``Lip_2(f)``.
+    Deterministic given the generator's seed.
+    """
+    from painwatch.robust.smoothing import noisy_logits
+
+    check_model(model)
+    check_image(x)
+    sigma = check_sigma(sigma)
+    constant = check_lipschitz_constant(lipschitz_constant)
+    n0 = check_count(n0, "n0")
+    n = check_count(n, "n")
+    alpha = check_alpha(alpha)
+    batch_size = check_count(batch_size, "batch_size")
+    check_generator(generator)
+
+    selection = noisy_logits(model, x, sigma, n0, batch_size, generator)
+    candidate = int(torch.argmax(selection.mean(dim=0)))
+    estimation = noisy_logits(model, x, sigma, n, batch_size, generator)
+    margin_hat = float(margin_for_class(estimation, candidate).mean())
+    margin_low = margin_hat - smoothed_margin_slack(constant, sigma, n, alpha)
+    if margin_low <= 0.0:
+        return Certificate(ABSTAIN, 0.0, "smoothed_margin", sigma, n, alpha, margin_low,
+                           forward_passes=n0 + n)
+    return Certificate(candidate, margin_low / (_SQRT2 * constant), "smoothed_margin", sigma, n, alpha,
+                       margin_low, forward_passes=n0 + n)
+
+
+def smoothed_robustness(
+    margin_lower_bound: float | np.ndarray,
+    lipschitz_constant: float,
+    eps: float | np.ndarray,
+    sigma: float | np.ndarray,
+) -> np.ndarray:
+    """Smoothed robustness bound (thesis Ch. 2; DESIGN item 3) over adversary ``eps`` and noise ``sigma``.
+
+    For every ``||delta||_2 <= eps``::
+
+        P_xi[f(x + delta + xi) predicts c] >= 1 - exp(-(SM_low - sqrt(2) L eps)^2 / (4 L^2 sigma^2))
+
+    whenever ``SM_low > sqrt(2) L eps``, and the bound is 0 elsewhere (nothing certified). Here
+    ``margin_lower_bound`` is ``SM_low``, a lower bound of ``E[M_c(x + xi)]`` at the *same* sigma (e.g. the
+    ``bound`` of a :func:`smoothed_margin_certify` certificate at that sigma, or the plain logit margin when
+    ``sigma = 0``); the statement then holds with the confidence of that bound.
+    Why: ``M_c(x + delta + sigma Z)`` is ``sqrt(2) L sigma``-Lipschitz in ``Z`` with mean at least
+    ``SM_low - sqrt(2) L eps``; Gaussian concentration bounds the chance it drops to 0.
+
+    Limits: ``sigma = 0`` is the worst case (DESIGN item 1): 1 where ``SM_low > sqrt(2) L eps``, else 0;
+    ``eps = 0`` is the average case (accuracy under noise). All arguments broadcast (numpy rules); the
+    result is a float64 array of the broadcast shape with values in ``[0, 1]``.
+    """
+    constant = check_lipschitz_constant(lipschitz_constant)
+    margin = np.asarray(margin_lower_bound, dtype=np.float64)
+    eps_arr = np.asarray(eps, dtype=np.float64)
+    sigma_arr = np.asarray(sigma, dtype=np.float64)
+    if np.isnan(margin).any():
+        raise ValueError("margin_lower_bound contains NaN")
+    if not (np.isfinite(eps_arr).all() and (eps_arr >= 0).all()):
+        raise ValueError(
+            f"eps must be finite and >= 0 (L2 radius), got values in [{eps_arr.min()}, {eps_arr.max()}]"
+        )
+    if not (np.isfinite(sigma_arr).all() and (sigma_arr >= 0).all()):
+        raise ValueError(
+            f"sigma must be finite and >= 0, got values in [{sigma_arr.min()}, {sigma_arr.max()}]"
+        )
+    try:
+        margin, eps_arr, sigma_arr = np.broadcast_arrays(margin, eps_arr, sigma_arr)
+    except ValueError as error:
+        raise ValueError(
+            f"margin_lower_bound {margin.shape}, eps {eps_arr.shape} and sigma {sigma_arr.shape} "
+            "do not broadcast together"
+        ) from error
+    slack = margin - _SQRT2 * constant * eps_arr
+    certified = slack > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exponent = -np.square(slack) / (4.0 * constant**2 * np.square(sigma_arr))
+        # sigma = 0 with a positive slack: exponent is -inf, the bound is exactly 1.
+        bound = -np.expm1(np.where(sigma_arr > 0, exponent, -np.inf))
+    return np.where(certified, bound, 0.0).astype(np.float64)
