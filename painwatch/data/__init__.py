@@ -1,0 +1,142 @@
+"""Frames, manifests, validation, transforms, face crops, video sampling and the synthetic demo set.
+
+The public names below are loaded lazily (on first use), so that ``painwatch --help`` and the
+``painwatch.data.commands`` module do not pay for importing torch, OpenCV or albumentations.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS: dict[str, str] = {
+    # errors
+    "DataValidationError": "painwatch.data.errors",
+    "ImageReadError": "painwatch.data.errors",
+    "Problem": "painwatch.data.errors",
+    "PROBLEM_KINDS": "painwatch.data.errors",
+    # images
+    "read_image": "painwatch.data.images",
+    "crop_face": "painwatch.data.images",
+    "check_box": "painwatch.data.images",
+    "Detector": "painwatch.data.images",
+    "Box": "painwatch.data.images",
+    "IMAGE_EXTENSIONS": "painwatch.data.images",
+    "VIDEO_EXTENSIONS": "painwatch.data.images",
+    "DEFAULT_MAX_PIXELS": "painwatch.data.images",
+    # video
+    "sample_video": "painwatch.data.video",
+    "sample_times": "painwatch.data.video",
+    "read_video_frame": "painwatch.data.video",
+    "video_info": "painwatch.data.video",
+    "VideoInfo": "painwatch.data.video",
+    # records
+    "FrameRecord": "painwatch.data.records",
+    "ValidationReport": "painwatch.data.records",
+    "load_records": "painwatch.data.records",
+    "validate_source": "painwatch.data.records",
+    "load_frame": "painwatch.data.records",
+    "dataset_hash": "painwatch.data.records",
+    "file_sha256": "painwatch.data.records",
+    "parse_label": "painwatch.data.records",
+    "records_from_video": "painwatch.data.records",
+    "MANIFEST_NAME": "painwatch.data.records",
+    # transforms and dataset
+    "train_transform": "painwatch.data.transforms",
+    "eval_transform": "painwatch.data.transforms",
+    "ImageTransform": "painwatch.data.transforms",
+    "DEFAULT_SIZE": "painwatch.data.transforms",
+    "FrameDataset": "painwatch.data.dataset",
+    # synthetic demo set
+    "make_demo_dataset": "painwatch.data.synthetic",
+    "render_face": "painwatch.data.synthetic",
+    "DEMO_IMAGE_SIZE": "painwatch.data.synthetic",
+    "DEMO_FRAMES_PER_CLASS": "painwatch.data.synthetic",
+}
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_SIZE",
+    "DEMO_FRAMES_PER_CLASS",
+    "DEMO_IMAGE_SIZE",
+    "IMAGE_EXTENSIONS",
+    "MANIFEST_NAME",
+    "PROBLEM_KINDS",
+    "VIDEO_EXTENSIONS",
+    "Box",
+    "DataValidationError",
+    "Detector",
+    "FrameDataset",
+    "FrameRecord",
+    "ImageReadError",
+    "ImageTransform",
+    "Problem",
+    "ValidationReport",
+    "VideoInfo",
+    "check_box",
+    "crop_face",
+    "dataset_hash",
+    "eval_transform",
+    "file_sha256",
+    "load_frame",
+    "load_records",
+    "make_demo_dataset",
+    "parse_label",
+    "read_image",
+    "read_video_frame",
+    "records_from_video",
+    "render_face",
+    "sample_times",
+    "sample_video",
+    "train_transform",
+    "validate_source",
+    "video_info",
+]
+
+
+def __getattr__(name: str):
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'painwatch.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static checkers and IDEs see the real names
+    from painwatch.data.dataset import FrameDataset
+    from painwatch.data.errors import PROBLEM_KINDS, DataValidationError, ImageReadError, Problem
+    from painwatch.data.images import (
+        DEFAULT_MAX_PIXELS,
+        IMAGE_EXTENSIONS,
+        VIDEO_EXTENSIONS,
+        Box,
+        Detector,
+        check_box,
+        crop_face,
+        read_image,
+    )
+    from painwatch.data.records import (
+        MANIFEST_NAME,
+        FrameRecord,
+        ValidationReport,
+        dataset_hash,
+        file_sha256,
+        load_frame,
+        load_records,
+        parse_label,
+        records_from_video,
+        validate_source,
+    )
+    from painwatch.data.synthetic import (
+        DEMO_FRAMES_PER_CLASS,
+        DEMO_IMAGE_SIZE,
+        make_demo_dataset,
+        render_face,
+    )
+    from painwatch.data.transforms import DEFAULT_SIZE, ImageTransform, eval_transform, train_transform
+    from painwatch.data.video import VideoInfo, read_video_frame, sample_times, sample_video, video_info

@@ -1,0 +1,803 @@
+"""Frame records: reading a data folder or manifest CSV, validating it, hashing it.
+
+Two layouts are accepted (``data/README.md``):
+
+1. a folder ``DATA/<individual>/<label>/*.{jpg,jpeg,png,bmp,tif,tiff}``; a folder that holds a
+   ``manifest.csv`` is read through that manifest instead;
+2. a manifest CSV with columns ``path, individual, label``, optional face box ``x0, y0, x1, y1`` and
+   optional ``video, time_s``. Relative paths are relative to the CSV's folder. A row may leave
+   ``path`` empty and give ``video`` and ``time_s``: its frame is the clip's frame at that time. A row
+   with both ``path`` and ``video, time_s`` reads the image; the video columns then only record where
+   the frame came from. Other columns are allowed and ignored (the report lists them).
+
+Validation reports every problem at once and never drops a frame silently: the report says how many
+frames are usable, and :func:`load_records` refuses a source with any problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from painwatch import CLASS_NAMES
+from painwatch.data.errors import DataValidationError, ImageReadError, Problem
+from painwatch.data.images import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    Box,
+    Detector,
+    check_box,
+    crop_face,
+    read_image,
+)
+from painwatch.data.video import VideoInfo, read_video_frame, sample_times, video_info
+
+MANIFEST_NAME = "manifest.csv"
+"""A data folder holding a file of this name is read through it."""
+
+REQUIRED_COLUMNS: tuple[str, ...] = ("path", "individual", "label")
+BOX_COLUMNS: tuple[str, ...] = ("x0", "y0", "x1", "y1")
+VIDEO_COLUMNS: tuple[str, ...] = ("video", "time_s")
+KNOWN_COLUMNS: frozenset[str] = frozenset(REQUIRED_COLUMNS + BOX_COLUMNS + VIDEO_COLUMNS)
+
+_LABEL_WORDS: dict[str, int] = {
+    "no_pain": 0,
+    "no-pain": 0,
+    "no pain": 0,
+    "nopain": 0,
+    "0": 0,
+    "pain": 1,
+    "1": 1,
+}
+
+
+def parse_label(value: object) -> int:
+    """Map a label to its class index: ``no_pain`` / ``0`` -> 0, ``pain`` / ``1`` -> 1.
+
+    Case and surrounding spaces are ignored; ``no-pain`` and ``no pain`` are accepted for ``no_pain``.
+
+    Raises:
+        ValueError: naming the value, for anything else.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"unknown label {value!r}: expected 'pain' or 'no_pain' (or 1 / 0)")
+    if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
+        return int(value)
+    key = str(value).strip().lower()
+    if key not in _LABEL_WORDS:
+        raise ValueError(f"unknown label {value!r}: expected 'pain' or 'no_pain' (or 1 / 0)")
+    return _LABEL_WORDS[key]
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    """One labelled frame.
+
+    ``path`` is the image file, or the video file for a frame taken from a clip (then ``video`` is
+    that same path as a string and ``time_s`` the frame's time in seconds). ``label`` is the class
+    index (``no_pain`` = 0, ``pain`` = 1). ``box`` is the face box ``(x0, y0, x1, y1)`` in pixels of the
+    full frame, or ``None`` for the whole frame. ``row`` is the manifest line (header = line 1) for
+    messages, ``None`` for the folder layout.
+    """
+
+    path: Path
+    individual: str
+    label: int
+    box: Box | None = None
+    video: str | None = None
+    time_s: float | None = None
+    row: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.label not in (0, 1):
+            raise ValueError(f"label must be 0 (no_pain) or 1 (pain), got {self.label!r}")
+        if not str(self.individual).strip():
+            raise ValueError(f"individual must be a non-empty name, got {self.individual!r}")
+        if self.box is not None:
+            object.__setattr__(self, "box", check_box(self.box, name=f"box of {self.where}"))
+        if self.time_s is not None and not (math.isfinite(self.time_s) and self.time_s >= 0):
+            raise ValueError(f"time_s must be a finite number of seconds >= 0, got {self.time_s!r}")
+
+    @property
+    def from_video(self) -> bool:
+        """Whether the frame is read from a clip (``path`` is the video, ``time_s`` the time)."""
+        return self.video is not None and self.time_s is not None and Path(self.video) == self.path
+
+    @property
+    def label_name(self) -> str:
+        """``"no_pain"`` or ``"pain"``."""
+        return CLASS_NAMES[self.label]
+
+    @property
+    def where(self) -> str:
+        """The file (and row, and time) for messages."""
+        text = str(self.path)
+        if self.from_video:
+            text += f" at t={self.time_s:g}s"
+        if self.row is not None:
+            text += f" (row {self.row})"
+        return text
+
+
+def load_frame(record: FrameRecord, detector: Detector | None = None, margin: float = 0.1) -> np.ndarray:
+    """Read a record's frame and crop its face: ``(H, W, 3)`` uint8 RGB.
+
+    The crop uses the record's box when it has one, else ``detector`` when given (a ``None`` answer
+    keeps the whole frame), else the whole frame. ``margin`` is the fraction of the box added on each
+    side (:func:`~painwatch.data.images.crop_face`).
+
+    Raises:
+        ImageReadError: naming the file when it cannot be read.
+        ValueError: naming the file and row when the box (given or detected) lies outside the frame.
+    """
+    if record.from_video:
+        image = read_video_frame(record.path, float(record.time_s))
+    else:
+        image = read_image(record.path)
+    box = record.box
+    if box is None and detector is not None:
+        box = detector(image)
+        if box is None:
+            return image
+        origin = "detector box"
+    else:
+        origin = "box"
+    if box is None:
+        return image
+    try:
+        check_box(box, image.shape, name=origin)
+    except ValueError as error:
+        raise ValueError(f"{record.where}: {error}") from None
+    return crop_face(image, box, margin)
+
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file's bytes (cached per path, size and modification time)."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    digest = _HASH_CACHE.get(key)
+    if digest is None:
+        hasher = hashlib.sha256()
+        with open(resolved, "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                hasher.update(chunk)
+        digest = hasher.hexdigest()
+        _HASH_CACHE[key] = digest
+    return digest
+
+
+def dataset_hash(records: Iterable[FrameRecord]) -> str:
+    """SHA-256 identifying a data set: over each frame's file content, label, individual, face box
+    and video time.
+
+    The hash does not depend on the order of the records nor on file names or folders (renaming or
+    moving files keeps it), and changes when any pixel file, label, individual assignment or box
+    changes.
+
+    Raises:
+        FileNotFoundError: when a record's file is missing.
+    """
+    entries = []
+    for record in records:
+        content = file_sha256(record.path)
+        time_text = "" if record.time_s is None or not record.from_video else repr(float(record.time_s))
+        box_text = "" if record.box is None else ",".join(map(str, record.box))
+        entries.append("\t".join((content, time_text, record.individual, str(record.label), box_text)))
+    hasher = hashlib.sha256(b"painwatch-dataset-v1\n")
+    for entry in sorted(entries):
+        hasher.update(entry.encode("utf-8") + b"\n")
+    return hasher.hexdigest()
+
+
+def records_from_video(
+    path: str | os.PathLike,
+    individual: str,
+    label: str | int,
+    fps: float,
+    *,
+    box: Box | None = None,
+    max_frames: int | None = 1000,
+    source_fps: float | None = None,
+) -> list[FrameRecord]:
+    """Records for a clip sampled at ``fps`` (same times as :func:`~painwatch.data.video.sample_video`).
+
+    Each record has ``path`` = ``video`` = the clip and its ``time_s``; :func:`load_frame` reads it.
+    """
+    class_index = parse_label(label)
+    video = Path(path)
+    times = sample_times(video, fps, max_frames=max_frames, source_fps=source_fps)
+    return [
+        FrameRecord(
+            path=video, individual=str(individual), label=class_index, box=box, video=str(video), time_s=t
+        )
+        for t in times
+    ]
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of :func:`validate_source`.
+
+    ``records`` are the usable frames (no problem of their own), in source order; ``problems`` every
+    problem found; ``total_frames`` how many frames the source lists (usable or not); ``notes`` things
+    ignored on purpose (hidden files, extra columns), so that nothing is dropped silently.
+    ``ok`` is true only when there is no problem at all.
+    """
+
+    source: Path
+    layout: str
+    records: list[FrameRecord] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    total_frames: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def usable_frames(self) -> int:
+        return len(self.records)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Usable frames per individual and class name, individuals sorted."""
+        table: dict[str, dict[str, int]] = {}
+        for record in self.records:
+            row = table.setdefault(record.individual, dict.fromkeys(CLASS_NAMES, 0))
+            row[record.label_name] += 1
+        return dict(sorted(table.items()))
+
+    def summary_table(self) -> str:
+        """A fixed-width table: usable frames per individual and class, with totals."""
+        counts = self.counts()
+        name_width = max([len("individual"), len("total"), *(len(name) for name in counts)])
+        header = (
+            f"{'individual':<{name_width}}  " + "  ".join(f"{c:>8}" for c in CLASS_NAMES) + f"  {'total':>8}"
+        )
+        lines = [header, "-" * len(header)]
+        totals = dict.fromkeys(CLASS_NAMES, 0)
+        for individual, row in counts.items():
+            cells = "  ".join(f"{row[c]:>8}" for c in CLASS_NAMES)
+            lines.append(f"{individual:<{name_width}}  {cells}  {sum(row.values()):>8}")
+            for c in CLASS_NAMES:
+                totals[c] += row[c]
+        lines.append("-" * len(header))
+        cells = "  ".join(f"{totals[c]:>8}" for c in CLASS_NAMES)
+        lines.append(f"{'total':<{name_width}}  {cells}  {sum(totals.values()):>8}")
+        return "\n".join(lines)
+
+    def format(self) -> str:
+        """The full human report: problems, notes, summary table and the usable-frames line."""
+        lines = [f"{self.source} ({self.layout} layout)"]
+        if self.problems:
+            kinds = Counter(problem.kind for problem in self.problems)
+            kind_text = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+            lines.append(f"{len(self.problems)} problem(s): {kind_text}")
+            lines += [f"  {problem}" for problem in self.problems]
+        else:
+            lines.append("no problems found")
+        lines += [f"note: {note}" for note in self.notes]
+        lines += ["", self.summary_table(), ""]
+        lines.append(
+            f"{self.usable_frames} of {self.total_frames} frames usable from "
+            f"{len(self.counts())} individual(s)"
+        )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (paths as strings)."""
+        return {
+            "source": str(self.source),
+            "layout": self.layout,
+            "ok": self.ok,
+            "total_frames": self.total_frames,
+            "usable_frames": self.usable_frames,
+            "counts": self.counts(),
+            "problems": [
+                {"kind": p.kind, "message": p.message, "file": p.file, "row": p.row} for p in self.problems
+            ],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass
+class _Candidate:
+    """A frame as listed by the source, before the checks that need its pixels."""
+
+    path: Path
+    individual: str
+    label: int
+    box: Box | None
+    video: str | None
+    time_s: float | None
+    row: int | None
+    display: str
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".") or path.name in ("Thumbs.db", "desktop.ini", "__MACOSX")
+
+
+def _scan_folder(root: Path, report: ValidationReport) -> list[_Candidate]:
+    candidates: list[_Candidate] = []
+    hidden: list[str] = []
+    ignored_top: list[str] = []
+
+    def image_like(path: Path) -> bool:
+        return path.suffix.lower() in IMAGE_EXTENSIONS
+
+    for individual_dir in sorted(root.iterdir()):
+        if _is_hidden(individual_dir):
+            hidden.append(individual_dir.name)
+            continue
+        if individual_dir.is_file():
+            if image_like(individual_dir):
+                report.total_frames += 1
+                report.problems.append(
+                    Problem(
+                        "misplaced_file",
+                        "image is not inside DATA/<individual>/<label>/",
+                        str(individual_dir),
+                    )
+                )
+            else:
+                ignored_top.append(individual_dir.name)
+            continue
+        for label_dir in sorted(individual_dir.iterdir()):
+            if _is_hidden(label_dir):
+                hidden.append(str(label_dir.relative_to(root)))
+                continue
+            if label_dir.is_file():
+                report.total_frames += image_like(label_dir)
+                report.problems.append(
+                    Problem(
+                        "misplaced_file",
+                        f"file sits directly in the individual's folder; move it into "
+                        f"{individual_dir.name}/pain/ "
+                        f"or {individual_dir.name}/no_pain/",
+                        str(label_dir),
+                    )
+                )
+                continue
+            files = [f for f in sorted(label_dir.rglob("*")) if f.is_file()]
+            try:
+                label = parse_label(label_dir.name)
+            except ValueError as error:
+                frames = sum(image_like(f) for f in files)
+                report.total_frames += frames
+                report.problems.append(
+                    Problem(
+                        "unknown_label",
+                        f"{error} (folder name; {frames} image(s) inside not used)",
+                        str(label_dir),
+                    )
+                )
+                continue
+            for file in files:
+                relative = file.relative_to(label_dir)
+                if any(_is_hidden(Path(part)) for part in relative.parts):
+                    hidden.append(str(file.relative_to(root)))
+                    continue
+                if len(relative.parts) > 1:
+                    report.total_frames += image_like(file)
+                    report.problems.append(
+                        Problem(
+                            "misplaced_file",
+                            f"file is in a sub-folder of {label_dir.relative_to(root)}/; "
+                            "frames must sit directly in DATA/<individual>/<label>/",
+                            str(file),
+                        )
+                    )
+                    continue
+                if not image_like(file):
+                    hint = (
+                        "videos go in a manifest (columns video, time_s) or through "
+                        "painwatch.data.records_from_video"
+                        if file.suffix.lower() in VIDEO_EXTENSIONS
+                        else f"supported: {', '.join(sorted(IMAGE_EXTENSIONS))}"
+                    )
+                    report.problems.append(
+                        Problem("unsupported_file", f"not a supported image file ({hint})", str(file))
+                    )
+                    continue
+                report.total_frames += 1
+                candidates.append(
+                    _Candidate(
+                        path=file,
+                        individual=individual_dir.name,
+                        label=label,
+                        box=None,
+                        video=None,
+                        time_s=None,
+                        row=None,
+                        display=str(file),
+                    )
+                )
+    if hidden:
+        report.notes.append(
+            f"ignored {len(hidden)} hidden file(s)/folder(s): {', '.join(hidden[:5])}"
+            + (" ..." if len(hidden) > 5 else "")
+        )
+    if ignored_top:
+        report.notes.append(f"ignored non-image file(s) at the top level: {', '.join(ignored_top)}")
+    return candidates
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("not finite")
+    return value
+
+
+def _scan_manifest(manifest: Path, report: ValidationReport) -> list[_Candidate]:
+    candidates: list[_Candidate] = []
+    base = manifest.parent
+    name = str(manifest)
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file)
+            try:
+                header = next(reader)
+            except StopIteration:
+                report.problems.append(Problem("empty", "manifest is empty (no header row)", name, 1))
+                return candidates
+            columns = [column.strip().lower() for column in header]
+            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+            if "path" in missing and "video" in columns and "time_s" in columns:
+                missing.remove("path")
+            if missing:
+                report.problems.append(
+                    Problem(
+                        "missing_columns",
+                        f"manifest lacks column(s) {', '.join(missing)}; "
+                        f"it has: {', '.join(columns) or '(none)'}",
+                        name,
+                        1,
+                    )
+                )
+                return candidates
+            duplicated = sorted(c for c, n in Counter(columns).items() if n > 1 and c)
+            if duplicated:
+                report.problems.append(
+                    Problem(
+                        "missing_columns", f"column(s) {', '.join(duplicated)} appear more than once", name, 1
+                    )
+                )
+                return candidates
+            present_box = [c for c in BOX_COLUMNS if c in columns]
+            if present_box and len(present_box) != 4:
+                report.problems.append(
+                    Problem(
+                        "missing_columns",
+                        "a face box needs all of x0, y0, x1, y1; "
+                        f"the manifest has only {', '.join(present_box)}",
+                        name,
+                        1,
+                    )
+                )
+                return candidates
+            extra = [c for c in columns if c not in KNOWN_COLUMNS]
+            if extra:
+                report.notes.append(f"ignored extra manifest column(s): {', '.join(extra)}")
+            index = {c: i for i, c in enumerate(columns)}
+            for fields in reader:
+                row = reader.line_num
+                if not fields or all(not f.strip() for f in fields):
+                    if fields:
+                        report.problems.append(Problem("bad_row", "row is empty", name, row))
+                    continue
+                report.total_frames += 1
+                candidate = _parse_row(fields, index, len(columns), base, name, row, report)
+                if candidate is not None:
+                    candidates.append(candidate)
+    except UnicodeDecodeError as error:
+        report.problems.append(Problem("bad_row", f"manifest is not UTF-8 text ({error})", name))
+    except csv.Error as error:
+        report.problems.append(Problem("bad_row", f"manifest is not valid CSV ({error})", name))
+    return candidates
+
+
+def _parse_row(
+    fields: list[str],
+    index: dict[str, int],
+    width: int,
+    base: Path,
+    name: str,
+    row: int,
+    report: ValidationReport,
+) -> _Candidate | None:
+    problems: list[Problem] = []
+
+    def add(kind: str, message: str, file: str | None = None) -> None:
+        problems.append(Problem(kind, message, file or name, row))
+
+    if len(fields) != width:
+        add("bad_row", f"row has {len(fields)} field(s), the header has {width}")
+        report.problems.extend(problems)
+        return None
+
+    def get(column: str) -> str:
+        return fields[index[column]].strip() if column in index else ""
+
+    individual = get("individual")
+    if not individual:
+        add("bad_row", "individual is empty")
+    label = None
+    try:
+        label = parse_label(get("label"))
+    except ValueError as error:
+        add("unknown_label", str(error))
+
+    box = None
+    if "x0" in index:
+        texts = [get(c) for c in BOX_COLUMNS]
+        if any(texts):
+            if not all(texts):
+                add(
+                    "bad_box",
+                    f"face box is partly empty: x0, y0, x1, y1 = {', '.join(t or '?' for t in texts)}",
+                )
+            else:
+                try:
+                    box = check_box(texts, name="face box")
+                except ValueError as error:
+                    add("bad_box", str(error))
+
+    video_text, time_text = get("video"), get("time_s")
+    time_s = None
+    if bool(video_text) != bool(time_text):
+        add(
+            "bad_time",
+            "video and time_s must be given together "
+            f"(video={video_text or '(empty)'}, time_s={time_text or '(empty)'})",
+        )
+    elif time_text:
+        try:
+            time_s = _parse_float(time_text)
+            if time_s < 0:
+                raise ValueError("negative")
+        except ValueError:
+            add("bad_time", f"time_s={time_text!r} is not a finite number of seconds >= 0")
+            time_s = None
+
+    path_text = get("path")
+    path: Path | None = None
+    video: str | None = None
+    if path_text:
+        path = Path(path_text) if Path(path_text).is_absolute() else base / path_text
+        if video_text:
+            video = str(Path(video_text) if Path(video_text).is_absolute() else base / video_text)
+        if not path.is_file():
+            add(
+                "missing_file",
+                "image file does not exist" if not path.exists() else "is not a file",
+                str(path),
+            )
+    elif video_text:
+        path = Path(video_text) if Path(video_text).is_absolute() else base / video_text
+        video = str(path)
+        if not path.is_file():
+            add(
+                "missing_file",
+                "video file does not exist" if not path.exists() else "is not a file",
+                str(path),
+            )
+    else:
+        add("bad_row", "path is empty (give path, or video and time_s)")
+
+    if problems:
+        report.problems.extend(problems)
+        return None
+    assert path is not None and label is not None
+    display = f"{path}" + (f" at t={time_s:g}s" if not path_text and time_s is not None else "")
+    return _Candidate(
+        path=path,
+        individual=individual,
+        label=label,
+        box=box,
+        video=video,
+        time_s=time_s,
+        row=row,
+        display=display,
+    )
+
+
+def _check_pixels(
+    candidates: list[_Candidate],
+    report: ValidationReport,
+    check_images: bool,
+) -> list[_Candidate]:
+    """Read each frame (or its clip) to check it decodes and its box fits; returns the good ones."""
+    good: list[_Candidate] = []
+    videos: dict[str, VideoInfo | ImageReadError] = {}
+    for candidate in candidates:
+        from_video = (
+            candidate.video is not None
+            and candidate.time_s is not None
+            and (Path(candidate.video) == candidate.path)
+        )
+        shape: tuple[int, int] | None = None
+        try:
+            if from_video:
+                key = str(candidate.path)
+                if key not in videos:
+                    try:
+                        videos[key] = video_info(candidate.path)
+                    except ImageReadError as error:
+                        videos[key] = error
+                info = videos[key]
+                if isinstance(info, ImageReadError):
+                    raise info
+                if not info.covers(float(candidate.time_s)):
+                    raise ImageReadError(
+                        candidate.path,
+                        f"time_s = {candidate.time_s:g} s is outside the clip (0 to {info.duration_s:.3f} s)",
+                    )
+                shape = (info.height, info.width)
+            elif check_images or candidate.box is not None:
+                shape = read_image(candidate.path).shape[:2]
+        except ImageReadError as error:
+            kind = "unreadable_video" if from_video else "unreadable_image"
+            report.problems.append(Problem(kind, error.reason, candidate.display, candidate.row))
+            continue
+        if candidate.box is not None and shape is not None:
+            try:
+                check_box(candidate.box, shape, name="face box")
+            except ValueError as error:
+                report.problems.append(Problem("bad_box", str(error), candidate.display, candidate.row))
+                continue
+        good.append(candidate)
+    return good
+
+
+def _drop_duplicates(candidates: list[_Candidate], report: ValidationReport) -> list[_Candidate]:
+    first_seen: dict[tuple[str, float | None], _Candidate] = {}
+    kept: list[_Candidate] = []
+    for candidate in candidates:
+        from_video = candidate.video is not None and Path(candidate.video) == candidate.path
+        try:
+            content = file_sha256(candidate.path)
+        except OSError as error:
+            report.problems.append(
+                Problem("missing_file", f"cannot be read ({error})", candidate.display, candidate.row)
+            )
+            continue
+        key = (content, candidate.time_s if from_video else None)
+        original = first_seen.get(key)
+        if original is not None:
+            where = original.display + (f" (row {original.row})" if original.row is not None else "")
+            report.problems.append(
+                Problem("duplicate_frame", f"same content as {where}", candidate.display, candidate.row)
+            )
+            continue
+        first_seen[key] = candidate
+        kept.append(candidate)
+    return kept
+
+
+def validate_source(
+    source: str | os.PathLike,
+    *,
+    check_images: bool = True,
+    require_both_classes: bool = True,
+) -> ValidationReport:
+    """Check a data folder or manifest CSV and report every problem at once.
+
+    Checks: the source exists; the manifest has the required columns; each row has an individual, a
+    known label, an existing file, a well-formed face box inside the image, and a valid ``time_s``
+    inside its clip; each image decodes (fully, so truncated files are caught; ``check_images=False``
+    skips decoding images without a box); no two frames share their content (SHA-256 of the file, or
+    the same clip and time); and, with ``require_both_classes``, every individual has frames of both
+    classes (leave-one-individual-out evaluation needs them).
+
+    Never raises for bad data: everything is in the returned report. Raises ``TypeError`` only for a
+    ``source`` that is not a path.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be a folder or manifest path, got {type(source).__name__}")
+    root = Path(source)
+    if root.is_dir() and (root / MANIFEST_NAME).is_file():
+        manifest: Path | None = root / MANIFEST_NAME
+    elif root.is_file():
+        manifest = root
+    else:
+        manifest = None
+    report = ValidationReport(source=root, layout="manifest" if manifest is not None else "folder")
+    if manifest is None and not root.is_dir():
+        report.problems.append(Problem("missing_source", "no such folder or manifest file", str(root)))
+        return report
+    if manifest is not None:
+        if manifest.suffix.lower() != ".csv":
+            report.problems.append(
+                Problem(
+                    "missing_source",
+                    "a manifest must be a .csv file (or give the data folder)",
+                    str(manifest),
+                )
+            )
+            return report
+        report.source = manifest
+        candidates = _scan_manifest(manifest, report)
+    else:
+        candidates = _scan_folder(root, report)
+    candidates = _check_pixels(candidates, report, check_images)
+    candidates = _drop_duplicates(candidates, report)
+    report.records = [
+        FrameRecord(
+            path=c.path,
+            individual=c.individual,
+            label=c.label,
+            box=c.box,
+            video=c.video,
+            time_s=c.time_s,
+            row=c.row,
+        )
+        for c in candidates
+    ]
+    if report.total_frames == 0 and not any(
+        p.kind in ("missing_columns", "bad_row") for p in report.problems
+    ):
+        report.problems.append(Problem("empty", "the source lists no frames", str(report.source)))
+    # Row order (manifest) or file order (folder), so a person can work down the list.
+    report.problems.sort(key=lambda p: (p.row if p.row is not None else 0, p.file or ""))
+    if require_both_classes:
+        classes: dict[str, set[int]] = defaultdict(set)
+        for record in report.records:
+            classes[record.individual].add(record.label)
+        for individual, labels in sorted(classes.items()):
+            if len(labels) == 1:
+                only = CLASS_NAMES[next(iter(labels))]
+                missing = CLASS_NAMES[1 - next(iter(labels))]
+                count = sum(r.individual == individual for r in report.records)
+                where = str(root / individual) if report.layout == "folder" else str(report.source)
+                report.problems.append(
+                    Problem(
+                        "single_class_individual",
+                        f"individual {individual!r} has {count} usable {only} frame(s) "
+                        f"and no usable {missing} frame",
+                        where,
+                    )
+                )
+    return report
+
+
+def load_records(
+    source: str | os.PathLike | Sequence[FrameRecord],
+    *,
+    check_images: bool = True,
+    require_both_classes: bool = True,
+) -> list[FrameRecord]:
+    """The records of a data folder or manifest CSV, after :func:`validate_source`.
+
+    A list of :class:`FrameRecord` is returned as is (a copy), so callers may pass either.
+
+    Raises:
+        DataValidationError: when validation finds any problem; its message lists every problem with
+            file and row, and ``error.report`` holds the full report.
+    """
+    if isinstance(source, (list, tuple)):
+        if not all(isinstance(r, FrameRecord) for r in source):
+            raise TypeError("a sequence source must hold FrameRecord objects only")
+        return list(source)
+    report = validate_source(source, check_images=check_images, require_both_classes=require_both_classes)
+    if not report.ok:
+        raise DataValidationError(report.source, report.problems, report)
+    return report.records
