@@ -53,8 +53,16 @@ DEFAULT_CERTIFICATION_BOUNDS: dict[str, list[float]] = {
 """Ranges within which a user may override the bundle's certification settings."""
 
 # Keys that describe the weights themselves: update_bundle_metadata may not change them.
-IDENTITY_KEYS = ("format_version", "architecture", "num_classes", "classes", "input_size", "mean", "std",
-                 "weights_sha256")
+IDENTITY_KEYS = (
+    "format_version",
+    "architecture",
+    "num_classes",
+    "classes",
+    "input_size",
+    "mean",
+    "std",
+    "weights_sha256",
+)
 
 
 class BundleError(ValueError):
@@ -155,8 +163,12 @@ def _check_bounds(source: str, certification: Mapping[str, Any]) -> None:
             raise _fail(source, f"certification.bounds.{name}", "is required", None)
     for name, pair in bounds.items():
         key = f"certification.bounds.{name}"
-        if (not isinstance(pair, list) or len(pair) != 2 or not all(_is_number(v) for v in pair)
-                or pair[0] > pair[1]):
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(_is_number(v) for v in pair)
+            or pair[0] > pair[1]
+        ):
             raise _fail(source, key, "must be a list [low, high] of numbers with low <= high", pair)
         if name in certification and _is_number(certification[name]):
             value = certification[name]
@@ -172,8 +184,9 @@ def _check_certification(source: str, certification: Any) -> None:
         raise _fail(source, "certification.method", f"must be one of {list(CERTIFICATION_METHODS)}", method)
     sigma = certification.get("sigma")
     if not _is_number(sigma) or sigma <= 0:
-        raise _fail(source, "certification.sigma",
-                    "must be a number > 0 (L2 noise per pixel in [0, 1] units)", sigma)
+        raise _fail(
+            source, "certification.sigma", "must be a number > 0 (L2 noise per pixel in [0, 1] units)", sigma
+        )
     alpha = certification.get("alpha")
     if not _is_number(alpha) or not 0 < alpha < 1:
         raise _fail(source, "certification.alpha", "must be a number in (0, 1)", alpha)
@@ -191,8 +204,9 @@ def _check_training(source: str, training: Any) -> None:
     if individuals is not None and (
         not isinstance(individuals, list) or not all(isinstance(v, str) for v in individuals)
     ):
-        raise _fail(source, "training.individuals", "must be a list of individual names (strings)",
-                    individuals)
+        raise _fail(
+            source, "training.individuals", "must be a list of individual names (strings)", individuals
+        )
     data_hash = training.get("data_hash")
     if data_hash is not None and not isinstance(data_hash, str):
         raise _fail(source, "training.data_hash", "must be a string", data_hash)
@@ -211,8 +225,9 @@ def _check_gate(source: str, gate: Any) -> None:
     if gate is None:
         return
     if not isinstance(gate, Mapping):
-        raise _fail(source, "gate", "must be null or an object {passed, thresholds, results, report, date}",
-                    gate)
+        raise _fail(
+            source, "gate", "must be null or an object {passed, thresholds, results, report, date}", gate
+        )
     if not isinstance(gate.get("passed"), bool):
         raise _fail(source, "gate.passed", "must be true or false", gate.get("passed"))
 
@@ -227,8 +242,9 @@ def validate_metadata(metadata: Any, source: str = METADATA_FILE) -> dict[str, A
         raise BundleError(f"{source}: must hold a JSON object, got {type(metadata).__name__}")
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
-        raise _fail(source, "format_version", f"must be {FORMAT_VERSION} (this painwatch reads only that)",
-                    version)
+        raise _fail(
+            source, "format_version", f"must be {FORMAT_VERSION} (this painwatch reads only that)", version
+        )
     architecture = metadata.get("architecture")
     if not isinstance(architecture, str) or not architecture:
         raise _fail(source, "architecture", "must be a timm model name", architecture)
@@ -236,8 +252,12 @@ def validate_metadata(metadata: Any, source: str = METADATA_FILE) -> dict[str, A
     if not _is_int(num_classes) or num_classes < 2:
         raise _fail(source, "num_classes", "must be an integer >= 2", num_classes)
     classes = metadata.get("classes")
-    if (not isinstance(classes, list) or len(classes) != num_classes
-            or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes)):
+    if (
+        not isinstance(classes, list)
+        or len(classes) != num_classes
+        or not all(isinstance(c, str) and c for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
         raise _fail(source, "classes", f"must be a list of {num_classes} distinct class names", classes)
     input_size = metadata.get("input_size")
     if not _is_int(input_size) or not 16 <= input_size <= 4096:
@@ -247,8 +267,9 @@ def validate_metadata(metadata: Any, source: str = METADATA_FILE) -> dict[str, A
         if not isinstance(value, list) or not value or not all(_is_number(v) for v in value):
             raise _fail(source, key, "must be a non-empty list of numbers (one per channel)", value)
     if len(metadata["mean"]) != len(metadata["std"]):
-        raise _fail(source, "std", f"must have as many entries as mean ({len(metadata['mean'])})",
-                    metadata["std"])
+        raise _fail(
+            source, "std", f"must have as many entries as mean ({len(metadata['mean'])})", metadata["std"]
+        )
     if any(v <= 0 for v in metadata["std"]):
         raise _fail(source, "std", "must hold numbers > 0", metadata["std"])
     temperature = metadata.get("temperature")
