@@ -6,6 +6,15 @@ Every certificate is a :class:`Certificate`; abstention is ``prediction == -1`` 
 This package imports torch, numpy, scipy (and ART for attacks) only, never the rest of painwatch.
 """
 
+from painwatch.robust.attacks import (
+    SURROGATE_KINDS,
+    CertificateAttackReport,
+    MonteCarloSurrogate,
+    attack_certificates,
+    monte_carlo_smoothed_classifier,
+    network_classifier,
+    pgd_l2,
+)
 from painwatch.robust.certificates import (
     ABSTAIN,
     METHODS,
@@ -49,9 +58,13 @@ __all__ = [
     "ABSTAIN",
     "CONCENTRATION_BOUNDS",
     "METHODS",
+    "SURROGATE_KINDS",
     "Certificate",
+    "CertificateAttackReport",
     "MCExpectedMarginLoss",
+    "MonteCarloSurrogate",
     "SmoothedClassifier",
+    "attack_certificates",
     "check_alpha",
     "check_batch",
     "check_count",
@@ -74,7 +87,10 @@ __all__ = [
     "margin_for_class",
     "mc_expected_margin_loss",
     "mean_confidence_bounds",
+    "monte_carlo_smoothed_classifier",
+    "network_classifier",
     "noisy_logits",
+    "pgd_l2",
     "smoothed_margin_certify",
     "smoothed_margin_slack",
     "smoothed_robustness",
