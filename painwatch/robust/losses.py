@@ -6,8 +6,28 @@ classifies ``x`` correctly). With an L2 Lipschitz bound ``L`` of ``f``, ``M_f(x)
 certified L2 radius (Tsuzuku et al. 2018), so losses that push ``M_f`` (or its Gaussian expectation,
 the smoothed margin ``SM(x) = E_xi[M_f(x + xi)]``) above a target ``d`` buy certified radius.
 
-This module starts with the Monte Carlo expected-margin loss, which works for any network
-(ResNet50 included); the closed-form losses built on :mod:`painwatch.robust.moments` follow below.
+Losses (each a function on tensors and an ``nn.Module`` called as ``loss(model, x, y)``):
+
+======== ======================================= ============================================
+name     loss                                    what minimising it maximises
+======== ======================================= ============================================
+sce      softmax cross-entropy                   likelihood of the true class
+sc-sce   cross-entropy of the moment-propagated  likelihood of the true class under the
+         mean logits (input variance sigma_x^2)  expected logits E[f(x + xi)]
+mh       multiclass hinge (Weston-Watkins, as    every pairwise margin f_y - f_j up to d
+         ``torch.nn.MultiMarginLoss``)
+mcr      relu(d - M_f(x))                        the margin M_f, hence the Lipschitz certified
+                                                 radius M_f / (sqrt(2) L), up to d
+mscr     relu(d - SM(x)), SM in closed form      the smoothed margin, hence the smoothed-margin
+         by moment propagation                   certified radius, up to d
+zhen     relu(d - sigma (mu_y - mu_r) /          a Gaussian approximation of the randomized
+         sqrt(v_y + v_r))                        smoothing radius (Zhen et al. 2021), up to d
+mc-margin relu(d - mean_k M_f(x + xi_k))         an unbiased estimate of SM, any network
+======== ======================================= ============================================
+
+``sc-sce``, ``mscr`` and ``zhen`` propagate moments with :mod:`painwatch.robust.moments`, so they
+need networks made of the layers it supports (the thesis's orthogonal MLPs and conv nets);
+``mc-margin`` is the route for ResNet50 and other networks.
 """
 
 from __future__ import annotations
@@ -17,12 +37,28 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from painwatch.robust.moments import expected_margin, gaussian_logit_moments
 
 __all__ = [
+    "LOSS_NAMES",
     "MCExpectedMarginLoss",
+    "MarginCertifiedRadiusLoss",
+    "MarginSmoothedCertifiedRadiusLoss",
+    "MulticlassHingeLoss",
+    "SmoothedCrossEntropyLoss",
+    "SoftmaxCrossEntropyLoss",
+    "ZhenLoss",
+    "make_loss",
     "mc_expected_margin_loss",
+    "mcr_loss",
+    "mscr_loss",
+    "multiclass_hinge_loss",
+    "sc_sce_loss",
+    "sce_loss",
     "true_class_margin",
+    "zhen_loss",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -179,6 +215,8 @@ class MCExpectedMarginLoss(torch.nn.Module):
     ``torch.Generator`` so that a training run is reproducible from ``seed``.
     """
 
+    name = "mc-margin"
+
     def __init__(
         self,
         sigma: float,
@@ -204,3 +242,255 @@ class MCExpectedMarginLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}, num_draws={self.num_draws}, margin={self.margin}"
+
+
+# ----------------------------------------------------------------------------- losses on logits
+def _check_logits(logits: Tensor, y: Tensor) -> Tensor:
+    if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point:
+        found = getattr(logits, "dtype", type(logits))
+        raise TypeError(f"logits must be a floating-point tensor, got {found}")
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must have shape (B, K) with K >= 2, got {tuple(logits.shape)}")
+    return _check_labels(logits.shape[0], y, logits.shape[1]).to(logits.device)
+
+
+def _check_logit_variance(mean: Tensor, var: Tensor) -> None:
+    if not isinstance(var, Tensor) or var.shape != mean.shape:
+        raise ValueError(
+            f"logit variances must have the shape {tuple(mean.shape)} of the means, got "
+            f"{tuple(getattr(var, 'shape', ()))}"
+        )
+
+
+def sce_loss(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    """Softmax cross-entropy ``-log softmax(f(x))_y``; maximises the likelihood of the true class."""
+    y = _check_logits(logits, y)
+    return F.cross_entropy(logits, y, reduction=_check_reduction(reduction))
+
+
+def multiclass_hinge_loss(logits: Tensor, y: Tensor, margin: float = 1.0, reduction: str = "mean") -> Tensor:
+    """Multiclass hinge ``(1/K) sum_{j != y} relu(d - (f_y - f_j))`` (``torch.nn.MultiMarginLoss``).
+
+    Pushes every pairwise logit gap ``f_y - f_j`` up to the target ``d = margin``; zero once all are.
+    """
+    y = _check_logits(logits, y)
+    margin = _check_finite_number("margin", margin)
+    gaps = logits.gather(1, y.unsqueeze(1)) - logits
+    hinge = F.relu(margin - gaps).scatter(1, y.unsqueeze(1), 0.0)
+    return _reduce(hinge.sum(dim=1) / logits.shape[1], _check_reduction(reduction))
+
+
+def mcr_loss(logits: Tensor, y: Tensor, margin: float = 1.0, reduction: str = "mean") -> Tensor:
+    """Margin certified radius loss ``relu(d - M_f(x))``.
+
+    Maximises the true-class margin ``M_f`` up to ``d``; for an ``L``-Lipschitz network the certified
+    L2 radius is ``M_f / (sqrt(2) L)``, so ``d`` is a target radius of ``d / (sqrt(2) L)``.
+    """
+    y = _check_logits(logits, y)
+    margin = _check_finite_number("margin", margin)
+    return _reduce(F.relu(margin - true_class_margin(logits, y)), _check_reduction(reduction))
+
+
+def sc_sce_loss(mean_logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    """SC-SCE: cross-entropy of the mean logits ``E[f(x + xi)]`` from moment propagation.
+
+    Maximises the likelihood of the true class under the expected-logit classifier
+    ``h(x) = argmax_c E[f_c(x + xi)]`` (the classifier the smoothed-margin certificate certifies).
+    """
+    return sce_loss(mean_logits, y, reduction)
+
+
+def mscr_loss(
+    mean_logits: Tensor,
+    var_logits: Tensor,
+    y: Tensor,
+    margin: float = 1.0,
+    mode: str = "top2",
+    reduction: str = "mean",
+) -> Tensor:
+    """Margin smoothed certified radius loss ``relu(d - SM(x))``, SM in closed form.
+
+    ``SM = mu_y - E[max_{j != y} Z_j]`` with Clark's approximation of the expected max over the top two
+    incorrect logits (:func:`painwatch.robust.moments.expected_margin`). Maximises the smoothed margin
+    up to ``d``; the smoothed-margin certificate's radius is ``SM_low / (sqrt(2) L)``.
+    """
+    y = _check_logits(mean_logits, y)
+    _check_logit_variance(mean_logits, var_logits)
+    margin = _check_finite_number("margin", margin)
+    smoothed = expected_margin(mean_logits, var_logits, y, mode=mode)
+    return _reduce(F.relu(margin - smoothed), _check_reduction(reduction))
+
+
+def zhen_loss(
+    mean_logits: Tensor,
+    var_logits: Tensor,
+    y: Tensor,
+    sigma: float,
+    margin: float = 1.0,
+    reduction: str = "mean",
+    eps: float = 1e-12,
+) -> Tensor:
+    """Zhen et al. (2021) radius loss ``relu(d - sigma (mu_y - mu_r) / sqrt(v_y + v_r))``.
+
+    ``r`` is the incorrect class with the largest mean logit. Treating ``f_y - f_r`` as Gaussian,
+    ``(mu_y - mu_r) / sqrt(v_y + v_r)`` approximates ``PhiInv(P[f_y > f_r])`` and ``sigma`` times it the
+    randomized smoothing radius; the loss maximises that approximate radius up to ``d``. ``eps`` keeps the
+    square root away from 0 (noiseless inputs).
+    """
+    y = _check_logits(mean_logits, y)
+    _check_logit_variance(mean_logits, var_logits)
+    sigma = _check_finite_number("sigma", sigma, minimum=0.0)
+    margin = _check_finite_number("margin", margin)
+    label = y.unsqueeze(1)
+    runner_up = mean_logits.detach().scatter(1, label, float("-inf")).argmax(dim=1, keepdim=True)
+    gap = (mean_logits.gather(1, label) - mean_logits.gather(1, runner_up)).squeeze(1)
+    spread = (var_logits.gather(1, label) + var_logits.gather(1, runner_up)).squeeze(1)
+    radius = sigma * gap / torch.sqrt(spread + eps)
+    return _reduce(F.relu(margin - radius), _check_reduction(reduction))
+
+
+# ----------------------------------------------------------------------------- module forms
+class _ModelLoss(nn.Module):
+    """Base: ``loss(model, x, y) -> Tensor``; subclasses say how the logits are obtained."""
+
+    name = ""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = _check_reduction(reduction)
+
+
+class SoftmaxCrossEntropyLoss(_ModelLoss):
+    """SCE: :func:`sce_loss` on ``model(x)``."""
+
+    name = "sce"
+
+    def forward(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return sce_loss(model(x), y, self.reduction)
+
+
+class MulticlassHingeLoss(_ModelLoss):
+    """MH: :func:`multiclass_hinge_loss` on ``model(x)`` with target margin ``d``."""
+
+    name = "mh"
+
+    def __init__(self, margin: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__(reduction)
+        self.margin = _check_finite_number("margin", margin)
+
+    def forward(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return multiclass_hinge_loss(model(x), y, self.margin, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}"
+
+
+class MarginCertifiedRadiusLoss(MulticlassHingeLoss):
+    """MCR: :func:`mcr_loss` ``relu(d - M_f(x))`` on ``model(x)``."""
+
+    name = "mcr"
+
+    def forward(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return mcr_loss(model(x), y, self.margin, self.reduction)
+
+
+class _MomentLoss(_ModelLoss):
+    def __init__(self, input_variance: float, reduction: str = "mean") -> None:
+        super().__init__(reduction)
+        self.input_variance = _check_finite_number("input_variance", input_variance, minimum=0.0)
+
+    def moments(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        return gaussian_logit_moments(model, x, self.input_variance)
+
+
+class SmoothedCrossEntropyLoss(_MomentLoss):
+    """SC-SCE: :func:`sc_sce_loss` on the mean logits for input variance ``sigma_x^2``."""
+
+    name = "sc-sce"
+
+    def __init__(self, input_variance: float = 0.1, reduction: str = "mean") -> None:
+        super().__init__(input_variance, reduction)
+
+    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        mean, _ = self.moments(model, x)
+        return sc_sce_loss(mean, y, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"input_variance={self.input_variance}"
+
+
+class MarginSmoothedCertifiedRadiusLoss(_MomentLoss):
+    """MSCR: :func:`mscr_loss` ``relu(d - SM(x))`` with SM from moments at input variance ``sigma_x^2``.
+
+    Thesis defaults: ``d = 1``, ``sigma_x^2 = 0.1``.
+    """
+
+    name = "mscr"
+
+    def __init__(
+        self, margin: float = 1.0, input_variance: float = 0.1, mode: str = "top2", reduction: str = "mean"
+    ) -> None:
+        super().__init__(input_variance, reduction)
+        self.margin = _check_finite_number("margin", margin)
+        if mode not in ("top2", "all"):
+            raise ValueError(f"mode must be 'top2' or 'all', got {mode!r}")
+        self.mode = mode
+
+    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        mean, var = self.moments(model, x)
+        return mscr_loss(mean, var, y, self.margin, self.mode, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, input_variance={self.input_variance}, mode={self.mode!r}"
+
+
+class ZhenLoss(_MomentLoss):
+    """Zhen: :func:`zhen_loss` with ``sigma = sqrt(sigma_x^2)`` and moments at input variance ``sigma_x^2``.
+
+    Default ``sigma_x = 0.25`` (the randomized smoothing noise of the MNIST experiment).
+    """
+
+    name = "zhen"
+
+    def __init__(self, margin: float = 1.0, input_variance: float = 0.0625, reduction: str = "mean") -> None:
+        super().__init__(input_variance, reduction)
+        self.margin = _check_finite_number("margin", margin)
+
+    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        mean, var = self.moments(model, x)
+        return zhen_loss(mean, var, y, math.sqrt(self.input_variance), self.margin, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, input_variance={self.input_variance}"
+
+
+_LOSSES: dict[str, type[nn.Module]] = {
+    cls.name: cls
+    for cls in (
+        SoftmaxCrossEntropyLoss,
+        SmoothedCrossEntropyLoss,
+        MulticlassHingeLoss,
+        MarginCertifiedRadiusLoss,
+        MarginSmoothedCertifiedRadiusLoss,
+        ZhenLoss,
+        MCExpectedMarginLoss,
+    )
+}
+LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
+"""Names accepted by :func:`make_loss`: sce, sc-sce, mh, mcr, mscr, zhen, mc-margin."""
+
+
+def make_loss(name: str, **hyperparameters: float | int | str) -> nn.Module:
+    """Build a loss module by name (case-insensitive; ``_`` and ``-`` are interchangeable).
+
+    Every module is called as ``loss(model, x, y)``. Hyper-parameters are the constructor's keywords,
+    e.g. ``make_loss("mscr", margin=1.0, input_variance=0.1)``; ``mc-margin`` needs ``sigma`` and
+    ``num_draws``.
+    """
+    key = str(name).lower().replace("_", "-")
+    if key not in _LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+    try:
+        return _LOSSES[key](**hyperparameters)
+    except TypeError as error:
+        raise TypeError(f"bad hyper-parameters for loss {key!r}: {error}") from error
