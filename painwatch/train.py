@@ -225,15 +225,21 @@ def _labels_of(records_or_dataset: Any) -> list[int]:
     return [int(records_or_dataset[i][1]) for i in range(len(records_or_dataset))]
 
 
-def _as_dataset(records_or_dataset: Any, input_size: int, train: bool, detector: Any = None) -> Dataset:
-    """A dataset yielding ``(float tensor (3, S, S) in [0, 1], label)`` from records or a dataset."""
+def _as_dataset(
+    records_or_dataset: Any, input_size: int, train: bool, detector: Any = None, seed: int = 0
+) -> Dataset:
+    """A dataset yielding ``(float tensor (3, S, S) in [0, 1], label)`` from records or a dataset.
+
+    Records get the albumentations train transform (augmentations seeded by ``seed``) or the
+    deterministic eval transform at ``input_size``; a ready dataset is used as it is.
+    """
     from torch.utils.data import Dataset
 
     if isinstance(records_or_dataset, Dataset):
         return records_or_dataset
     from painwatch.data import FrameDataset, eval_transform, train_transform
 
-    transform = train_transform(input_size) if train else eval_transform(input_size)
+    transform = train_transform(input_size, seed=seed) if train else eval_transform(input_size)
     return FrameDataset(list(records_or_dataset), transform, detector=detector)
 
 
@@ -501,7 +507,7 @@ def fit(
     seed_everything(config.seed)
     device = resolve_device(config.device)
     use_amp = bool(config.amp and device.type == "cuda")
-    train_set = _as_dataset(train_records, config.input_size, train=True, detector=detector)
+    train_set = _as_dataset(train_records, config.input_size, train=True, detector=detector, seed=config.seed)
     if len(train_set) == 0:
         raise ValueError("train_records is empty: nothing to train on")
     train_labels = _labels_of(train_records)

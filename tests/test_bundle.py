@@ -1,0 +1,184 @@
+"""Model bundles: round trip, atomic replacement, hash and schema checks with clear messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from painwatch.models import (
+    BundleError,
+    create_model,
+    default_certification,
+    load_bundle,
+    read_metadata,
+    save_bundle,
+    update_bundle_metadata,
+)
+
+ARCH = "test_resnet"
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model(ARCH, input_size=SIZE, seed=0).eval()
+
+
+@pytest.fixture
+def bundle(tmp_path: Path, model) -> Path:
+    metadata = {
+        "temperature": 1.7,
+        "training": {
+            "individuals": ["ai", "bo"],
+            "data_hash": "abc",
+            "num_frames": 12,
+            "loss": "ce",
+            "noise_sigma": 0.25,
+        },
+    }
+    return save_bundle(tmp_path / "bundle", model, metadata)
+
+
+def _edit_json(bundle: Path, edit) -> None:
+    path = bundle / "model.json"
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))
+
+
+def test_round_trip_gives_identical_outputs(bundle: Path, model) -> None:
+    loaded = load_bundle(bundle)
+    x = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded.model(x), model(x))
+    assert not loaded.model.training
+    meta = loaded.metadata
+    assert (meta["architecture"], meta["num_classes"], meta["input_size"]) == (ARCH, 2, SIZE)
+    assert meta["classes"] == ["no_pain", "pain"] and loaded.classes == ["no_pain", "pain"]
+    assert meta["mean"] == pytest.approx([0.5] * 3) and meta["std"] == pytest.approx([0.5] * 3)
+    assert loaded.temperature == pytest.approx(1.7)
+    assert meta["training"]["individuals"] == ["ai", "bo"]
+    assert meta["gate"] is None
+    assert {"torch", "timm", "painwatch"} <= set(meta["versions"])
+    assert len(meta["weights_sha256"]) == 64
+
+
+def test_certification_defaults_follow_the_training_noise(bundle: Path) -> None:
+    certification = read_metadata(bundle)["certification"]
+    assert certification["method"] == "soft_smoothing"
+    assert certification["sigma"] == pytest.approx(0.25)  # the training noise_sigma
+    assert (certification["alpha"], certification["n0"], certification["n"]) == (0.001, 64, 1000)
+    assert set(certification["bounds"]) >= {"sigma", "alpha", "n"}
+    assert default_certification()["sigma"] == pytest.approx(0.12)
+    assert default_certification(2.0)["bounds"]["sigma"][1] >= 2.0
+
+
+def test_tampered_weights_are_detected(bundle: Path) -> None:
+    weights = bundle / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit in the last tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"weights\.safetensors.*SHA-256.*does not match"):
+        load_bundle(bundle)
+
+
+def test_missing_files_are_named(bundle: Path, tmp_path: Path) -> None:
+    (bundle / "weights.safetensors").unlink()
+    with pytest.raises(BundleError, match=r"weights\.safetensors.*missing"):
+        load_bundle(bundle)
+    with pytest.raises(BundleError, match="not a painwatch model bundle"):
+        load_bundle(tmp_path)
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_invalid_json_names_file_and_position(bundle: Path) -> None:
+    (bundle / "model.json").write_text('{"format_version": 1,\n  "architecture": }')
+    with pytest.raises(BundleError, match=r"model\.json.*not valid JSON \(line 2"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (lambda c: c.update(temperature="hot"), "'temperature'"),
+        (lambda c: c.update(temperature=0), "'temperature'"),
+        (lambda c: c.pop("gate"), "'gate'"),
+        (lambda c: c.update(format_version=99), "'format_version'"),
+        (lambda c: c.update(classes=["no_pain"]), "'classes'"),
+        (lambda c: c["certification"].update(sigma=-0.1), "'certification.sigma'"),
+        (lambda c: c["certification"].update(sigma=5.0), "'certification.sigma'.*bounds"),
+        (lambda c: c["certification"].update(method="magic"), "'certification.method'"),
+        (lambda c: c["certification"].update(n=10.5), "'certification.n'"),
+        (lambda c: c["certification"]["bounds"].update(alpha=[0.1, 0.01]), "'certification.bounds.alpha'"),
+        (lambda c: c["training"].update(individuals="ai"), "'training.individuals'"),
+        (lambda c: c.update(gate={"passed": "yes"}), "'gate.passed'"),
+        (lambda c: c.update(std=[0.5, 0.5]), "'std'"),
+    ],
+)
+def test_schema_errors_name_the_file_and_key(bundle: Path, edit, key: str) -> None:
+    _edit_json(bundle, edit)
+    with pytest.raises(BundleError, match=rf"model\.json: key {key}"):
+        load_bundle(bundle)
+
+
+def test_json_normalisation_must_agree_with_the_weights(bundle: Path) -> None:
+    _edit_json(bundle, lambda c: c.update(mean=[0.4, 0.5, 0.5]))
+    with pytest.raises(BundleError, match=r"'mean'.*disagrees"):
+        load_bundle(bundle)
+
+
+def test_update_metadata_merges_and_validates(bundle: Path) -> None:
+    gate = {
+        "passed": True,
+        "thresholds": {"min_pain_recall": 0.6},
+        "results": {"pain_recall": 0.7},
+        "report": "report/index.html",
+        "date": "2026-11-25",
+    }
+    merged = update_bundle_metadata(bundle, {"gate": gate, "certification": {"sigma": 0.5}})
+    assert merged["gate"] == gate
+    assert merged["certification"]["sigma"] == 0.5 and merged["certification"]["n"] == 1000  # nested merge
+    assert load_bundle(bundle).metadata["gate"]["passed"] is True  # hash still valid: weights untouched
+
+    before = (bundle / "model.json").read_text()
+    with pytest.raises(BundleError, match=r"'certification\.alpha'"):
+        update_bundle_metadata(bundle, {"certification": {"alpha": 2.0}})
+    with pytest.raises(BundleError, match="'architecture' describes the weights"):
+        update_bundle_metadata(bundle, {"architecture": "resnet50"})
+    assert (bundle / "model.json").read_text() == before, "a rejected update must leave model.json as it was"
+
+
+def test_saving_over_a_bundle_replaces_it_and_leaves_no_temporaries(bundle: Path, model) -> None:
+    other = create_model(ARCH, input_size=SIZE, seed=1)
+    save_bundle(bundle, other, {"temperature": 2.0})
+    loaded = load_bundle(bundle)
+    assert torch.equal(loaded.model.head.weight, other.head.weight)
+    assert loaded.temperature == 2.0
+    assert sorted(p.name for p in bundle.parent.iterdir()) == ["bundle"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["model.json", "weights.safetensors"]
+
+
+def test_refuses_to_overwrite_a_folder_that_is_not_a_bundle(tmp_path: Path, model) -> None:
+    folder = tmp_path / "precious"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(BundleError, match=r"refusing to overwrite.*notes\.txt"):
+        save_bundle(folder, model, {})
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_metadata_contradicting_the_model_is_rejected(tmp_path: Path, model) -> None:
+    with pytest.raises(BundleError, match="'input_size'"):
+        save_bundle(tmp_path / "b", model, {"input_size": 224})
+    assert not (tmp_path / "b").exists()
+
+
+def test_more_than_two_classes_need_class_names(tmp_path: Path) -> None:
+    three = create_model(ARCH, num_classes=3, input_size=SIZE, seed=0)
+    with pytest.raises(BundleError, match="'classes' is required"):
+        save_bundle(tmp_path / "b", three, {})
+    save_bundle(tmp_path / "b", three, {"classes": ["a", "b", "c"]})
+    assert load_bundle(tmp_path / "b").model.num_classes == 3
