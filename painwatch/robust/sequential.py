@@ -1,0 +1,398 @@
+"""Anytime-valid sequential smoothing certificates: stop sampling as soon as the answer is decided.
+
+Randomized smoothing (Cohen et al. 2019) and soft smoothing (DESIGN.md items 4 and 5) draw a fixed
+number ``n`` of noisy copies of the input, typically ``n = 100 000``. Most frames a person uploads are
+either clearly decided after a few hundred draws or clearly undecidable; a fixed ``n`` wastes the
+difference. This module samples in growing batches and, after every draw, updates a lower confidence
+bound on the smoothed score of the selected class that holds **uniformly over time**, so that the
+certificate is valid at whatever moment the sampler decides to stop (the stopping rule may look at
+everything seen so far).
+
+The confidence sequence
+-----------------------
+For i.i.d. draws ``X_1, X_2, ... in [0, 1]`` with mean ``mu`` and a candidate value ``m in (0, 1)``, the
+betting capital (Waudby-Smith and Ramdas 2023, "Estimating means of bounded random variables by
+betting") ``K_t(m) = prod_{i <= t} (1 - nu_i + nu_i X_i / m)`` with bets ``nu_i in [0, 1)`` that depend
+only on ``X_1 .. X_{i-1}`` is a non-negative supermartingale whenever ``mu <= m`` (each factor has
+conditional mean ``1 - nu_i + nu_i mu / m <= 1``). Ville's inequality gives
+``P(exists t: K_t(m) >= 1 / alpha) <= alpha``. Because the bets ``nu_i`` do not depend on ``m``, every
+factor, hence ``K_t(m)``, is non-increasing in ``m``; so if any ``m' >= mu`` is ever rejected then
+``K_t(mu) >= K_t(m') >= 1 / alpha`` at that time, and the running bound
+``L_t = max {m' in grid : K_s(m') >= 1 / alpha for some s <= t}`` satisfies
+``P(exists t: L_t > mu) <= alpha``. This holds for any grid and any stopping time. The bets are the
+approximate Kelly bets for a point between the current bound and the running mean, which makes the
+bound close to Clopper-Pearson on Bernoulli data and much tighter on low-variance soft scores.
+
+The certificate
+---------------
+``n0`` selection draws pick the class ``c`` (as Cohen's CERTIFY); fresh draws then feed the confidence
+sequence with ``X_i = softmax(f(x + xi_i))_c`` (soft smoothing, ``G_c(x) = E X``) or with
+``X_i = 1[argmax f(x + xi_i) = c]`` (hard counts, ``p_c(x) = E X``). With ``L = L_t`` at the stopping
+time and the runner-up bounded by ``1 - L`` (exact for two classes, conservative for more), the radius
+is ``r = sigma / 2 * (PhiInv(L) - PhiInv(1 - L)) = sigma * PhiInv(L)`` when ``L > 1/2``, and the answer is
+an abstention otherwise. With probability at least ``1 - alpha`` the smoothed classifier
+(``argmax G`` for soft scores, Cohen's ``g`` for hard counts) predicts ``c`` on the whole L2 ball of
+radius ``r`` around ``x`` (pixels in [0, 1], radius in the same units as ``sigma``).
+
+Stopping rules never affect this guarantee; they only decide how many forward passes are spent:
+the radius reached ``target_radius``; it is within ``rel_tol`` (or ``min_radius``) of the best this
+budget could give (judged with an upper confidence bound, a heuristic); that best fell below
+``min_radius`` or the upper bound fell to 1/2 (nothing worth certifying: stop early, abstaining when
+no radius is certified yet); or the budget ``max_n`` is spent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import norm
+from torch import Tensor
+
+from painwatch.robust.certificates import ABSTAIN, Certificate
+from painwatch.robust.certificates import METHODS as CERTIFICATE_METHODS
+from painwatch.robust.smoothing import noisy_logits
+from painwatch.robust.validation import (
+    check_alpha,
+    check_count,
+    check_generator,
+    check_image,
+    check_model,
+    check_sigma,
+)
+
+__all__ = [
+    "SCORE_KINDS",
+    "SEQUENTIAL_METHODS",
+    "BettingLowerBound",
+    "SequentialCertificate",
+    "best_attainable_lower_bound",
+    "sequential_certify",
+]
+
+SCORE_KINDS: tuple[str, ...] = ("soft", "hard")
+"""``soft``: softmax score of the selected class (soft smoothing); ``hard``: 0/1 vote (Cohen)."""
+
+SEQUENTIAL_METHODS: dict[str, str] = {
+    "soft": "soft_smoothing_sequential",
+    "hard": "randomized_smoothing_sequential",
+}
+"""How a sequential certificate is named to people (reports, the app)."""
+
+_BASE_METHODS: dict[str, str] = {"soft": "soft_smoothing", "hard": "randomized_smoothing"}
+
+
+def _certificate_method(scores: str) -> str:
+    # The certified classifier and the radius formula are those of the fixed-n method; only the
+    # confidence bound differs. Use the sequential name where the Certificate record knows it.
+    sequential = SEQUENTIAL_METHODS[scores]
+    return sequential if sequential in CERTIFICATE_METHODS else _BASE_METHODS[scores]
+
+
+STOP_REASONS: tuple[str, ...] = ("target", "saturated", "futile", "budget")
+
+
+def _check_fraction(value: object, name: str) -> float:
+    """A real number in [0, 1) (a relative tolerance)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+class BettingLowerBound:
+    """Anytime-valid lower confidence bound for the mean of i.i.d. draws in [0, 1].
+
+    Feed draws with :meth:`update` in any batch sizes; :attr:`lower` is then a number with
+    ``P(exists t: lower_t > mean) <= alpha`` (time-uniform coverage, so it stays valid under any
+    data-dependent stopping rule). The bound is non-decreasing in time and lies on a grid that is
+    uniform in probit space (``Phi(z)`` for ``z`` from ``probit_min`` to ``probit_max`` in steps of
+    ``probit_step``; 0.0 until the lowest grid point is rejected), so the certified radius
+    ``sigma * PhiInv(lower)`` loses at most ``sigma * probit_step`` to the grid.
+
+    Args:
+        alpha: error probability in (0, 1).
+        probit_step: grid step in probit units (> 0).
+        probit_min, probit_max: the grid covers ``Phi(probit_min) .. Phi(probit_max)``; a
+            certificate only needs bounds above 1/2 (``probit_min = 0``).
+        max_bet: the largest bet fraction ``nu`` in (0, 1); closer to 1 is tighter on saturated
+            scores, further from 1 loses less capital on a draw near 0.
+    """
+
+    _HISTOGRAM_BINS = 2048
+
+    def __init__(
+        self,
+        alpha: float,
+        *,
+        probit_step: float = 0.002,
+        probit_min: float = -7.0,
+        probit_max: float = 7.0,
+        max_bet: float = 0.98,
+    ) -> None:
+        self.alpha = check_alpha(alpha)
+        probit_step = check_sigma(probit_step, "probit_step")
+        if not (math.isfinite(probit_min) and math.isfinite(probit_max) and probit_min < probit_max):
+            raise ValueError(f"need finite probit_min < probit_max, got {probit_min!r} and {probit_max!r}")
+        self.max_bet = check_alpha(max_bet, "max_bet")
+        z = np.arange(probit_min, probit_max + probit_step / 2, probit_step)
+        self.grid = norm.cdf(z)
+        self._log_threshold = math.log(1.0 / self.alpha)
+        self._log_capital = np.zeros_like(self.grid)
+        self._highest_rejected = -1
+        self.count = 0
+        self._sum = 0.0
+        # Past draws, binned: the bet only has to depend on the past, not be exactly optimal.
+        self._histogram = np.zeros(self._HISTOGRAM_BINS + 1)
+        self._bin_values = np.linspace(0.0, 1.0, self._HISTOGRAM_BINS + 1)
+
+    @property
+    def lower(self) -> float:
+        """The current lower confidence bound (0.0 before anything is rejected)."""
+        return float(self.grid[self._highest_rejected]) if self._highest_rejected >= 0 else 0.0
+
+    @property
+    def mean(self) -> float:
+        """The mean of the draws so far (NaN before the first draw)."""
+        return self._sum / self.count if self.count else math.nan
+
+    def _next_bet(self) -> float:
+        """The next bet: empirical Kelly against a point halfway between the bound and the mean.
+
+        It maximises the average log growth ``mean log(1 - nu + nu X / m)`` over the draws seen so
+        far (plus a prior of half a draw at 0 and half a draw at 1, which keeps the first bets small).
+        It only uses past draws, which is all that validity needs.
+        """
+        mean = (0.5 + self._sum) / (1 + self.count)
+        reference = 0.5 * (max(self.lower, self.grid[0]) + mean)
+        if mean <= reference:
+            return 0.0
+        weights = self._histogram.copy()
+        weights[0] += 0.5
+        weights[-1] += 0.5
+        used = weights > 0
+        weights, excess = weights[used], self._bin_values[used] / reference - 1.0
+
+        def slope(bet: float) -> float:
+            return float(np.sum(weights * excess / (1.0 + bet * excess)))
+
+        if slope(self.max_bet) >= 0.0:
+            return self.max_bet
+        low, high = 0.0, self.max_bet  # the growth is concave in the bet: bisect its slope
+        for _ in range(30):
+            middle = 0.5 * (low + high)
+            if slope(middle) > 0.0:
+                low = middle
+            else:
+                high = middle
+        return low
+
+    def _bet_on(self, values: np.ndarray, bet: float, chunk: int = 256) -> None:
+        start = self._highest_rejected + 1  # grid points below are rejected for good
+        if bet <= 0.0 or start >= self.grid.size:
+            return
+        grid = self.grid[start:]
+        capital = self._log_capital[start:]
+        for offset in range(0, values.size, chunk):
+            part = values[offset : offset + chunk]
+            path = capital[None, :] + np.cumsum(np.log1p(bet * (part[:, None] / grid[None, :] - 1.0)), axis=0)
+            rejected = np.flatnonzero(path.max(axis=0) >= self._log_threshold)
+            if rejected.size:
+                self._highest_rejected = max(self._highest_rejected, start + int(rejected.max()))
+            capital = path[-1]
+        self._log_capital[start:] = capital
+
+    def update(self, values: np.ndarray | Tensor) -> float:
+        """Add draws (any 1-D array of numbers in [0, 1]) and return the updated lower bound.
+
+        The draws are processed in order, in short runs (an eighth of the draws seen so far, 8 to
+        512) that share one bet computed from all earlier draws. Rejection is checked after every
+        single draw.
+        """
+        if isinstance(values, Tensor):
+            values = values.detach().cpu().numpy()
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        invalid = ~np.isfinite(values) | (values < 0.0) | (values > 1.0)
+        if invalid.any():
+            raise ValueError(f"draws must lie in [0, 1], got {values[invalid][0]!r}")
+        offset = 0
+        while offset < values.size:
+            run = values[offset : offset + int(np.clip(self.count // 8, 8, 512))]
+            self._bet_on(run, self._next_bet())
+            np.add.at(self._histogram, np.rint(run * self._HISTOGRAM_BINS).astype(np.int64), 1.0)
+            self.count += run.size
+            self._sum += float(run.sum())
+            offset += run.size
+        return self.lower
+
+
+def best_attainable_lower_bound(alpha: float, num_draws: int, max_bet: float = 0.98) -> float:
+    """The lower bound :class:`BettingLowerBound` reaches after ``num_draws`` draws that all equal 1.
+
+    Solves ``num_draws * log(1 - nu + nu / m) = log(1 / alpha)`` for ``m`` at the largest bet
+    ``nu = max_bet``; no number of draws below ``num_draws`` can certify a larger score, so
+    ``sigma * PhiInv`` of it is the largest radius a budget of ``num_draws`` can give.
+    """
+    alpha = check_alpha(alpha)
+    num_draws = check_count(num_draws, "num_draws")
+    growth = math.expm1(math.log(1.0 / alpha) / num_draws)
+    return max_bet / (growth + max_bet)
+
+
+@dataclass(frozen=True)
+class SequentialCertificate:
+    """A sequential certificate and what it cost.
+
+    Attributes:
+        certificate: the :class:`Certificate` (``n`` = estimation draws, ``bound`` = the lower
+            confidence bound on the selected class's smoothed score; ``prediction = -1`` and
+            ``radius = 0.0`` when it abstains). Its ``method`` is the fixed-n method whose classifier
+            and radius formula it shares (``soft_smoothing`` / ``randomized_smoothing``) unless the
+            Certificate record lists the sequential names.
+        method: ``soft_smoothing_sequential`` or ``randomized_smoothing_sequential``.
+        forward_passes: network evaluations spent (selection draws + estimation draws).
+        stop_reason: one of ``target``, ``saturated``, ``futile``, ``budget``.
+        upper_bound: an upper confidence bound on the same score, used only to decide when to
+            stop; it is not part of the guarantee.
+        point_estimate: the running mean of the estimation draws.
+    """
+
+    certificate: Certificate
+    method: str
+    forward_passes: int
+    stop_reason: str
+    upper_bound: float
+    point_estimate: float
+
+
+def _selection_class(logits: Tensor, scores: str) -> int:
+    if scores == "soft":
+        return int(torch.softmax(logits, dim=1).mean(dim=0).argmax())
+    counts = torch.bincount(logits.argmax(dim=1), minlength=logits.shape[1])
+    return int(counts.argmax())
+
+
+def _class_scores(logits: Tensor, predicted: int, scores: str) -> np.ndarray:
+    if scores == "soft":
+        values = torch.softmax(logits, dim=1)[:, predicted]
+    else:
+        values = (logits.argmax(dim=1) == predicted).to(torch.float64)
+    return values.clamp(0.0, 1.0).cpu().numpy()
+
+
+def sequential_certify(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    sigma: float,
+    *,
+    alpha: float = 0.001,
+    n0: int = 64,
+    max_n: int = 100_000,
+    first_batch: int = 64,
+    max_batch: int = 2048,
+    batch_size: int = 256,
+    target_radius: float | None = None,
+    rel_tol: float = 0.05,
+    min_radius: float = 0.0,
+    scores: str = "soft",
+    generator: torch.Generator | None = None,
+) -> SequentialCertificate:
+    """Certify ``x`` with a smoothing certificate that stops sampling once the answer is decided.
+
+    Args:
+        model: maps a float tensor ``(B, C, H, W)`` of pixels in [0, 1] to logits ``(B, K)``.
+        x: one image ``(C, H, W)`` with pixels in [0, 1].
+        sigma: standard deviation of the Gaussian noise, L2 units of [0, 1] pixels (> 0).
+        alpha: the certificate is wrong with probability at most ``alpha``.
+        n0: selection draws that pick the class (not reused for the bound).
+        max_n: the most estimation draws (the budget; forward passes are at most ``n0 + max_n``).
+        first_batch, max_batch: estimation batches start at ``first_batch`` draws and double up to
+            ``max_batch``; the stopping rules are checked between batches.
+        batch_size: the most images per forward pass through the model (memory only).
+        target_radius: stop as soon as the certified radius reaches it (None: no target).
+        rel_tol: stop once the radius is within this fraction of the best the remaining budget
+            could plausibly give.
+        min_radius: radii smaller than this (L2, pixel units) are not worth sampling for: stop once
+            the best plausible radius is below it, or the radius is within it of that best.
+        scores: ``"soft"`` (soft smoothing) or ``"hard"`` (Cohen-style votes).
+        generator: the source of every noise draw; the same seed gives the same certificate.
+
+    Returns:
+        a :class:`SequentialCertificate`. Guarantee: with probability at least ``1 - alpha`` over the
+        noise, whenever the certificate does not abstain, the smoothed classifier (``argmax_k
+        E softmax(f(x + xi))_k`` for soft scores, the majority vote for hard ones) returns the
+        certificate's class at every ``x'`` with ``||x' - x||_2 <= radius``.
+    """
+    if scores not in SCORE_KINDS:
+        raise ValueError(f"scores must be one of {SCORE_KINDS}, got {scores!r}")
+    check_model(model)
+    check_image(x)
+    check_generator(generator)
+    sigma = check_sigma(sigma)
+    alpha = check_alpha(alpha)
+    n0 = check_count(n0, "n0")
+    max_n = check_count(max_n, "max_n", minimum=2)
+    first_batch = check_count(first_batch, "first_batch")
+    max_batch = check_count(max_batch, "max_batch")
+    batch_size = check_count(batch_size, "batch_size")
+    rel_tol = _check_fraction(rel_tol, "rel_tol")
+    if isinstance(min_radius, bool) or not isinstance(min_radius, (int, float)) or not min_radius >= 0.0:
+        raise ValueError(f"min_radius must be a number >= 0, got {min_radius!r}")
+    if target_radius is not None:
+        target_radius = check_sigma(target_radius, "target_radius")
+    if generator is None:
+        # One generator for the selection and every batch (noisy_logits would seed each call afresh).
+        generator = torch.Generator(device="cpu")
+        generator.seed()
+
+    selection = noisy_logits(model, x, sigma, n0, batch_size, generator)
+    predicted = _selection_class(selection, scores)
+
+    lower_bound = BettingLowerBound(alpha, probit_min=0.0)
+    # An upper bound on the same score (a lower bound on 1 - score); it only steers stopping.
+    upper_tracker = BettingLowerBound(alpha, probit_step=0.02)
+    attainable = sigma * norm.ppf(best_attainable_lower_bound(alpha, max_n, lower_bound.max_bet))
+    used = 0
+    batch = min(first_batch, max_batch)
+    stop_reason = "budget"
+    radius = 0.0
+    while used < max_n:
+        draws = min(batch, max_n - used)
+        values = _class_scores(noisy_logits(model, x, sigma, draws, batch_size, generator), predicted, scores)
+        lower = lower_bound.update(values)
+        upper = 1.0 - upper_tracker.update(1.0 - values)
+        used += draws
+        batch = min(2 * batch, max_batch)
+        radius = sigma * float(norm.ppf(lower)) if lower > 0.5 else 0.0
+        if target_radius is not None and radius >= target_radius:
+            stop_reason = "target"
+            break
+        best = min(attainable, sigma * float(norm.ppf(upper))) if upper > 0.5 else 0.0
+        if best <= 0.0 or best < min_radius:
+            stop_reason = "futile"
+            break
+        if radius > 0.0 and best - radius <= max(rel_tol * best, min_radius):
+            stop_reason = "saturated"
+            break
+    lower = lower_bound.lower
+    certified = lower > 0.5 and radius > 0.0
+    certificate = Certificate(
+        prediction=predicted if certified else ABSTAIN,
+        radius=radius if certified else 0.0,
+        method=_certificate_method(scores),
+        sigma=sigma,
+        n=used,
+        alpha=alpha,
+        bound=lower,
+        forward_passes=n0 + used,
+    )
+    return SequentialCertificate(
+        certificate=certificate,
+        method=SEQUENTIAL_METHODS[scores],
+        forward_passes=n0 + used,
+        stop_reason=stop_reason,
+        upper_bound=1.0 - upper_tracker.lower,
+        point_estimate=lower_bound.mean,
+    )
