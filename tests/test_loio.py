@@ -1,0 +1,303 @@
+"""Leave-one-individual-out: splits by individual, resume after a crash, the CLI end to end, reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from painwatch import CLASS_NAMES
+from painwatch.cli import main
+from painwatch.loio import LoioError, LoioSettings, fold_seed, loio_folds, run_loio
+from painwatch.report import (
+    Report,
+    atomic_write_json,
+    atomic_write_text,
+    table_to_html,
+    table_to_markdown,
+    to_json_text,
+)
+
+TINY = {"arch": "test_resnet", "input_size": 32, "batch_size": 8}
+
+
+def _write_tiny_dataset(root: Path, individuals: int = 4, frames_per_class: int = 4, seed: int = 0) -> Path:
+    """Folder layout DATA/<individual>/<label>/*.png with 40x40 frames: pain frames carry a dark band
+    (a crude 'squeezed eyes' cue) at an individual-specific height; every frame has its own noise."""
+    rng = np.random.default_rng(seed)
+    for i in range(individuals):
+        base = rng.integers(60, 200, size=3)
+        for label in CLASS_NAMES:
+            folder = root / f"macaque_{i:02d}" / label
+            folder.mkdir(parents=True)
+            for k in range(frames_per_class):
+                image = np.clip(base + rng.normal(0, 25, size=(40, 40, 3)), 0, 255)
+                if label == "pain":
+                    row = 12 + i % 3
+                    image[row : row + 6, 6:34] *= 0.25
+                Image.fromarray(image.astype(np.uint8)).save(folder / f"frame_{k}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_tiny_dataset(tmp_path_factory.mktemp("data") / "frames")
+
+
+# ----------------------------------------------------------------------------------------------- splits
+@pytest.mark.parametrize(("num_individuals", "inner_individuals"), [(3, None), (7, 2), (21, None), (21, 4)])
+def test_split_never_puts_one_individual_on_two_sides(num_individuals: int, inner_individuals) -> None:
+    rng = np.random.default_rng(num_individuals)
+    groups = [f"m{g}" for g in rng.integers(0, num_individuals, size=400)]
+    groups += [f"m{g}" for g in range(num_individuals)]  # every individual present
+    folds = loio_folds(groups, inner_val_individuals=inner_individuals, seed=3)
+    assert len(folds) == num_individuals
+    assert [fold.test_individual for fold in folds] == sorted(set(groups))
+    tested = np.concatenate([fold.test for fold in folds])
+    assert sorted(tested.tolist()) == list(range(len(groups)))  # each frame tested exactly once
+    for fold in folds:
+        parts = {name: set(fold.individuals(groups, name)) for name in ("train", "validation", "test")}
+        assert parts["test"] == {fold.test_individual}
+        assert not parts["train"] & parts["validation"]
+        assert not parts["train"] & parts["test"]
+        assert not parts["validation"] & parts["test"]
+        assert parts["train"] and parts["validation"]
+        if inner_individuals is not None:
+            assert len(parts["validation"]) == inner_individuals
+        every = np.concatenate([fold.train, fold.validation, fold.test])
+        assert sorted(every.tolist()) == list(range(len(groups)))
+    again = loio_folds(groups, inner_val_individuals=inner_individuals, seed=3)
+    assert all(np.array_equal(a.validation, b.validation) for a, b in zip(folds, again, strict=True))
+
+
+def test_default_inner_split_is_a_fifth_of_the_individuals_rounded_up() -> None:
+    groups = [f"m{i:02d}" for i in range(21) for _ in range(2)]
+    folds = loio_folds(groups)
+    assert {len(fold.individuals(groups, "validation")) for fold in folds} == {4}
+
+
+def test_split_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="at least 3 individuals"):
+        loio_folds(["a", "a", "b"])
+    with pytest.raises(ValueError, match=r"inner_val_individuals must be in \[1, 1\]"):
+        loio_folds(["a", "b", "c"], inner_val_individuals=2)
+    with pytest.raises(ValueError, match="inner_val_fraction"):
+        loio_folds(["a", "b", "c"], inner_val_fraction=1.5)
+
+
+def test_fold_seeds_differ_and_are_stable() -> None:
+    seeds = [fold_seed(0, k) for k in range(21)]
+    assert len(set(seeds)) == 21
+    assert seeds == [fold_seed(0, k) for k in range(21)]
+    assert fold_seed(1, 0) != fold_seed(0, 0)
+
+
+# ------------------------------------------------------------------------------------------- resume
+def _head_settings(data: Path, out: Path, **overrides) -> LoioSettings:
+    values = {
+        **TINY,
+        "epochs": 1,
+        "cache_features": True,
+        "head_epochs": 15,
+        "inner_val_individuals": 1,
+        "bootstrap_reps": 50,
+        "progress": False,
+    }
+    values.update(overrides)
+    return LoioSettings(data=str(data), out=str(out), **values)
+
+
+def test_resume_after_a_crash_gives_identical_metrics(tiny_data: Path, tmp_path: Path) -> None:
+    reference = run_loio(_head_settings(tiny_data, tmp_path / "straight"), log=lambda _: None)
+    assert reference.complete and reference.folds_run_now == 4
+
+    class SimulatedCrashError(RuntimeError):
+        pass
+
+    def crash_after_two(result: dict) -> None:
+        if result["fold"] == 1:
+            raise SimulatedCrashError("simulated crash")
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(SimulatedCrashError):
+        run_loio(_head_settings(tiny_data, crashed), on_fold_done=crash_after_two, log=lambda _: None)
+    assert sorted(p.parent.name for p in crashed.glob("folds/*/result.json")) == ["fold_00", "fold_01"]
+    assert not (crashed / "metrics.json").exists()
+    # One more fold with --max-folds, then the rest.
+    partial = run_loio(_head_settings(tiny_data, crashed, max_folds=1), resume=True, log=lambda _: None)
+    assert (partial.folds_done, partial.folds_run_now, partial.complete) == (3, 1, False)
+    resumed = run_loio(_head_settings(tiny_data, crashed), resume=True, log=lambda _: None)
+    assert resumed.complete and resumed.folds_run_now == 1
+    assert resumed.metrics["evaluation"] == reference.metrics["evaluation"]
+    straight_csv = (tmp_path / "straight" / "predictions.csv").read_text()
+    assert (crashed / "predictions.csv").read_text() == straight_csv
+
+
+def test_resume_refuses_different_settings_and_names_them(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_loio(_head_settings(tiny_data, out, max_folds=1), log=lambda _: None)
+    with pytest.raises(LoioError, match=r"seed: the run has 0, now 5") as error:
+        run_loio(_head_settings(tiny_data, out, seed=5, head_lr=0.5), resume=True, log=lambda _: None)
+    assert "head_lr" in str(error.value)
+    with pytest.raises(LoioError, match="pass --resume"):
+        run_loio(_head_settings(tiny_data, out), log=lambda _: None)
+    # Settings that cannot change a fold may differ.
+    outcome = run_loio(
+        _head_settings(tiny_data, out, bootstrap_reps=20, max_folds=1), resume=True, log=lambda _: None
+    )
+    assert outcome.folds_done == 2
+
+
+def test_resume_refuses_changed_data(tmp_path: Path) -> None:
+    data = _write_tiny_dataset(tmp_path / "data", individuals=3, frames_per_class=2)
+    out = tmp_path / "run"
+    run_loio(_head_settings(data, out, max_folds=1), log=lambda _: None)
+    extra = data / "macaque_00" / "pain" / "extra.png"
+    Image.fromarray(np.full((40, 40, 3), 7, np.uint8)).save(extra)
+    with pytest.raises(LoioError, match="data_hash"):
+        run_loio(_head_settings(data, out), resume=True, log=lambda _: None)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+FINE_TUNE_ARGS = [
+    "--arch",
+    "test_resnet",
+    "--input-size",
+    "32",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--inner-val-individuals",
+    "1",
+    "--bootstrap-reps",
+    "40",
+    "--quiet",
+    "--device",
+    "cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def fine_tuned_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    out = tmp_path_factory.mktemp("loio") / "run"
+    argv = ["loio", str(tiny_data), "--out", str(out), *FINE_TUNE_ARGS]
+    assert main(argv) == 0
+    return out, argv
+
+
+def test_cli_end_to_end_fine_tuning(fine_tuned_run, capsys: pytest.CaptureFixture) -> None:
+    out, argv = fine_tuned_run
+    for name in (
+        "config.json",
+        "metrics.json",
+        "predictions.csv",
+        "report.md",
+        "report.html",
+        "confusion_matrix.png",
+        "roc.png",
+        "reliability.png",
+        "per_individual.png",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "folds" / "fold_03" / "model" / "weights.safetensors").is_file()
+
+    with open(out / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 32
+    for row in rows:  # each frame is predicted by the fold that left its individual out
+        assert row["individual"] == f"macaque_{int(row['fold']):02d}"
+    for row in rows:
+        probabilities = [float(row[f"prob_{name}"]) for name in CLASS_NAMES]
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+        assert int(row["predicted"]) == int(np.argmax(probabilities))
+        assert row["correct"] == str(int(row["predicted"] == row["label"]))
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["frames_used"] == 32
+    evaluation = metrics["evaluation"]
+    assert evaluation["num_individuals"] == 4
+    labels = np.array([int(r["label"]) for r in rows])
+    predicted = np.array([int(r["predicted"]) for r in rows])
+    assert evaluation["pooled"]["accuracy"] == pytest.approx(float(np.mean(labels == predicted)))
+    assert len(metrics["folds"]) == 4
+    html = (out / "report.html").read_text()
+    assert "64%" in html and "61%" in html and "69%" in html  # published numbers beside ours
+    assert "32 frames of 4 individuals" in (out / "report.md").read_text()
+
+    # A second run into the same folder without --resume is refused with a clear message.
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_fine_tuning_resume_reproduces_the_straight_run(
+    fine_tuned_run, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    straight, _ = fine_tuned_run
+    out = tmp_path / "run"
+    argv = ["loio", str(tiny_data), "--out", str(out), *FINE_TUNE_ARGS]
+    assert main([*argv, "--max-folds", "2"]) == 0
+    assert "2 of 4 folds done" in capsys.readouterr().err
+    assert not (out / "metrics.json").exists()
+    assert main([*argv, "--resume"]) == 0
+    assert "resuming: 2 of 4 folds already done" in capsys.readouterr().err
+    assert (out / "predictions.csv").read_text() == (straight / "predictions.csv").read_text()
+    ours = json.loads((out / "metrics.json").read_text())["evaluation"]
+    assert ours == json.loads((straight / "metrics.json").read_text())["evaluation"]
+
+
+def test_cli_reports_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = _write_tiny_dataset(tmp_path / "data", individuals=3, frames_per_class=2)
+    for frame in (data / "macaque_01" / "pain").iterdir():
+        frame.unlink()
+    (data / "macaque_01" / "pain").rmdir()
+    assert main(["loio", str(data), "--out", str(tmp_path / "run"), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "macaque_01" in error and "no_pain" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_rejects_noise_with_cached_features(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    argv = ["loio", str(tiny_data), "--out", str(tmp_path / "r"), "--cache-features", "--noise-sigma", "0.1"]
+    assert main(argv) == 2
+    assert "--cache-features" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ reports
+def test_tables_escape_markup() -> None:
+    rows = [{"individual": "<script>alert(1)</script>", "note": "a|b", "value": 0.12345, "missing": None}]
+    html = table_to_html(rows, caption="x & y")
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "x &amp; y" in html and "0.123" in html and "—" in html
+    markdown = table_to_markdown(rows)
+    assert "a\\|b" in markdown and "<script>" not in markdown
+    assert markdown.splitlines()[1] == "|---|---|---|---|"
+
+
+def test_report_renders_both_formats_and_rejects_paths(tmp_path: Path) -> None:
+    report = Report("Title <b>")
+    report.heading("Section").paragraph("1 < 2 & 3").table([{"a": 1}]).image("plot.png", 'a "plot"')
+    paths = report.write(tmp_path)
+    html = paths["html"].read_text()
+    assert "<title>Title &lt;b&gt;</title>" in html and "1 &lt; 2 &amp; 3" in html
+    assert 'src="plot.png"' in html and 'alt="a &quot;plot&quot;"' in html
+    assert '![a "plot"](plot.png)' in paths["markdown"].read_text()
+    with pytest.raises(ValueError, match="file name beside the report"):
+        report.image("../elsewhere/plot.png", "x")
+
+
+def test_atomic_writes_leave_no_temporary_files(tmp_path: Path) -> None:
+    atomic_write_text(tmp_path / "sub" / "a.txt", "one")
+    atomic_write_text(tmp_path / "sub" / "a.txt", "two")
+    content = {"x": float("nan"), "y": np.float32(0.5), "z": np.arange(2)}
+    atomic_write_json(tmp_path / "sub" / "b.json", content)
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["a.txt", "b.json"]
+    assert (tmp_path / "sub" / "a.txt").read_text() == "two"
+    assert json.loads((tmp_path / "sub" / "b.json").read_text()) == {"x": None, "y": 0.5, "z": [0, 1]}
+    with pytest.raises(TypeError, match="cannot write a object"):
+        to_json_text({"bad": object()})
