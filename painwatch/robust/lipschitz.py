@@ -592,13 +592,21 @@ def lipschitz_lower_estimate(
         return vectors / norms.view(-1, *([1] * (vectors.dim() - 1)))
 
     direction = normalized(direction)
-    _, pullback = torch.func.vjp(module, points)
-    image = direction
-    for _ in range(iterations):
+    # Derivatives are taken w.r.t. the input only; freezing the parameters meanwhile also lets layers
+    # with derived weights (Björck) reuse them instead of rebuilding them at every product.
+    trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    try:
+        for parameter in trainable:
+            parameter.requires_grad_(False)
+        _, pullback = torch.func.vjp(module, points)
+        for _ in range(iterations):
+            _, image = torch.func.jvp(module, (points,), (direction,))
+            (direction,) = pullback(image)
+            direction = normalized(direction)
         _, image = torch.func.jvp(module, (points,), (direction,))
-        (direction,) = pullback(image)
-        direction = normalized(direction)
-    _, image = torch.func.jvp(module, (points,), (direction,))
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     return float(image.detach().flatten(1).norm(dim=1).max())
 
 
