@@ -15,7 +15,7 @@ import torch
 from scipy import integrate, stats
 from torch import nn
 
-from painwatch.robust import moments
+from painwatch.robust import lipschitz, moments
 
 
 def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -135,7 +135,7 @@ def test_one_hidden_layer_orthogonal_net_is_exact_against_monte_carlo() -> None:
     # exact, so the only error is Monte Carlo's (5 standard errors / 5 relative standard errors).
     net = nn.Sequential(linear(orthonormal(16, 16, 1)), nn.ReLU(), linear(2.0 * orthonormal(5, 16, 2)))
     x = torch.rand(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    draws = 200_000
+    draws = 50_000
     for variance in (0.01, 0.2):
         mean, var = moments.gaussian_logit_moments(net, x, variance)
         mc_mean, mc_var = monte_carlo(net, x, variance, draws)
@@ -167,7 +167,7 @@ def test_conv_layer_moments_are_exact(padding_mode: str) -> None:
     conv = nn.Conv2d(2, 3, 3, padding=1, stride=2, padding_mode=padding_mode).double()
     net = nn.Sequential(conv, nn.Flatten())
     x = torch.rand(2, 2, 6, 6, dtype=torch.float64)
-    draws = 100_000
+    draws = 8_000
     mean, var = moments.gaussian_logit_moments(net, x, 0.05)
     mc_mean, mc_var = monte_carlo(net, x, 0.05, draws)
     assert mean.shape == (2, 27)
@@ -255,3 +255,51 @@ def test_expected_margin_rejects_bad_labels() -> None:
         moments.expected_margin(torch.zeros(1, 3), torch.ones(1, 3), torch.tensor([4]))
     with pytest.raises(ValueError, match="mode"):
         moments.expected_margin(torch.zeros(1, 3), torch.ones(1, 3), torch.tensor([0]), mode="top3")
+
+
+# ----------------------------------------------------------------------------- 1-Lipschitz layers
+def test_orthogonal_mlp_moments_are_exact_with_one_hidden_layer() -> None:
+    # OrthogonalLinear with orthonormal rows (20 -> 16) and isotropic noise: independent Gaussian
+    # pre-activations, exact ReLU moments, exact logit moments (5 standard errors of MC).
+    gen = torch.Generator().manual_seed(0)
+    net = nn.Sequential(
+        lipschitz.OrthogonalLinear(20, 16, generator=gen),
+        nn.ReLU(),
+        lipschitz.OrthogonalLinear(16, 4, generator=gen),
+    ).double()
+    x = torch.rand(3, 20, dtype=torch.float64, generator=gen)
+    draws = 50_000
+    mean, var = moments.gaussian_logit_moments(net, x, 0.05)
+    mc_mean, mc_var = monte_carlo(net, x, 0.05, draws)
+    assert ((mean - mc_mean).abs() / (mc_var / draws).sqrt()).max() < 5
+    assert ((var - mc_var).abs() / mc_var).max() < 5 * math.sqrt(2 / draws)
+
+
+@pytest.mark.parametrize("activation", ["maxmin", "groupsort"])
+def test_maxmin_and_groupsort_moments_are_exact_after_an_orthogonal_layer(activation: str) -> None:
+    # Independent Gaussian pairs: Clark's max and min moments are exact (MC: 5 standard errors).
+    gen = torch.Generator().manual_seed(1)
+    layer = lipschitz.MaxMin() if activation == "maxmin" else lipschitz.GroupSort(2)
+    net = nn.Sequential(lipschitz.OrthogonalLinear(8, 8, generator=gen), layer).double()
+    x = torch.rand(2, 8, dtype=torch.float64, generator=gen)
+    draws = 50_000
+    mean, var = moments.gaussian_logit_moments(net, x, 0.3)
+    mc_mean, mc_var = monte_carlo(net, x, 0.3, draws)
+    assert ((mean - mc_mean).abs() / (mc_var / draws).sqrt()).max() < 5
+    assert ((var - mc_var).abs() / mc_var).max() < 5 * math.sqrt(2 / draws)
+    with pytest.raises(TypeError, match="group_size=4"):
+        moments.propagate_moments(lipschitz.GroupSort(4), torch.zeros(1, 8), torch.ones(1, 8))
+
+
+@pytest.mark.parametrize(("stride", "padding_mode"), [(1, "zeros"), (2, "zeros"), (1, "circular")])
+def test_orthogonal_conv_moments_are_exact(stride: int, padding_mode: str) -> None:
+    gen = torch.Generator().manual_seed(2)
+    conv = lipschitz.OrthogonalConv2d(2, 4, 3, stride=stride, padding_mode=padding_mode, generator=gen)
+    net = nn.Sequential(conv, nn.Flatten()).double()
+    x = torch.rand(2, 2, 6, 6, dtype=torch.float64, generator=gen)
+    draws = 8_000
+    mean, var = moments.gaussian_logit_moments(net, x, 0.1)
+    mc_mean, mc_var = monte_carlo(net, x, 0.1, draws)
+    assert ((mean - mc_mean).abs() / (mc_var / draws).sqrt()).max() < 5
+    assert ((var - mc_var).abs() / mc_var).max() < 5 * math.sqrt(2 / draws)
+    torch.testing.assert_close(mean, net(x))  # an affine layer keeps the mean where the input is

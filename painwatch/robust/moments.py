@@ -243,6 +243,75 @@ def _load_lipschitz_rules() -> None:
 
 def _register_lipschitz_rules(lipschitz) -> None:
     """Rules for the 1-Lipschitz layers (kept here so moments.py owns every propagation rule)."""
+    layers = {
+        "OrthogonalLinear": _linear_rule,
+        "OrthogonalConv2d": _orthogonal_conv_rule,
+        "InvertibleDownsampling": _permutation_rule,
+        "MaxMin": _maxmin_rule,
+        "GroupSort": _groupsort_rule,
+    }
+    for name, rule in layers.items():
+        layer_type = getattr(lipschitz, name, None)
+        if isinstance(layer_type, type):
+            register_moment_rule(layer_type, rule)
+
+
+def _orthogonal_conv_rule(module: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """BCOP convolution: optional pixel-unshuffle (a permutation), then a stride-1 'same' convolution."""
+    if module.downsample is not None:
+        mean, var = module.downsample(mean), module.downsample(var)
+    weight, padding = module.weight, module.padding
+    if module.padding_mode == "circular" and padding > 0:
+        # Circular padding copies pixels: the copies carry the same variances.
+        mean = F.pad(mean, (padding,) * 4, mode="circular")
+        var = F.pad(var, (padding,) * 4, mode="circular")
+        padding = 0
+    return (
+        F.conv2d(mean, weight, module.bias, padding=padding),
+        F.conv2d(var, weight * weight, None, padding=padding),
+    )
+
+
+def _pair_max_min(
+    first_mean: Tensor, first_var: Tensor, second_mean: Tensor, second_var: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    high_mean, high_var = clark_max_moments(first_mean, first_var, second_mean, second_var)
+    # min(a, b) = -max(-a, -b): the same exact formula, no cancellation from E[a^2] + E[b^2] - E[max^2].
+    low_mean, low_var = clark_max_moments(-first_mean, first_var, -second_mean, second_var)
+    return high_mean, high_var, -low_mean, low_var
+
+
+def _split_pairs(x: Tensor, layer: str) -> tuple[Tensor, Tensor]:
+    if x.dim() < 2 or x.shape[1] % 2:
+        raise ValueError(f"{layer} needs (B, C, ...) inputs with an even C, got shape {tuple(x.shape)}")
+    pairs = x.reshape(x.shape[0], x.shape[1] // 2, 2, *x.shape[2:])
+    return pairs[:, :, 0], pairs[:, :, 1]
+
+
+def _join_pairs(first: Tensor, second: Tensor, shape: torch.Size) -> Tensor:
+    return torch.stack((first, second), dim=2).reshape(shape)
+
+
+def _maxmin_rule(_module: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """MaxMin: channel pairs ``(a, b) -> (max, min)``; Clark's exact moments for independent a, b."""
+    first_mean, second_mean = _split_pairs(mean, "MaxMin")
+    first_var, second_var = _split_pairs(var, "MaxMin")
+    high_mean, high_var, low_mean, low_var = _pair_max_min(first_mean, first_var, second_mean, second_var)
+    return _join_pairs(high_mean, low_mean, mean.shape), _join_pairs(high_var, low_var, var.shape)
+
+
+def _groupsort_rule(module: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """GroupSort of size 1 (identity) or 2 (ascending pairs: ``(min, max)``); larger groups have no rule."""
+    if module.group_size == 1:
+        return mean, var
+    if module.group_size != 2:
+        raise TypeError(
+            f"no moment-propagation rule for GroupSort(group_size={module.group_size}): only sizes 1 and 2"
+        )
+    first_mean, second_mean = _split_pairs(mean, "GroupSort")
+    first_var, second_var = _split_pairs(var, "GroupSort")
+    high_mean, high_var, low_mean, low_var = _pair_max_min(first_mean, first_var, second_mean, second_var)
+    return _join_pairs(low_mean, high_mean, mean.shape), _join_pairs(low_var, high_var, var.shape)
 
 
 def _find_rule(module: nn.Module) -> MomentRule | None:
