@@ -280,18 +280,39 @@ def uploads_digest(uploads: Iterable[Upload], settings: Mapping[str, Any]) -> st
 
 @dataclass(frozen=True)
 class Provenance:
-    """What produced a batch of results; goes into every download."""
+    """What produced a batch of results; goes into every download.
+
+    ``certification`` holds the settings in force (the Predictor's ``settings.to_dict()``: method,
+    sigma, alpha, n = the per-frame budget of estimation draws, n0, sequential, ...).
+    """
 
     bundle_path: str
     weights_sha256: str
     architecture: str
     classes: tuple[str, ...]
-    method: str
-    sigma: float
-    alpha: float
-    n: int
+    certification: Mapping[str, Any]
     seed: int | None
     gate_passed: bool | None
+
+    @classmethod
+    def from_predictor(cls, predictor: Any) -> Provenance:
+        """Provenance of a :class:`painwatch.predict.Predictor` (bundle identity, settings, seed, gate)."""
+        metadata = predictor.metadata
+        gate = predictor.gate
+        return cls(
+            bundle_path=str(predictor.bundle_path),
+            weights_sha256=str(metadata["weights_sha256"]),
+            architecture=str(metadata["architecture"]),
+            classes=tuple(predictor.classes),
+            certification=dict(predictor.settings.to_dict()),
+            seed=predictor.seed,
+            gate_passed=None if gate is None else bool(gate.get("passed")),
+        )
+
+    @property
+    def budget(self) -> int | None:
+        value = self.certification.get("n")
+        return None if value is None else int(value)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -302,13 +323,7 @@ class Provenance:
                 "classes": list(self.classes),
                 "gate_passed": self.gate_passed,
             },
-            "certification": {
-                "method": self.method,
-                "sigma": self.sigma,
-                "alpha": self.alpha,
-                "n": self.n,
-                "seed": self.seed,
-            },
+            "certification": {**dict(self.certification), "seed": self.seed},
         }
 
 
@@ -450,9 +465,11 @@ CSV_COLUMNS_FIXED: tuple[str, ...] = (
     "frame", "file", "time_s", "label", "class_index", "confidence",
 )
 CSV_COLUMNS_TAIL: tuple[str, ...] = (
-    "radius_l2", "radius_rms", "radius_grey_levels", "method", "sigma", "n", "alpha", "forward_passes",
-    "seed", "bundle_weights_sha256", "painwatch_version",
+    "radius_l2", "radius_rms", "radius_grey_levels", "method", "sigma", "alpha", "n", "n_budget",
+    "forward_passes", "seed", "bundle_weights_sha256", "painwatch_version",
 )
+"""After the per-class probabilities: the certificate, the settings (``n`` = estimation draws used for
+this frame, ``n_budget`` = the most allowed), the seed and the bundle's weights hash."""
 
 
 def csv_columns(classes: Sequence[str]) -> list[str]:
@@ -478,8 +495,9 @@ def _row(frame: Frame, result: Any, provenance: Provenance) -> dict[str, Any]:
             "radius_grey_levels": float(result.radius_grey_levels),
             "method": str(result.method),
             "sigma": float(result.sigma),
-            "n": int(result.n),
             "alpha": float(result.alpha),
+            "n": int(result.n),
+            "n_budget": provenance.budget,
             "forward_passes": int(result.forward_passes),
             "seed": provenance.seed,
             "bundle_weights_sha256": provenance.weights_sha256,
@@ -521,7 +539,8 @@ def results_json(
     _check_aligned(frames, results)
     records = []
     for frame, result in zip(frames, results, strict=True):
-        record = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(vars(result))
+        # FrameResult.to_dict turns NaN (e.g. an undefined bound) into null: JSON has no NaN.
+        record = result.to_dict() if hasattr(result, "to_dict") else dataclasses.asdict(result)
         record.update({"frame": frame.name, "file": frame.source, "time_s": frame.time_s})
         records.append(record)
     document = {
@@ -578,3 +597,11 @@ def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
     """True when the environment variable is set to 1/true/yes/on (case-insensitive)."""
     value = (environ if environ is not None else os.environ).get(name, "")
     return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def tensor_to_image(x: Any) -> np.ndarray:
+    """A model input ``(3, H, W)`` float tensor with pixels in [0, 1] as an HxWx3 uint8 RGB array."""
+    array = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    if array.ndim != 3 or array.shape[0] != 3:
+        raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(array.shape)}")
+    return np.clip(np.rint(array.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)

@@ -1,0 +1,334 @@
+"""painwatch: the veterinarian's page.
+
+Run with ``make app``, or ``streamlit run app.py -- --bundle PATH`` (or ``PAINWATCH_BUNDLE=PATH``).
+The page is thin: decoding comes from :mod:`painwatch.data`, classification and certification from
+:class:`painwatch.predict.Predictor`, tables and downloads from :mod:`painwatch.app_support`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from painwatch import app_support as support
+
+st.set_page_config(page_title="painwatch: pain check for macaque faces", page_icon="🐒", layout="wide")
+
+SEED = 0
+"""Seed of every certification draw on this page: the same frames and settings give the same answer."""
+
+
+# --------------------------------------------------------------------------- cached resources
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def load_predictor(bundle: str, fingerprint: str, method: str | None, sigma: float | None,
+                   alpha: float | None, n: int | None) -> Any:
+    """The Predictor for a bundle and settings; ``fingerprint`` changes when the bundle's files do."""
+    from painwatch.predict import Predictor
+
+    del fingerprint  # part of the cache key only
+    return Predictor.load(bundle, method=method, sigma=sigma, alpha=alpha, n=n, seed=SEED)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One analysed batch of uploads, kept in the session so that reruns do not recompute it."""
+
+    key: str
+    frames: list[support.Frame]
+    results: list[Any]
+    problems: list[support.FileProblem]
+    provenance: support.Provenance
+    created: datetime
+
+
+# --------------------------------------------------------------------------- sidebar
+
+
+def sidebar_bundle() -> Path:
+    default_path, source = support.bundle_path_from_args(sys.argv[1:], os.environ)
+    st.sidebar.header("Model")
+    typed = st.sidebar.text_input(
+        "Model bundle folder",
+        value=str(default_path),
+        help="A folder with model.json and weights.safetensors. "
+        f"Default from {source}; `make app` builds the demo bundle in data/demo-bundle.",
+    )
+    return Path(typed.strip() or str(default_path)).expanduser()
+
+
+def sidebar_settings(certification: dict[str, Any]) -> dict[str, Any]:
+    """Certification settings within the bundle's bounds; applied together with one button."""
+    bounds = certification.get("bounds", {})
+    sigma_lo, sigma_hi = (float(v) for v in bounds.get("sigma", [certification["sigma"]] * 2))
+    alpha_lo, alpha_hi = (float(v) for v in bounds.get("alpha", [certification["alpha"]] * 2))
+    n_lo, n_hi = (int(v) for v in bounds.get("n", [certification["n"]] * 2))
+
+    st.sidebar.header("Certification")
+    with st.sidebar.form("settings"):
+        from painwatch.models import CERTIFICATION_METHODS
+
+        methods = list(CERTIFICATION_METHODS)
+        method = st.selectbox(
+            "Method", methods, index=methods.index(certification["method"]),
+            help="soft_smoothing: expected-score smoothing (fast, any network). randomized_smoothing: "
+            "Cohen et al. vote counts. smoothed_margin: expected-margin bound (small noise). "
+            "lipschitz: worst case from one pass (only meaningful for Lipschitz-constrained networks).",
+        )
+        sigma = st.slider(
+            "Noise level σ (L2, pixels 0–1)", min_value=sigma_lo, max_value=sigma_hi,
+            value=min(max(float(certification["sigma"]), sigma_lo), sigma_hi), step=0.01,
+            help="Gaussian noise used to smooth the model. Larger σ can certify larger radii but blurs "
+            "the model's view of the face.",
+        )
+        alpha_choices = _log_choices(alpha_lo, alpha_hi, float(certification["alpha"]))
+        alpha = st.select_slider(
+            "Error probability α", options=alpha_choices, value=float(certification["alpha"]),
+            format_func=lambda a: f"{a:g}",
+            help="A sampled certificate is wrong with probability at most α.",
+        )
+        n_choices = _sample_choices(n_lo, n_hi, int(certification["n"]))
+        n = st.select_slider(
+            "Sample budget n (per frame)", options=n_choices, value=int(certification["n"]),
+            help="At most this many noisy copies of each frame are used to certify it (sampling stops "
+            "early once the answer is settled). More samples: larger, tighter radii, slower.",
+        )
+        fps = st.number_input(
+            "Clip sampling rate (frames per second)", min_value=0.1, max_value=30.0, value=1.0, step=0.5,
+            help=f"Clips are sampled at this rate; at most {support.MAX_FRAMES_PER_CLIP} frames per clip.",
+        )
+        st.form_submit_button("Apply settings")
+    with st.sidebar.expander("What the radius means", expanded=True):
+        st.markdown(support.RADIUS_NOTE)
+    return {"method": method, "sigma": float(sigma), "alpha": float(alpha), "n": int(n), "fps": float(fps)}
+
+
+def _log_choices(lo: float, hi: float, current: float) -> list[float]:
+    steps = [1e-6, 1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.02, 0.05, 0.1]
+    return sorted({v for v in steps if lo <= v <= hi} | {current, lo, hi})
+
+
+def _sample_choices(lo: int, hi: int, current: int) -> list[int]:
+    steps = [100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000]
+    return sorted({v for v in steps if lo <= v <= hi} | {current, lo, hi})
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def show_model_card(predictor: Any) -> None:
+    gate = predictor.gate
+    if gate is None:
+        st.warning(
+            "**Certification gate: not run.** This model has not been checked against the deployment "
+            "thresholds (`painwatch certify`). Use its answers for research only.", icon="⚠️"
+        )
+    elif gate.get("passed"):
+        st.success(f"**Certification gate: passed** ({gate.get('date', 'date not recorded')}).", icon="✅")
+    else:
+        st.error(
+            f"**Certification gate: FAILED** ({gate.get('date', 'date not recorded')}). The model did not "
+            "meet the deployment thresholds; do not rely on its answers.", icon="⛔"
+        )
+    with st.expander("Model card", expanded=False):
+        st.markdown(predictor.model_card())
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def analyse(predictor: Any, uploads: list[support.Upload], settings: dict[str, Any], key: str) -> Batch:
+    """Decode the uploads, then classify and certify every frame with a progress bar."""
+    progress = st.progress(0.0, text="Reading files…")
+    frames, problems = support.decode_uploads(uploads, settings["fps"])
+
+    def report(done: int, total: int) -> None:
+        progress.progress(done / max(total, 1), text=f"Classifying and certifying frame {done} of {total}…")
+
+    results = predictor.predict([f.image for f in frames], names=[f.name for f in frames], progress=report)
+    results = [replace(result, time_s=frame.time_s) for frame, result in zip(frames, results, strict=True)]
+    progress.empty()
+    return Batch(key, frames, results, problems, support.Provenance.from_predictor(predictor),
+                 datetime.now(timezone.utc))
+
+
+def show_problems(problems: list[support.FileProblem]) -> None:
+    errors = [p for p in problems if p.severity == "error"]
+    warnings = [p for p in problems if p.severity != "error"]
+    if errors:
+        lines = "\n".join(f"- **{p.file}**: {p.problem}" for p in errors)
+        st.error(f"{len(errors)} file(s) could not be used; the others were analysed:\n{lines}")
+    for problem in warnings:
+        st.warning(f"**{problem.file}**: {problem.problem}")
+
+
+def show_summary(batch: Batch) -> None:
+    summary = support.summarize(batch.results)
+    st.subheader("Summary")
+    st.markdown(f"**{summary.frames} frames analysed** from {len({f.source for f in batch.frames})} file(s).")
+    cols = st.columns(4)
+    share = summary.pain_share
+    cols[0].metric("Pain frames", "–" if share is None else f"{share:.0%}",
+                   help="Share of pain among frames with an answer (abstentions left out).")
+    cols[1].metric("Pain / no pain", f"{summary.pain} / {summary.no_pain}")
+    cols[2].metric("Abstained", summary.abstained,
+                   help="Frames where the model would not commit to an answer.")
+    cols[3].metric("Certified", f"{summary.certified} of {summary.frames}",
+                   help="Frames with a certified radius above 0.")
+    course = support.time_course(batch.frames, batch.results)
+    if not course.empty:
+        st.markdown("**Time course** (probability of pain over each clip)")
+        st.line_chart(course, x="time (s)", y="P(pain)", color="clip", x_label="time (s)",
+                      y_label="P(pain)", height=260)
+
+
+def show_table(batch: Batch) -> None:
+    st.subheader("Results")
+    table = support.results_table(batch.frames, batch.results)
+    if table["time (s)"].isna().all():  # still frames only: a column of blanks would only confuse
+        table = table.drop(columns="time (s)")
+    st.dataframe(
+        table,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "time (s)": st.column_config.NumberColumn(format="%.2f", help="Frame time within the clip"),
+            "confidence": st.column_config.ProgressColumn(
+                min_value=0.0, max_value=1.0, format="%.2f",
+                help="Calibrated probability of the predicted class"),
+            "certified radius (L2)": st.column_config.NumberColumn(
+                format="%.4f", help="L2 size of pixel noise (pixels 0–1) that cannot change the answer"),
+            "radius (grey levels)": st.column_config.NumberColumn(
+                format="%.2f", help="The radius spread evenly over all pixels, in grey levels of 255"),
+        },
+    )
+    csv_bytes = support.results_csv(batch.frames, batch.results, batch.provenance)
+    json_bytes = support.results_json(batch.frames, batch.results, batch.provenance, batch.problems,
+                                      created=batch.created)
+    stem = support.download_name("painwatch-results", batch.created)
+    left, right, _ = st.columns([1, 1, 4])
+    left.download_button("Download CSV", csv_bytes, file_name=f"{stem}.csv", mime="text/csv",
+                         on_click="ignore", icon=":material/download:")
+    right.download_button("Download JSON", json_bytes, file_name=f"{stem}.json", mime="application/json",
+                          on_click="ignore", icon=":material/download:")
+    cert = batch.provenance.certification
+    st.caption(
+        f"Bundle weights SHA-256 {batch.provenance.weights_sha256[:16]}…; method {cert.get('method')}, "
+        f"σ = {cert.get('sigma'):g}, α = {cert.get('alpha'):g}, budget n = {cert.get('n')} per frame, "
+        f"seed {batch.provenance.seed}. The downloads carry the full hash and settings."
+    )
+
+
+def show_frame(batch: Batch, predictor: Any) -> None:
+    st.subheader("Frame view")
+    names = [frame.name for frame in batch.frames]
+    chosen = st.selectbox("Frame", names, key="frame_choice")
+    index = names.index(chosen)
+    frame, result = batch.frames[index], batch.results[index]
+    seen, heat, numbers = st.columns([1, 1, 1.2])
+    model_view = predictor.preprocess(frame.image, frame.name)
+    side = f"{model_view.shape[-1]} x {model_view.shape[-2]}"
+    seen.image(support.tensor_to_image(model_view), width="stretch",
+               caption=f"What the model saw: the centre square of the frame at {side} pixels")
+    saliency = _saliency(batch.key, index, predictor, frame.image)
+    heat.image(support.overlay_saliency(frame.image, saliency), width="stretch",
+               caption="Where the model looked (Grad-CAM on the network; red = most influence)")
+    with numbers:
+        if support.is_abstention(result):
+            st.markdown("### Abstained")
+            st.caption("The model would not commit to an answer for this frame.")
+        else:
+            st.markdown(f"### {result.label}\nconfidence {result.confidence:.0%}")
+        for name, probability in result.probabilities.items():
+            st.progress(min(max(float(probability), 0.0), 1.0), text=f"{name}: {probability:.1%}")
+        st.markdown(support.describe_radius(float(result.radius), float(result.radius_grey_levels),
+                                            str(result.method), float(result.alpha)))
+        st.caption(f"Method {result.method}, σ = {result.sigma:g}, {result.n} noise draws, "
+                   f"{result.forward_passes} network evaluations. Answer from the {result.classifier}.")
+
+
+def _saliency(batch_key: str, index: int, predictor: Any, image: Any) -> Any:
+    cache = st.session_state.setdefault("saliency_cache", {})
+    key = (batch_key, index)
+    if key not in cache:
+        with st.spinner("Computing the heat map…"):
+            cache.clear()  # keep one map per session: they are cheap to recompute
+            cache[key] = predictor.saliency(image)
+    return cache[key]
+
+
+# --------------------------------------------------------------------------- page
+
+
+def main() -> None:
+    st.title("painwatch")
+    st.markdown(
+        "Pain check for **Japanese macaque** face frames. Upload frames or short clips; for each frame "
+        "you get the predicted class (**pain** / **no_pain**), the model's confidence, and a "
+        "**certified radius**: how much image noise the answer provably survives."
+    )
+    bundle = sidebar_bundle()
+    problem = support.bundle_problem(bundle)
+    if problem is not None:
+        st.error(problem, icon="📦")
+        return
+    from painwatch.models import BundleError, read_metadata
+
+    try:
+        certification = read_metadata(bundle)["certification"]
+    except BundleError as error:
+        st.error(f"The model bundle cannot be used: {error}", icon="📦")
+        return
+    settings = sidebar_settings(certification)
+    card_slot = st.container()
+
+    # The uploader is drawn on every run, before anything can fail, so that uploads survive a
+    # setting the model refuses.
+    files = st.file_uploader(
+        "Frames (jpg, png, bmp, tiff) or short clips (mp4, avi, mov)",
+        type=list(support.IMAGE_SUFFIXES + support.CLIP_SUFFIXES),
+        accept_multiple_files=True,
+        key="uploads",
+        help=f"Up to {support.MAX_IMAGE_BYTES // support.MEGABYTE} MB per frame and "
+        f"{support.MAX_CLIP_BYTES // support.MEGABYTE} MB per clip.",
+    )
+    from painwatch.predict import SettingsError
+
+    try:
+        predictor = load_predictor(str(bundle), support.bundle_fingerprint(bundle), settings["method"],
+                                   settings["sigma"], settings["alpha"], settings["n"])
+    except BundleError as error:
+        card_slot.error(f"The model bundle cannot be used: {error}", icon="📦")
+        return
+    except SettingsError as error:
+        card_slot.error(f"These certification settings cannot be used: {error}", icon="⚙️")
+        return
+    with card_slot:
+        show_model_card(predictor)
+
+    if not files:
+        st.info("Drop frames or clips above to analyse them.", icon="⬆️")
+        return
+    uploads = [support.Upload(f.name, f.getvalue()) for f in files]
+    key = support.uploads_digest(uploads, {**settings, "bundle": support.bundle_fingerprint(bundle)})
+    batch: Batch | None = st.session_state.get("batch")
+    if batch is None or batch.key != key:
+        batch = analyse(predictor, uploads, settings, key)
+        st.session_state["batch"] = batch
+    show_problems(batch.problems)
+    if not batch.frames:
+        st.warning("None of the uploaded files could be analysed.")
+        return
+    show_summary(batch)
+    show_table(batch)
+    show_frame(batch, predictor)
+
+
+main()

@@ -1,0 +1,81 @@
+"""Make docs/screenshot.png: the page with the demo bundle, after uploading a few demo frames.
+
+    .venv/bin/python scripts/screenshot.py [--bundle data/demo-bundle] [--data data/demo]
+                                           [--out docs/screenshot.png]
+
+Needs the demo bundle and demo data (`make demo` builds both) and Debian's chromium
+(`apt-get install -y chromium`). Starts the page on a free localhost port, uploads frames of both
+classes from the demo set, waits for the results and saves a screenshot; the server is always stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from painwatch import app_harness as harness
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pick_frames(data: Path, per_class: int) -> list[Path]:
+    """``per_class`` frames of each label from the demo set, from one individual, in manifest order."""
+    from painwatch.data import load_records
+
+    records = load_records(data)
+    individuals = sorted({r.individual for r in records})
+    chosen: list[Path] = []
+    for individual in reversed(individuals):  # the last individual: usually held out of demo training
+        mine = [r for r in records if r.individual == individual and r.video is None]
+        picks = [r for r in mine if r.label == 1][:per_class] + [r for r in mine if r.label == 0][:per_class]
+        if len(picks) == 2 * per_class:
+            chosen = [r.path for r in picks]
+            break
+    if not chosen:
+        raise SystemExit(f"{data}: no individual has {per_class} still frames of each class")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=REPO_ROOT / "data" / "demo-bundle")
+    parser.add_argument("--data", type=Path, default=REPO_ROOT / "data" / "demo")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "screenshot.png")
+    parser.add_argument("--per-class", type=int, default=3)
+    parser.add_argument("--width", type=int, default=1440)
+    parser.add_argument("--height", type=int, default=2100)
+    args = parser.parse_args(argv)
+
+    from painwatch import app_support as support
+
+    problem = support.bundle_problem(args.bundle)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
+    if harness.chromium_path() is None:
+        print("chromium is not installed: apt-get install -y chromium", file=sys.stderr)
+        return 1
+    frames = pick_frames(args.data, args.per_class)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="painwatch-shot-") as scratch:
+        log = Path(scratch) / "server.log"
+        with harness.serve_app(args.bundle, log) as app, \
+                harness.open_browser(viewport=(args.width, args.height)) as page:
+            harness.wait_for_page(page, app.url)
+            harness.upload_files(page, frames)
+            harness.wait_for_results(page)
+            page.get_by_text("Where the model looked").first.wait_for(state="visible", timeout=120_000)
+            page.wait_for_timeout(1500)  # let charts and the grid finish drawing
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            temporary = args.out.with_name(f".{args.out.name}.tmp.png")
+            page.screenshot(path=str(temporary), full_page=True)
+            os.replace(temporary, args.out)
+    print(f"wrote {args.out} ({len(frames)} frames uploaded from {args.data})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The veterinarian's page: page logic (painwatch.app_support) and the page itself through AppTest.
+
+A tiny real bundle (timm ``test_resnet`` at 32 px, small sample budget) is built once per module;
+frames are real PNG/JPEG/TIFF bytes and a real AVI clip, uploaded through Streamlit's test uploader.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from painwatch import app_support as support
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+APP = REPO_ROOT / "app.py"
+APP_TIMEOUT_S = 120
+TINY_N = 100  # the bundle bounds' lower end: the smallest budget a user may pick
+
+
+# --------------------------------------------------------------------------- real test files
+
+
+def _face_like(seed: int, size: int = 48) -> np.ndarray:
+    """A small RGB picture with some structure (not a photograph: content does not matter here)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    base = (np.sin(xx / (3 + seed)) + np.cos(yy / 4)) * 60 + 120
+    picture = np.stack([base, base * 0.8, base * 0.6], axis=-1) + rng.normal(0, 10, (size, size, 3))
+    return np.clip(picture, 0, 255).astype(np.uint8)
+
+
+def _encode(image: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    picture = Image.fromarray(image)
+    if mode is not None:
+        picture = picture.convert(mode)
+    picture.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _avi_clip(path: Path, frames: int = 10, fps: float = 5.0, size: int = 40) -> bytes:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (size, size))
+    assert writer.isOpened(), "OpenCV cannot write MJPG AVI here"
+    for index in range(frames):
+        writer.write(cv2.cvtColor(_face_like(index, size), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def good_uploads() -> list[support.Upload]:
+    return [
+        support.Upload("frame_a.png", _encode(_face_like(1), "PNG")),
+        support.Upload("frame_b.jpg", _encode(_face_like(2), "JPEG")),
+        support.Upload("frame_c.tiff", _encode(_face_like(3), "TIFF")),
+    ]
+
+
+@pytest.fixture(scope="module")
+def bad_uploads() -> list[support.Upload]:
+    jpeg = _encode(_face_like(4), "JPEG")
+    bomb = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(bomb, format="PNG")  # 64 megapixels, a few hundred kB
+    return [
+        support.Upload("notes.png", b"this is a text file, not an image"),
+        support.Upload("cut.jpg", jpeg[: len(jpeg) // 2]),
+        support.Upload("empty.png", b""),
+        support.Upload("bomb.png", bomb.getvalue()),
+        support.Upload("report.pdf", b"%PDF-1.4"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bundle: tiny timm backbone, 32 px input, smallest sample budget the bounds allow."""
+    from painwatch.models import create_model, default_certification, save_bundle
+
+    model = create_model("test_resnet", num_classes=2, input_size=32, seed=0)
+    certification = default_certification(sigma=0.25)
+    certification.update({"n0": 16, "n": TINY_N, "alpha": 0.01, "batch_size": 50})
+    folder = tmp_path_factory.mktemp("bundle") / "tiny-bundle"
+    save_bundle(folder, model, {"certification": certification})
+    return folder
+
+
+# --------------------------------------------------------------------------- page logic
+
+
+def test_bundle_path_precedence() -> None:
+    env = {support.BUNDLE_ENV: "/from/env"}
+    assert support.bundle_path_from_args(["--bundle", "/from/args"], env) == (Path("/from/args"), "--bundle")
+    assert support.bundle_path_from_args(["-q", "tests/x.py"], env) == (Path("/from/env"), support.BUNDLE_ENV)
+    assert support.bundle_path_from_args([], {}) == (support.DEFAULT_BUNDLE, "default")
+    # An abbreviation of --bundle belongs to someone else (e.g. a test runner): never taken as ours.
+    assert support.bundle_path_from_args(["--bund", "/x"], {})[1] == "default"
+
+
+def test_bundle_problem_says_how_to_build(tmp_path: Path, tiny_bundle: Path) -> None:
+    missing = support.bundle_problem(tmp_path / "nope")
+    assert missing is not None and "make app" in missing and "demo-bundle" in missing
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model.json").write_text("{}")
+    half = support.bundle_problem(tmp_path / "half")
+    assert half is not None and "weights.safetensors" in half
+    assert support.bundle_problem(tiny_bundle) is None
+
+
+def test_decode_keeps_good_files_and_names_every_bad_one(good_uploads, bad_uploads) -> None:
+    mixed = [good_uploads[0], *bad_uploads, *good_uploads[1:]]
+    frames, problems = support.decode_uploads(mixed, fps=1.0)
+    assert [f.name for f in frames] == ["frame_a.png", "frame_b.jpg", "frame_c.tiff"]
+    assert all(f.image.dtype == np.uint8 and f.image.shape == (48, 48, 3) for f in frames)
+    assert all(f.time_s is None for f in frames)
+    by_file = {p.file: p.problem for p in problems}
+    assert set(by_file) == {"notes.png", "cut.jpg", "empty.png", "bomb.png", "report.pdf"}
+    assert "empty" in by_file["empty.png"]
+    assert "not an image" in by_file["notes.png"]
+    assert "truncated" in by_file["cut.jpg"].lower()
+    assert "8000x8000" in by_file["bomb.png"] and "above the limit" in by_file["bomb.png"]
+    assert "unsupported file type '.pdf'" in by_file["report.pdf"]
+    assert all(p.severity == "error" for p in problems)
+
+
+def test_decode_size_limit_and_odd_colour_modes() -> None:
+    picture = _face_like(5)
+    uploads = [
+        support.Upload("cmyk.jpg", _encode(picture, "JPEG", mode="CMYK")),
+        support.Upload("grey16.png", _encode((picture[..., 0].astype(np.uint16) * 257), "PNG")),
+        support.Upload("palette.png", _encode(picture, "PNG", mode="P")),
+        support.Upload("big.png", _encode(picture, "PNG")),
+    ]
+    limit = len(uploads[3].data) - 1
+    frames, problems = support.decode_uploads(uploads, fps=1.0, max_image_bytes=limit)
+    assert [f.name for f in frames] == ["cmyk.jpg", "grey16.png", "palette.png"]
+    assert all(f.image.shape == (48, 48, 3) and f.image.dtype == np.uint8 for f in frames)
+    assert [(p.file, p.severity) for p in problems] == [("big.png", "error")]
+    assert "larger than" in problems[0].problem
+
+
+def test_decode_rejects_bad_arguments(good_uploads) -> None:
+    with pytest.raises(ValueError, match="fps"):
+        support.decode_uploads(good_uploads, fps=0)
+    with pytest.raises(ValueError, match="max_frames_per_clip"):
+        support.decode_uploads(good_uploads, fps=1.0, max_frames_per_clip=0)
+
+
+def test_decode_clip_sampled_and_cut_with_warning(tmp_path: Path) -> None:
+    clip = _avi_clip(tmp_path / "clip.avi", frames=10, fps=5.0)  # 2 s
+    frames, problems = support.decode_uploads([support.Upload("clip.avi", clip)], fps=1.0)
+    assert problems == []
+    assert [f.time_s for f in frames] == pytest.approx([0.0, 1.0])
+    assert [f.name for f in frames] == ["clip.avi @ 0.00 s", "clip.avi @ 1.00 s"]
+    assert all(f.source == "clip.avi" for f in frames)
+
+    frames, problems = support.decode_uploads(
+        [support.Upload("clip.avi", clip)], fps=5.0, max_frames_per_clip=4
+    )
+    assert len(frames) == 4
+    assert len(problems) == 1 and problems[0].severity == "warning"
+    assert "only the first 4 frames" in problems[0].problem
+
+    frames, problems = support.decode_uploads([support.Upload("broken.mp4", b"\x00" * 2048)], fps=1.0)
+    assert frames == [] and len(problems) == 1 and problems[0].file == "broken.mp4"
+
+
+def test_duplicate_names_stay_apart(good_uploads) -> None:
+    frames, _ = support.decode_uploads([good_uploads[0], good_uploads[0]], fps=1.0)
+    assert [f.name for f in frames] == ["frame_a.png", "frame_a.png (2)"]
+
+
+def test_overlay_saliency_shapes_and_checks() -> None:
+    image = _face_like(6)
+    saliency = np.zeros((6, 6))
+    saliency[2:4, 2:4] = 1.0
+    out = support.overlay_saliency(image, saliency)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, image)
+    with pytest.raises(ValueError, match="saliency"):
+        support.overlay_saliency(image, np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match="image"):
+        support.overlay_saliency(image[..., 0], saliency)
+
+
+# --------------------------------------------------------------------------- with the real Predictor
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_bundle: Path):
+    from painwatch.predict import Predictor
+
+    return Predictor.load(tiny_bundle, seed=0)
+
+
+def test_downloads_have_right_columns_and_values(predictor, good_uploads) -> None:
+    frames, _ = support.decode_uploads(good_uploads, fps=1.0)
+    results = predictor.predict([f.image for f in frames], names=[f.name for f in frames])
+    provenance = support.Provenance.from_predictor(predictor)
+    sha = predictor.metadata["weights_sha256"]
+
+    rows = list(csv.DictReader(io.StringIO(support.results_csv(frames, results, provenance).decode())))
+    assert list(rows[0]) == support.csv_columns(("no_pain", "pain"))
+    assert [r["frame"] for r in rows] == [f.name for f in frames]
+    for row, result in zip(rows, results, strict=True):
+        assert row["label"] == result.label
+        assert float(row["radius_l2"]) == result.radius
+        assert float(row["prob_pain"]) == result.probabilities["pain"]
+        assert row["bundle_weights_sha256"] == sha
+        assert int(row["n"]) == result.n and float(row["sigma"]) == result.sigma
+        assert int(row["n_budget"]) == predictor.settings.n == TINY_N
+
+    document = json.loads(support.results_json(frames, results, provenance, [support.FileProblem("x", "y")]))
+    assert document["bundle"]["weights_sha256"] == sha
+    assert document["certification"]["n"] == TINY_N and document["certification"]["seed"] == 0
+    assert [f["frame"] for f in document["frames"]] == [f.name for f in frames]
+    assert document["frames"][0]["radius"] == results[0].radius
+    assert document["problems"] == [{"file": "x", "problem": "y", "severity": "error"}]
+
+    summary = support.summarize(results)
+    assert summary.frames == 3 and summary.pain + summary.no_pain + summary.abstained == 3
+
+
+# --------------------------------------------------------------------------- the page (AppTest)
+
+
+def _app(monkeypatch: pytest.MonkeyPatch, bundle: Path):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv(support.BUNDLE_ENV, str(bundle))
+    at = AppTest.from_file(str(APP), default_timeout=APP_TIMEOUT_S)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_page_without_bundle_says_how_to_build_it(monkeypatch, tmp_path: Path) -> None:
+    at = _app(monkeypatch, tmp_path / "no-bundle-here")
+    messages = " ".join(e.value for e in at.error)
+    assert "No model bundle" in messages and "make app" in messages
+    assert len(at.file_uploader) == 0
+
+
+def test_page_table_equals_predictor_and_bad_files_are_named(
+    monkeypatch, tiny_bundle, predictor, good_uploads, bad_uploads
+) -> None:
+    at = _app(monkeypatch, tiny_bundle)
+    assert len(at.file_uploader) == 1
+    uploader = at.file_uploader[0]
+    for upload in [*good_uploads, *bad_uploads[:3]]:
+        uploader.upload(upload.name, upload.data, "application/octet-stream")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+
+    errors = " ".join(e.value for e in at.error)
+    for name in ("notes.png", "cut.jpg", "empty.png"):
+        assert name in errors
+    table = at.dataframe[0].value
+    # Still frames only: no time column.
+    assert list(table.columns) == [c for c in support.TABLE_COLUMNS if c != "time (s)"]
+    assert list(table["frame"]) == ["frame_a.png", "frame_b.jpg", "frame_c.tiff"]
+
+    frames, _ = support.decode_uploads(good_uploads, fps=1.0)
+    expected = predictor.predict([f.image for f in frames], names=[f.name for f in frames])
+    for (_, row), result in zip(table.iterrows(), expected, strict=True):
+        assert row["class"] == (result.label if result.class_index >= 0 else "abstain")
+        assert row["certified radius (L2)"] == result.radius
+        assert row["radius (grey levels)"] == result.radius_grey_levels
+        assert row["method"] == result.method
+        if result.class_index >= 0:
+            assert row["confidence"] == result.confidence
+    assert any("frames analysed" in m.value for m in at.markdown)
+    labels = [b.label for b in at.download_button]
+    assert labels == ["Download CSV", "Download JSON"]
+    assert len(at.image) >= 2  # the frame and its Grad-CAM overlay
+
+
+def test_page_clip_gives_time_course(monkeypatch, tiny_bundle, tmp_path: Path) -> None:
+    at = _app(monkeypatch, tiny_bundle)
+    at.file_uploader[0].upload("clip.avi", _avi_clip(tmp_path / "clip.avi"), "video/x-msvideo")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[0].value
+    assert list(table.columns) == list(support.TABLE_COLUMNS)
+    assert list(table["time (s)"]) == pytest.approx([0.0, 1.0])
+    assert set(table["file"]) == {"clip.avi"}
