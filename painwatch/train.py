@@ -19,7 +19,6 @@ Every random draw (shuffling, sampling, noise, augmentation seeds) derives from 
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import random
 import sys
@@ -51,8 +50,9 @@ class TrainConfig:
 
     ``margin`` (d) and ``num_draws`` (k) parametrise the expected-margin loss; ``margin_weight``
     scales it when added to cross-entropy. ``patience`` (epochs without improvement of ``monitor``
-    on the validation records) stops early; ``None`` trains all ``epochs``. ``head_epochs`` and
-    ``head_lr`` are used by :func:`fit_head` (linear head on cached features) only.
+    on the validation records) stops early; ``None`` trains all ``epochs``. ``head_epochs``
+    (L-BFGS rounds) and ``head_l2`` (L2 penalty on the weights of standardised features) are used
+    by :func:`fit_head` (linear head on cached features) only.
     """
 
     arch: str = "resnet50"
@@ -82,8 +82,8 @@ class TrainConfig:
     device: str = "auto"
     pretrained: bool = False
     weights_path: str | None = None
-    head_epochs: int = 200
-    head_lr: float = 1e-2
+    head_epochs: int = 50
+    head_l2: float = 1e-2
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,10 +105,9 @@ class TrainConfig:
                 raise bad(name, "must be an integer >= 1")
         if not is_int(self.input_size) or not 16 <= self.input_size <= 4096:
             raise bad("input_size", "must be an integer number of pixels in [16, 4096]")
-        for name in ("lr", "head_lr"):
-            if not is_real(getattr(self, name)) or getattr(self, name) <= 0:
-                raise bad(name, "must be a number > 0")
-        for name in ("weight_decay", "warmup_epochs", "noise_sigma", "margin_weight"):
+        if not is_real(self.lr) or self.lr <= 0:
+            raise bad("lr", "must be a number > 0")
+        for name in ("weight_decay", "warmup_epochs", "noise_sigma", "margin_weight", "head_l2"):
             if not is_real(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "must be a number >= 0")
         if not is_real(self.margin):
@@ -659,19 +658,23 @@ def fit_head(
     config: TrainConfig,
     *,
     num_classes: int | None = None,
-    initial_head: nn.Linear | None = None,
     progress: bool = False,
 ) -> FitResult:
-    """Train a linear head on cached (frozen-backbone) features with class-weighted cross-entropy.
+    """Train a linear head on cached (frozen-backbone) features: L2-regularised, class-weighted
+    multinomial logistic regression solved with full-batch L-BFGS (a convex problem, so the result
+    does not depend on an initialisation or on the seed).
 
-    ``features`` ``(N, F)`` and ``labels`` ``(N,)`` (NumPy or torch); ``val_*`` drive early stopping
-    (``config.patience`` epochs) on ``config.monitor``. Uses AdamW with ``config.head_lr``,
-    ``config.head_epochs``, ``config.weight_decay``, ``config.batch_size`` and a cosine schedule, on
-    the CPU (a linear head is cheap). Pixel-space noise cannot be applied to cached features, so
-    ``config.noise_sigma`` must be 0 and ``config.loss`` ``"ce"``.
+    ``features`` ``(N, F)`` and ``labels`` ``(N,)`` (NumPy or torch). Features are standardised inside
+    the solver and the scaling is folded back into the returned layer, so it applies to raw features.
+    The objective is ``mean_i w_{y_i} CE_i + head_l2 / 2 * ||W||^2`` (``w``: inverse class frequencies
+    unless ``config.class_balance == "none"``). Each "epoch" is one L-BFGS call of up to 20 iterations,
+    ``config.head_epochs`` at most; with validation features the epoch that is best on
+    ``config.monitor`` is kept and ``config.patience`` epochs without gain stop early. Pixel-space
+    noise cannot be applied to cached features, so ``config.noise_sigma`` must be 0 and
+    ``config.loss`` ``"ce"``.
 
-    Returns a :class:`FitResult` whose ``model`` is an ``nn.Linear(F, K)`` in eval mode holding the
-    best epoch's weights; copy it into ``PainNet.head`` with ``load_state_dict``.
+    Returns a :class:`FitResult` whose ``model`` is an ``nn.Linear(F, K)`` (float32, eval mode) giving
+    logits of raw features; copy it into ``PainNet.head`` with ``load_state_dict``.
     """
     import torch
     import torch.nn.functional as F
@@ -685,8 +688,8 @@ def fit_head(
             f"fine-tune the whole network with fit() for noise-robust training"
         )
     started = time.perf_counter()
-    x = torch.as_tensor(features, dtype=torch.float32)
-    y = torch.as_tensor(labels, dtype=torch.long)
+    x = torch.as_tensor(features).detach().to("cpu", torch.float64)
+    y = torch.as_tensor(labels).detach().to("cpu", torch.long)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"features must have shape (N, F) with N >= 1, got {tuple(x.shape)}")
     if y.shape != (x.shape[0],):
@@ -695,86 +698,103 @@ def fit_head(
         )
     if not torch.isfinite(x).all():
         raise ValueError("features contain NaN or infinite values")
-    k = int(num_classes or (initial_head.out_features if initial_head is not None else int(y.max()) + 1))
-    k = max(k, 2)
+    k = max(2, int(num_classes) if num_classes is not None else int(y.max()) + 1)
     if y.min() < 0 or y.max() >= k:
         raise ValueError(f"labels must lie in [0, {k}), found {int(y.min())}..{int(y.max())}")
     has_val = val_features is not None and len(val_features) > 0
     if has_val:
-        vx = torch.as_tensor(val_features, dtype=torch.float32)
-        vy = torch.as_tensor(val_labels, dtype=torch.long)
+        vx = torch.as_tensor(val_features).detach().to("cpu", torch.float64)
+        vy = torch.as_tensor(val_labels).detach().to("cpu", torch.long)
         if vx.ndim != 2 or vx.shape[1] != x.shape[1] or vy.shape != (vx.shape[0],):
             raise ValueError(
                 f"val_features {tuple(vx.shape)} / val_labels {tuple(vy.shape)} do not match features "
                 f"(N, {x.shape[1]})"
             )
 
-    generator = torch.Generator().manual_seed(config.seed)
-    head = nn.Linear(x.shape[1], k)
-    if initial_head is not None:
-        head.load_state_dict(initial_head.state_dict())
-    else:
-        with torch.no_grad():
-            bound = 1.0 / math.sqrt(x.shape[1])
-            head.weight.uniform_(-bound, bound, generator=generator)
-            head.bias.zero_()
-    weights = class_weights(y.tolist(), k) if config.class_balance != "none" else None
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.head_lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(x.shape[0] / config.batch_size)
-    total_steps = config.head_epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
+    mean = x.mean(dim=0)
+    scale = x.std(dim=0, unbiased=False).clamp_min(1e-6)
+    z = (x - mean) / scale
+    weight = torch.zeros(k, x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    sample_weights = None
+    if config.class_balance != "none":
+        sample_weights = class_weights(y.tolist(), k).double()[y]
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=20,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
     )
+
+    def penalised_loss() -> torch.Tensor:
+        per_sample = F.cross_entropy(
+            z @ weight.T + bias, y, reduction="none", label_smoothing=config.label_smoothing
+        )
+        if sample_weights is None:
+            data_term = per_sample.mean()
+        else:
+            data_term = (per_sample * sample_weights).sum() / sample_weights.sum()
+        return data_term + 0.5 * config.head_l2 * weight.pow(2).sum()
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = penalised_loss()
+        loss.backward()
+        return loss
+
+    def folded() -> tuple[torch.Tensor, torch.Tensor]:
+        # logits = W (x - mean) / scale + b = (W / scale) x + (b - (W / scale) mean)
+        raw_weight = weight.detach() / scale
+        return raw_weight, bias.detach() - raw_weight @ mean
+
     history: list[dict[str, Any]] = []
     best_score: float | None = None
-    best_epoch, best_state, best_val_logits = 0, None, None
-    epochs_without_gain, stopped_early = 0, False
+    best_epoch, best_params, best_val_logits = 0, None, None
+    epochs_without_gain, stopped_early, previous_loss = 0, False, math.inf
     for epoch in _progress(range(1, config.head_epochs + 1), progress, desc="head", unit="epoch"):
         epoch_started = time.perf_counter()
-        head.train()
-        order = torch.randperm(x.shape[0], generator=generator)
-        loss_sum, correct = 0.0, 0
-        for start in range(0, x.shape[0], config.batch_size):
-            index = order[start : start + config.batch_size]
-            logits = head(x[index])
-            loss = F.cross_entropy(logits, y[index], weight=weights, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += float(loss.item()) * index.numel()
-            correct += int((logits.argmax(1) == y[index]).sum())
+        optimizer.step(objective)
+        with torch.no_grad():
+            loss = float(penalised_loss())
+        raw_weight, raw_bias = folded()
+        with torch.no_grad():
+            train_logits = x @ raw_weight.T + raw_bias
         record: dict[str, Any] = {
             "epoch": epoch,
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "train_loss": loss_sum / x.shape[0],
-            "train_accuracy": correct / x.shape[0],
+            "lr": None,
+            "train_loss": loss,
+            "train_accuracy": float((train_logits.argmax(1) == y).double().mean()),
             "val_loss": None,
             "val_accuracy": None,
             "val_balanced_accuracy": None,
         }
         if has_val:
-            head.eval()
-            with torch.no_grad():
-                val_logits = head(vx)
+            val_logits = (vx @ raw_weight.T + raw_bias).float()
             record.update(_evaluate(val_logits, vy))
             score = record[config.monitor]
             if _is_better(score, best_score, config.monitor):
                 best_score, best_epoch, epochs_without_gain = score, epoch, 0
-                best_state = copy.deepcopy(head.state_dict())
-                best_val_logits = val_logits
+                best_params, best_val_logits = (raw_weight, raw_bias), val_logits
             else:
                 epochs_without_gain += 1
         record["seconds"] = time.perf_counter() - epoch_started
         history.append(record)
-        # A linear head needs more epochs of patience than a fine-tuned network: scale it.
-        if has_val and config.patience is not None and epochs_without_gain >= 10 * config.patience:
+        converged = abs(previous_loss - loss) <= 1e-10 * max(1.0, abs(loss))
+        previous_loss = loss
+        if has_val and config.patience is not None and epochs_without_gain >= config.patience:
             stopped_early = True
             break
-    if best_state is not None:
-        head.load_state_dict(best_state)
-    else:
-        best_epoch = len(history)
+        if converged:
+            break
+    if best_params is None:
+        best_params, best_epoch = folded(), len(history)
+    head = nn.Linear(x.shape[1], k)
+    with torch.no_grad():
+        head.weight.copy_(best_params[0].float())
+        head.bias.copy_(best_params[1].float())
     head.eval()
     return FitResult(
         model=head,
