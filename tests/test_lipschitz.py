@@ -34,8 +34,9 @@ CONV_CASES = [
     (dict(kernel_size=(3, 5), padding=(0, 2)), 1.25),
     (dict(kernel_size=3, padding=2, dilation=2), 1.3),
     (dict(kernel_size=3, padding=1, groups=2), 1.25),
-    (dict(kernel_size=3, padding=1, stride=2), 1.6),
-    (dict(kernel_size=4, padding=1, stride=2), 1.6),
+    (dict(kernel_size=3, padding=1, stride=2), 1.25),
+    (dict(kernel_size=4, padding=1, stride=2), 1.25),
+    (dict(kernel_size=3, padding=1, stride=(2, 3), dilation=(1, 2)), 1.3),
     (dict(kernel_size=1, stride=2), 1.0 + 1e-5),
     (dict(kernel_size=3, padding=1, padding_mode="reflect"), 2.5),
     (dict(kernel_size=3, padding=1, padding_mode="replicate"), 2.5),
@@ -62,6 +63,53 @@ def test_fft_bound_is_exact_for_circular_convolution(shape):
     conv = nn.Conv2d(4, 5, 5, padding=2, padding_mode="circular", bias=False)
     bound = lipschitz_upper_bound(conv, shape)
     assert bound == pytest.approx(exact_operator_norm(conv, shape), rel=2e-6)
+
+
+def test_fft_bound_is_exact_for_strided_circular_convolution():
+    # stride 2 on a grid divisible by 2: the polyphase symbol gives the exact norm
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 5, 3, padding=1, stride=2, padding_mode="circular", bias=False)
+    bound = lipschitz_upper_bound(conv, (3, 6, 8))
+    assert bound == pytest.approx(exact_operator_norm(conv, (3, 6, 8)), rel=2e-6)
+
+
+def test_conv_bound_is_sound_on_random_configurations():
+    generator = torch.Generator().manual_seed(7)
+
+    def draw(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+    for _ in range(24):
+        groups = draw(1, 2)
+        kernel, dilation, stride = (
+            (draw(1, 4), draw(1, 4)),
+            (draw(1, 2), draw(1, 2)),
+            (draw(1, 3), draw(1, 3)),
+        )
+        mode = ["zeros", "zeros", "circular", "reflect", "replicate"][draw(0, 4)]
+        size = (draw(4, 7), draw(4, 7))
+        padding = tuple(draw(0, min(2, size[dim] - 1)) for dim in range(2))
+        conv = nn.Conv2d(
+            2 * groups,
+            2 * groups + 1 - (groups == 2),
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups,
+            padding_mode=mode,
+        )
+        shape = (2 * groups, *size)
+        try:
+            conv(torch.zeros(1, *shape))
+        except RuntimeError:
+            continue  # kernel larger than the padded input
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator))
+        description = f"{conv} on {shape}"
+        assert lipschitz_upper_bound(conv, shape) >= exact_operator_norm(conv, shape) * (1 - 1e-9), (
+            description
+        )
 
 
 def test_conv1d_and_conv3d_bounds_are_sound():
@@ -259,8 +307,8 @@ def test_linear_network_bound_dominates_its_exact_norm():
     bound = lipschitz_upper_bound(network, (2, 6, 6))
     exact = exact_operator_norm(network, (2, 6, 6))
     assert bound >= exact
-    estimate = lipschitz_lower_estimate(network, (2, 6, 6), num_points=1, iterations=300)
-    assert estimate == pytest.approx(exact, rel=1e-3)  # the lower estimate finds the norm of a linear map
+    estimate = lipschitz_lower_estimate(network, (2, 6, 6), num_points=1, iterations=60)
+    assert exact * 0.97 <= estimate <= exact * (1 + 1e-5)  # the lower estimate finds the norm of a linear map
 
 
 def test_unsupported_layer_error_names_its_path_and_type():

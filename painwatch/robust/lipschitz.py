@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -226,23 +227,30 @@ def conv_operator_norm_bound(
     dilation: Sequence[int] | None = None,
     groups: int = 1,
     padding_mode: str = "zeros",
+    stride: Sequence[int] | None = None,
 ) -> float:
-    """Upper bound of the L2 operator norm of a convolution (stride 1; a stride only subsamples).
+    """Upper bound of the L2 operator norm of an ``nn.ConvNd`` convolution, computed in float64.
 
     ``weight`` has the ``nn.ConvNd`` layout ``(c_out, c_in / groups, *kernel)``; ``input_size`` is the
     spatial size of the input; ``padding`` gives ``(left, right)`` per spatial dimension.
 
     Method (Sedghi, Gupta, Long 2019): a circular convolution on an ``N_1 x ... x N_d`` grid is
-    block-diagonalised by the DFT, so its norm is the largest spectral norm of the ``c_out x c_in``
-    matrices of kernel DFTs over the grid frequencies (exact, computed here in float64). A zero-padded
-    convolution of an ``n``-pixel signal equals the *valid* correlation of the padded signal of length
-    ``n + left + right``, which never wraps on a grid of that length: it is a restriction (a subset of
-    rows, after an isometric embedding) of the circular convolution on that grid, so its norm is at
-    most the circular one. Circular padding with ``left + right <= k_eff - 1`` is exactly a
-    restriction of the circular convolution on the input grid (tight bound). Other padding modes copy
-    pixels: the padding map is a row selection whose norm is the square root of the largest number of
-    copies of one pixel (computed exactly), times the valid-correlation bound. Groups give a
-    block-diagonal matrix: the maximum over groups. Dilation is applied to the tap positions.
+    block-diagonalised by the DFT, so its norm is exactly the largest spectral norm of the
+    ``c_out x c_in`` matrices of kernel DFTs over the grid frequencies. A zero-padded convolution of an
+    ``n``-pixel signal is the *valid* correlation of the padded signal of length ``M = n + left + right``,
+    which never wraps on any grid ``N >= M``: it is a restriction (a subset of output rows, after an
+    isometric embedding of the input) of the circular convolution on that grid, so its norm is at most
+    the circular one. Circular padding whose outputs do not repeat a position is exactly such a
+    restriction on the input grid itself (tight bound). Other padding modes copy pixels: the padding
+    map is a row selection whose norm is the square root of the largest number of copies of one pixel
+    (computed exactly), times the bound of the valid correlation.
+
+    Stride ``s`` (per dimension): on a grid ``N`` divisible by ``s``, the strided circular correlation
+    equals a stride-1 circular correlation on the ``N / s`` grid of the ``s`` polyphase components of
+    the input (an orthogonal rearrangement) with the polyphase components of the kernel, so the bound
+    is the largest norm of the ``c_out x (c_in * s_1 * ... * s_d)`` symbol matrices (exact for circular
+    convolutions, not the looser bound of the stride-1 convolution). Groups give a block-diagonal matrix
+    (the maximum over groups); dilation spaces the taps.
 
     Returns the bound multiplied by ``1 + FLOAT_SAFETY``.
     """
@@ -250,12 +258,16 @@ def conv_operator_norm_bound(
     spatial = weight.dim() - 2
     if spatial < 1:
         raise ValueError(f"convolution weight must have at least 3 dims, got shape {tuple(weight.shape)}")
-    dilation = tuple(dilation) if dilation is not None else (1,) * spatial
-    if len(input_size) != spatial or len(padding) != spatial or len(dilation) != spatial:
+    dilation = tuple(int(d) for d in dilation) if dilation is not None else (1,) * spatial
+    stride = tuple(int(s) for s in stride) if stride is not None else (1,) * spatial
+    if any(len(values) != spatial for values in (input_size, padding, dilation, stride)):
         raise ValueError(
-            f"weight of shape {tuple(weight.shape)} needs {spatial} spatial sizes, paddings and dilations,"
-            f" got input_size={tuple(input_size)}, padding={tuple(padding)}, dilation={tuple(dilation)}"
+            f"weight of shape {tuple(weight.shape)} needs {spatial} spatial sizes, paddings, dilations and"
+            f" strides, got input_size={tuple(input_size)}, padding={tuple(padding)},"
+            f" dilation={tuple(dilation)}, stride={tuple(stride)}"
         )
+    if any(value < 1 for value in (*dilation, *stride)):
+        raise ValueError(f"dilation and stride must be >= 1, got dilation={dilation}, stride={stride}")
     c_out, c_in_per_group = weight.shape[:2]
     if groups < 1 or c_out % groups != 0:
         raise ValueError(f"groups={groups} must divide c_out={c_out}")
@@ -264,45 +276,68 @@ def conv_operator_norm_bound(
     grids: list[int] = []
     copies = 1
     for dim in range(spatial):
-        n, (left, right), k, d = int(input_size[dim]), padding[dim], kernel[dim], int(dilation[dim])
+        n, (left, right), k, d, s = (
+            int(input_size[dim]),
+            padding[dim],
+            kernel[dim],
+            dilation[dim],
+            stride[dim],
+        )
         k_eff = d * (k - 1) + 1
-        if k_eff == 1:
-            grids.append(1)  # a one-tap kernel has a constant symbol along this dimension
-        elif padding_mode == "zeros":
-            grids.append(n + left + right)
-        elif padding_mode == "circular" and left + right <= k_eff - 1:
-            grids.append(n)
+        padded = n + left + right
+        if padded < k_eff:
+            raise ValueError(
+                f"padded input size {padded} is smaller than the (dilated) kernel {k_eff} in dim {dim}"
+            )
+        outputs = (padded - k_eff) // s + 1
+        if padding_mode == "zeros":
+            grid = padded
+        elif padding_mode == "circular" and n % s == 0 and outputs <= n // s:
+            grid = n  # a cyclic shift of the input, then distinct rows of the circular correlation on n
         else:
             copies *= _padding_multiplicity(n, left, right, padding_mode)
-            grids.append(n + left + right)
+            grid = padded
+        if k_eff == 1:
+            grid = 1  # a one-tap symbol is the same at every frequency of every grid
+        grids.append(s * -(-grid // s))  # round up to a multiple of the stride (still >= the length)
 
-    # DFT matrices per dimension: exp(-2 pi i f t d / N); the last dimension only needs half of the
-    # frequencies since a real kernel's symbol at -f is the conjugate of that at f (same singular values).
+    # Per dimension, D[f, r, t] = exp(-2 pi i f q_t / (N / s)) when tap t lands on phase r, where
+    # d * t = s * q_t + r. The last dimension only needs half of the frequencies: a real kernel's
+    # symbol at -f is the complex conjugate of that at f (same singular values).
     dfts = []
     for dim in range(spatial):
-        grid = grids[dim]
-        frequencies = torch.arange(grid // 2 + 1 if dim == spatial - 1 else grid, dtype=torch.float64)
-        taps = torch.arange(kernel[dim], dtype=torch.float64) * dilation[dim]
-        dfts.append(torch.exp(torch.outer(frequencies, taps) * (-2j * math.pi / grid)))
+        s = stride[dim]
+        coarse = grids[dim] // s
+        frequencies = torch.arange(coarse // 2 + 1 if dim == spatial - 1 else coarse, dtype=torch.float64)
+        offsets = torch.arange(kernel[dim]) * dilation[dim]
+        quotients, phases = (offsets // s).to(torch.float64), offsets % s
+        waves = torch.exp(torch.outer(frequencies, quotients) * (-2j * math.pi / coarse))  # (F, k)
+        selector = (phases.unsqueeze(0) == torch.arange(s).unsqueeze(1)).to(torch.complex128)  # (s, k)
+        dfts.append(waves.unsqueeze(1) * selector.unsqueeze(0))  # (F, s, k)
 
     blocks = weight.reshape(groups, c_out // groups, c_in_per_group, *kernel).to(torch.complex128)
     # Transform the trailing dimensions once, then sweep the first one in chunks to bound memory.
     tail = blocks
     for dim in range(spatial - 1, 0, -1):
-        tail = torch.tensordot(tail, dfts[dim], dims=([3 + dim], [1]))
+        tail = torch.tensordot(tail, dfts[dim].reshape(-1, kernel[dim]), dims=([3 + dim], [1]))
         tail = tail.movedim(-1, 3 + dim)
-    matrices_per_row = groups * (c_out // groups) * c_in_per_group
+    per_frequency = groups * (c_out // groups) * c_in_per_group * stride[0]
     for dim in range(1, spatial):
-        matrices_per_row *= tail.shape[3 + dim]
-    chunk = max(1, (1 << 22) // max(1, matrices_per_row))
+        per_frequency *= tail.shape[3 + dim]
+    chunk = max(1, (1 << 22) // per_frequency)
+    freq_axes = [3 + 2 * dim for dim in range(spatial)]
+    phase_axes = [4 + 2 * dim for dim in range(spatial)]
+    columns = c_in_per_group * math.prod(stride)
     best = 0.0
-    first = dfts[0]
-    for start in range(0, first.shape[0], chunk):
-        symbol = torch.tensordot(tail, first[start : start + chunk], dims=([3], [1]))  # (g, o, i, *rest, f0)
-        symbol = symbol.movedim(-1, 3)  # (g, o, i, f0, *rest)
-        symbol = symbol.permute(*range(3, symbol.dim()), 0, 1, 2)  # (f0, *rest, g, o, i)
-        norms = torch.linalg.matrix_norm(symbol, ord=2)
-        best = max(best, float(norms.max()))
+    for start in range(0, dfts[0].shape[0], chunk):
+        first = dfts[0][start : start + chunk]
+        symbol = torch.tensordot(tail, first.reshape(-1, kernel[0]), dims=([3], [1])).movedim(-1, 3)
+        split = [groups, c_out // groups, c_in_per_group]
+        for dim in range(spatial):
+            split += [first.shape[0] if dim == 0 else dfts[dim].shape[0], stride[dim]]
+        symbol = symbol.reshape(split).permute(*freq_axes, 0, 1, 2, *phase_axes)
+        symbol = symbol.reshape(*symbol.shape[: spatial + 2], columns)  # (*freqs, g, o, i * phases)
+        best = max(best, float(torch.linalg.matrix_norm(symbol, ord=2).max()))
     return best * math.sqrt(copies) * (1.0 + FLOAT_SAFETY)
 
 
@@ -323,6 +358,7 @@ def _conv_bound(module: nn.modules.conv._ConvNd, shape, out_shape, path) -> floa
         dilation=module.dilation,
         groups=module.groups,
         padding_mode=module.padding_mode,
+        stride=module.stride,
     )
 
 
@@ -557,6 +593,16 @@ _HANDLERS: list[tuple[tuple[type, ...], Callable]] = [
 # ---------------------------------------------------------------------------------------------------
 
 
+def _jacobian_vector_product(
+    module: nn.Module, points: torch.Tensor, direction: torch.Tensor
+) -> torch.Tensor:
+    """J(points) @ direction by forward-mode automatic differentiation."""
+    with fwAD.dual_level():
+        outputs = module(fwAD.make_dual(points, direction))
+        tangent = fwAD.unpack_dual(outputs).tangent
+    return tangent if tangent is not None else torch.zeros_like(outputs)
+
+
 def lipschitz_lower_estimate(
     module: nn.Module,
     input_shape: Sequence[int],
@@ -598,12 +644,18 @@ def lipschitz_lower_estimate(
     try:
         for parameter in trainable:
             parameter.requires_grad_(False)
-        _, pullback = torch.func.vjp(module, points)
-        for _ in range(iterations):
-            _, image = torch.func.jvp(module, (points,), (direction,))
-            (direction,) = pullback(image)
-            direction = normalized(direction)
-        _, image = torch.func.jvp(module, (points,), (direction,))
+        with torch.enable_grad():
+            tracked = points.clone().requires_grad_(True)
+            outputs = module(tracked)  # one graph, reused for every vector-Jacobian product
+            for _ in range(iterations):
+                image = _jacobian_vector_product(module, points, direction)
+                (direction,) = torch.autograd.grad(
+                    outputs, tracked, image, retain_graph=True, allow_unused=True
+                )
+                if direction is None:  # the output does not depend on the input
+                    return 0.0
+                direction = normalized(direction)
+            image = _jacobian_vector_product(module, points, direction)
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
