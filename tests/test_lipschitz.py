@@ -225,18 +225,21 @@ def test_batchnorm_in_training_mode_is_refused_and_left_untouched():
 
 
 class Standardize(nn.Module):
-    def __init__(self, mean, std, broken: bool = False) -> None:
+    def __init__(self, mean, std, broken: bool = False, buffer_shape=(-1, 1, 1)) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(-1, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean).view(buffer_shape))
+        self.register_buffer("std", torch.tensor(std).view(buffer_shape))
         self.broken = broken
 
     def forward(self, x):
         return (x - self.mean) * self.std if self.broken else (x - self.mean) / self.std
 
 
-def test_normalisation_layer_with_std_is_one_over_the_smallest_std():
-    layer = Standardize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+@pytest.mark.parametrize("buffer_shape", [(-1, 1, 1), (1, -1, 1, 1), (-1,)])
+def test_normalisation_layer_with_std_is_one_over_the_smallest_std(buffer_shape):
+    layer = Standardize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225], buffer_shape=buffer_shape)
+    if buffer_shape == (-1,):  # per-channel vectors: the layer must broadcast them itself
+        layer.forward = lambda x: (x - layer.mean.view(-1, 1, 1)) / layer.std.view(-1, 1, 1)
     assert lipschitz_upper_bound(layer, (3, 5, 5)) == pytest.approx(1 / 0.224, rel=1e-5)
     with pytest.raises(UnsupportedLayerError, match="does not compute"):
         lipschitz_upper_bound(Standardize([0.5] * 3, [0.2] * 3, broken=True), (3, 5, 5))
@@ -309,6 +312,27 @@ def test_linear_network_bound_dominates_its_exact_norm():
     assert bound >= exact
     estimate = lipschitz_lower_estimate(network, (2, 6, 6), num_points=1, iterations=60)
     assert exact * 0.97 <= estimate <= exact * (1 + 1e-5)  # the lower estimate finds the norm of a linear map
+
+
+class PlainSequential(nn.Sequential):
+    """A subclass that keeps nn.Sequential's forward: composed like nn.Sequential."""
+
+
+class ReversedSequential(nn.Sequential):
+    def forward(self, x):
+        for layer in reversed(self):
+            x = layer(x)
+        return x
+
+
+def test_sequential_subclasses_are_composed_only_with_the_inherited_forward():
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)]
+    assert lipschitz_upper_bound(PlainSequential(*layers), (4,)) == pytest.approx(
+        lipschitz_upper_bound(nn.Sequential(*layers), (4,))
+    )
+    with pytest.raises(UnsupportedLayerError, match="ReversedSequential"):
+        lipschitz_upper_bound(ReversedSequential(*layers), (4,))
 
 
 def test_unsupported_layer_error_names_its_path_and_type():

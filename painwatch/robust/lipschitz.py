@@ -170,7 +170,7 @@ def _bound(module: nn.Module, shape: tuple[int, ...], path: str) -> tuple[float,
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"layer '{path}' ({type(module).__name__}) declared an invalid bound {value!r}")
         return value, _output_shape(module, shape, path)
-    if type(module) is nn.Sequential:
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
         total = 1.0
         for name, child in module.named_children():
             value, shape = _bound(child, shape, _child_path(path, name))
@@ -254,7 +254,7 @@ def conv_operator_norm_bound(
 
     Returns the bound multiplied by ``1 + FLOAT_SAFETY``.
     """
-    weight = weight.detach().to(torch.float64)
+    weight = weight.detach().to(device="cpu", dtype=torch.float64)
     spatial = weight.dim() - 2
     if spatial < 1:
         raise ValueError(f"convolution weight must have at least 3 dims, got shape {tuple(weight.shape)}")
