@@ -155,8 +155,8 @@ class LoioSettings:
 
     Training fields mirror :class:`painwatch.train.TrainConfig` (same meaning and units);
     ``patience=None`` trains every epoch. With ``cache_features`` the backbone is frozen and only the
-    head is trained (``head_epochs``, ``head_lr``); ``loss`` must then be ``"ce"`` and ``noise_sigma``
-    0 (pixel noise cannot be applied to cached features).
+    head is trained (``head_epochs`` L-BFGS rounds, L2 penalty ``head_l2``); ``loss`` must then be
+    ``"ce"`` and ``noise_sigma`` 0 (pixel noise cannot be applied to cached features).
     """
 
     data: str
@@ -173,8 +173,8 @@ class LoioSettings:
     class_balance: str = "weights"
     loss: str = "ce"
     noise_sigma: float = 0.0
-    head_epochs: int = 200
-    head_lr: float = 1e-2
+    head_epochs: int = 50
+    head_l2: float = 1e-2
     seed: int = 0
     cache_features: bool = False
     inner_val_individuals: int | None = None
@@ -221,7 +221,7 @@ class LoioSettings:
             loss=self.loss,
             noise_sigma=self.noise_sigma,
             head_epochs=self.head_epochs,
-            head_lr=self.head_lr,
+            head_l2=self.head_l2,
             seed=int(seed),
             num_workers=self.num_workers,
             device=device or self.device,
@@ -593,14 +593,23 @@ def _log(message: str) -> None:
 
 
 def _is_synthetic(source: str | os.PathLike[str]) -> bool:
-    """Whether the data come from painwatch's synthetic demo generator (it leaves a marker)."""
+    """Whether the data are painwatch's synthetic demo set: its README carries the generator's marker or
+    its manifest has a ``synthetic`` column set to true."""
     root = Path(source)
-    folder = root if root.is_dir() else root.parent
-    return any((folder / name).is_file() for name in SYNTHETIC_MARKERS)
+    manifest = root if root.is_file() else root / "manifest.csv"
+    readme = manifest.parent / "README.md"
+    try:
+        from painwatch.data.synthetic import README_MARKER
 
-
-#: Files the demo-data generator writes beside its manifest (any one marks the set as synthetic).
-SYNTHETIC_MARKERS = ("SYNTHETIC", "SYNTHETIC.txt", "synthetic.json")
+        if readme.is_file() and README_MARKER in readme.read_text(encoding="utf-8", errors="replace"):
+            return True
+    except ImportError:  # an installation without the demo generator
+        pass
+    if manifest.is_file():
+        with open(manifest, newline="", encoding="utf-8", errors="replace") as handle:
+            for row in csv.DictReader(handle):
+                return str(row.get("synthetic", "")).strip().lower() in {"true", "1", "yes"}
+    return False
 
 
 def run_loio(
@@ -927,8 +936,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="freeze the backbone: extract features once, train only the head in every fold",
     )
-    parser.add_argument("--head-epochs", type=int, default=defaults.head_epochs, help="with --cache-features")
-    parser.add_argument("--head-lr", type=float, default=defaults.head_lr, help="with --cache-features")
+    parser.add_argument(
+        "--head-epochs",
+        type=int,
+        default=defaults.head_epochs,
+        help="with --cache-features: L-BFGS rounds of the head (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--head-l2",
+        type=float,
+        default=defaults.head_l2,
+        help="with --cache-features: L2 penalty of the head on standardised features (default: %(default)s)",
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         "--inner-val-individuals",
@@ -979,7 +998,7 @@ def settings_from_args(args: argparse.Namespace) -> LoioSettings:
         loss=args.loss,
         noise_sigma=args.noise_sigma,
         head_epochs=args.head_epochs,
-        head_lr=args.head_lr,
+        head_l2=args.head_l2,
         seed=args.seed,
         cache_features=bool(args.cache_features),
         inner_val_individuals=args.inner_val_individuals,

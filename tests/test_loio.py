@@ -102,7 +102,7 @@ def _head_settings(data: Path, out: Path, **overrides) -> LoioSettings:
         **TINY,
         "epochs": 1,
         "cache_features": True,
-        "head_epochs": 15,
+        "head_epochs": 5,
         "inner_val_individuals": 1,
         "bootstrap_reps": 50,
         "progress": False,
@@ -141,8 +141,8 @@ def test_resume_refuses_different_settings_and_names_them(tiny_data: Path, tmp_p
     out = tmp_path / "run"
     run_loio(_head_settings(tiny_data, out, max_folds=1), log=lambda _: None)
     with pytest.raises(LoioError, match=r"seed: the run has 0, now 5") as error:
-        run_loio(_head_settings(tiny_data, out, seed=5, head_lr=0.5), resume=True, log=lambda _: None)
-    assert "head_lr" in str(error.value)
+        run_loio(_head_settings(tiny_data, out, seed=5, head_l2=0.5), resume=True, log=lambda _: None)
+    assert "head_l2" in str(error.value)
     with pytest.raises(LoioError, match="pass --resume"):
         run_loio(_head_settings(tiny_data, out), log=lambda _: None)
     # Settings that cannot change a fold may differ.
