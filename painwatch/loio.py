@@ -865,7 +865,16 @@ def write_outputs(
         if settings.cache_features
         else "fine-tuning",
         "input size (px)": settings.input_size,
-        "epochs": settings.head_epochs if settings.cache_features else settings.epochs,
+        **(
+            {"head L-BFGS rounds (max)": settings.head_epochs, "head L2": settings.head_l2}
+            if settings.cache_features
+            else {
+                "epochs (max)": settings.epochs,
+                "patience": settings.patience,
+                "loss": settings.loss,
+                "noise sigma": settings.noise_sigma,
+            }
+        ),
         "inner validation": (
             f"{settings.inner_val_individuals} individuals"
             if settings.inner_val_individuals is not None

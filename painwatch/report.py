@@ -38,7 +38,7 @@ PUBLISHED_REFERENCE: dict[str, Any] = {
     "precision_pain": 0.61,
     "recall_pain": 0.69,
     "individuals": 21,
-    "description": "published study: fine-tuned ResNet50, leave-one-individual-out, 21 Japanese macaques",
+    "description": "fine-tuned ResNet50, leave-one-individual-out, 21 Japanese macaques",
 }
 
 
@@ -445,8 +445,8 @@ def plot_per_individual(
     axis.set_xticks(positions, names, rotation=60, ha="right", fontsize=8)
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("fraction")
-    axis.set_title("Per individual (each evaluated by the fold that left it out)", pad=28)
-    axis.legend(fontsize=8, ncols=len(metrics) + 1, loc="lower center", bbox_to_anchor=(0.5, 1.08))
+    axis.set_title("Per individual (each evaluated by the fold that left it out)")
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return save_figure(figure, path)
 
 
@@ -558,10 +558,10 @@ def write_loio_report(
     report.table(loio_summary_rows(evaluation), columns=["metric", "ours", "95% CI", "published"])
     report.paragraph(
         f"95% intervals: {intervals['method']}, {intervals['reps']} replicates, seed {intervals['seed']}. "
-        f"Published reference: {PUBLISHED_REFERENCE['description']} "
-        f"(accuracy {format_percent(PUBLISHED_REFERENCE['accuracy'], 0)}, pain precision "
+        f"Published reference ({PUBLISHED_REFERENCE['description']}): "
+        f"accuracy {format_percent(PUBLISHED_REFERENCE['accuracy'], 0)}, pain precision "
         f"{format_percent(PUBLISHED_REFERENCE['precision_pain'], 0)}, pain recall "
-        f"{format_percent(PUBLISHED_REFERENCE['recall_pain'], 0)})."
+        f"{format_percent(PUBLISHED_REFERENCE['recall_pain'], 0)}."
     )
     report.image(paths["confusion_png"].name, "Pooled confusion matrix: counts and row percentages.")
     if "roc_png" in paths:
