@@ -77,34 +77,35 @@ def sidebar_settings(certification: dict[str, Any]) -> dict[str, Any]:
 
         methods = list(CERTIFICATION_METHODS)
         method = st.selectbox(
-            "Method", methods, index=methods.index(certification["method"]),
+            "Method", methods, index=methods.index(certification["method"]), key="method",
             help="soft_smoothing: expected-score smoothing (fast, any network). randomized_smoothing: "
             "Cohen et al. vote counts. smoothed_margin: expected-margin bound (small noise). "
             "lipschitz: worst case from one pass (only meaningful for Lipschitz-constrained networks).",
         )
         sigma = st.slider(
             "Noise level σ (L2, pixels 0–1)", min_value=sigma_lo, max_value=sigma_hi,
-            value=min(max(float(certification["sigma"]), sigma_lo), sigma_hi), step=0.01,
+            value=min(max(float(certification["sigma"]), sigma_lo), sigma_hi), step=0.01, key="sigma",
             help="Gaussian noise used to smooth the model. Larger σ can certify larger radii but blurs "
             "the model's view of the face.",
         )
         alpha_choices = _log_choices(alpha_lo, alpha_hi, float(certification["alpha"]))
         alpha = st.select_slider(
             "Error probability α", options=alpha_choices, value=float(certification["alpha"]),
-            format_func=lambda a: f"{a:g}",
+            format_func=lambda a: f"{a:g}", key="alpha",
             help="A sampled certificate is wrong with probability at most α.",
         )
         n_choices = _sample_choices(n_lo, n_hi, int(certification["n"]))
         n = st.select_slider(
-            "Sample budget n (per frame)", options=n_choices, value=int(certification["n"]),
+            "Sample budget n (per frame)", options=n_choices, value=int(certification["n"]), key="n",
             help="At most this many noisy copies of each frame are used to certify it (sampling stops "
             "early once the answer is settled). More samples: larger, tighter radii, slower.",
         )
         fps = st.number_input(
             "Clip sampling rate (frames per second)", min_value=0.1, max_value=30.0, value=1.0, step=0.5,
+            key="fps",
             help=f"Clips are sampled at this rate; at most {support.MAX_FRAMES_PER_CLIP} frames per clip.",
         )
-        st.form_submit_button("Apply settings")
+        st.form_submit_button("Apply settings", key="apply")
     with st.sidebar.expander("What the radius means", expanded=True):
         st.markdown(support.RADIUS_NOTE)
     return {"method": method, "sigma": float(sigma), "alpha": float(alpha), "n": int(n), "fps": float(fps)}
@@ -192,10 +193,11 @@ def show_summary(batch: Batch) -> None:
 def show_table(batch: Batch) -> None:
     st.subheader("Results")
     table = support.results_table(batch.frames, batch.results)
-    if table["time (s)"].isna().all():  # still frames only: a column of blanks would only confuse
-        table = table.drop(columns="time (s)")
+    if table["time (s)"].isna().all():
+        # Still frames only: no times, and the file is the frame; blank or repeated columns only confuse.
+        table = table.drop(columns=["time (s)", "file"])
     st.dataframe(
-        table,
+        table.style.map(_class_style, subset=["class"]).map(_status_style, subset=["status"]),
         hide_index=True,
         width="stretch",
         column_config={
@@ -224,6 +226,25 @@ def show_table(batch: Batch) -> None:
         f"σ = {cert.get('sigma'):g}, α = {cert.get('alpha'):g}, budget n = {cert.get('n')} per frame, "
         f"seed {batch.provenance.seed}. The downloads carry the full hash and settings."
     )
+
+
+CLASS_STYLES = {
+    "pain": "background-color: #fde2e1; color: #8a1c1c; font-weight: 600",
+    "no_pain": "background-color: #e3f4e8; color: #1d5e32",
+    support.ABSTAIN_LABEL: "background-color: #eeeeee; color: #555555; font-style: italic",
+}
+
+
+def _class_style(value: str) -> str:
+    return CLASS_STYLES.get(value, "")
+
+
+def _status_style(value: str) -> str:
+    if value == "certified":
+        return "color: #1d5e32"
+    if value == "abstained":
+        return "color: #555555; font-style: italic"
+    return "color: #9a5b00"
 
 
 def show_frame(batch: Batch, predictor: Any) -> None:

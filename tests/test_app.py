@@ -198,9 +198,16 @@ def predictor(tiny_bundle: Path):
     return Predictor.load(tiny_bundle, seed=0)
 
 
-def test_downloads_have_right_columns_and_values(predictor, good_uploads) -> None:
-    frames, _ = support.decode_uploads(good_uploads, fps=1.0)
-    results = predictor.predict([f.image for f in frames], names=[f.name for f in frames])
+@pytest.fixture(scope="module")
+def expected(predictor, good_uploads):
+    """The good uploads decoded, and the Predictor's answers for them (seed 0), computed once."""
+    frames, problems = support.decode_uploads(good_uploads, fps=1.0)
+    assert problems == []
+    return frames, predictor.predict([f.image for f in frames], names=[f.name for f in frames])
+
+
+def test_downloads_have_right_columns_and_values(predictor, expected) -> None:
+    frames, results = expected
     provenance = support.Provenance.from_predictor(predictor)
     sha = predictor.metadata["weights_sha256"]
 
@@ -247,7 +254,7 @@ def test_page_without_bundle_says_how_to_build_it(monkeypatch, tmp_path: Path) -
 
 
 def test_page_table_equals_predictor_and_bad_files_are_named(
-    monkeypatch, tiny_bundle, predictor, good_uploads, bad_uploads
+    monkeypatch, tiny_bundle, expected, good_uploads, bad_uploads
 ) -> None:
     at = _app(monkeypatch, tiny_bundle)
     assert len(at.file_uploader) == 1
@@ -261,13 +268,11 @@ def test_page_table_equals_predictor_and_bad_files_are_named(
     for name in ("notes.png", "cut.jpg", "empty.png"):
         assert name in errors
     table = at.dataframe[0].value
-    # Still frames only: no time column.
-    assert list(table.columns) == [c for c in support.TABLE_COLUMNS if c != "time (s)"]
+    # Still frames only: no time column, and no file column repeating the frame names.
+    assert list(table.columns) == [c for c in support.TABLE_COLUMNS if c not in ("time (s)", "file")]
     assert list(table["frame"]) == ["frame_a.png", "frame_b.jpg", "frame_c.tiff"]
 
-    frames, _ = support.decode_uploads(good_uploads, fps=1.0)
-    expected = predictor.predict([f.image for f in frames], names=[f.name for f in frames])
-    for (_, row), result in zip(table.iterrows(), expected, strict=True):
+    for (_, row), result in zip(table.iterrows(), expected[1], strict=True):
         assert row["class"] == (result.label if result.class_index >= 0 else "abstain")
         assert row["certified radius (L2)"] == result.radius
         assert row["radius (grey levels)"] == result.radius_grey_levels
@@ -289,3 +294,44 @@ def test_page_clip_gives_time_course(monkeypatch, tiny_bundle, tmp_path: Path) -
     assert list(table.columns) == list(support.TABLE_COLUMNS)
     assert list(table["time (s)"]) == pytest.approx([0.0, 1.0])
     assert set(table["file"]) == {"clip.avi"}
+
+
+def test_page_settings_apply_and_refused_method_keeps_uploads(monkeypatch, tiny_bundle, good_uploads) -> None:
+    at = _app(monkeypatch, tiny_bundle)
+    at.file_uploader[0].upload(good_uploads[0].name, good_uploads[0].data, "image/png")
+    at.slider(key="sigma").set_value(0.3)  # inside the bundle's bounds
+    at.button(key="apply").click()  # the settings form's submit button
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["batch"].provenance.certification["sigma"] == pytest.approx(0.3)
+    assert at.session_state["batch"].results[0].sigma == pytest.approx(0.3)
+
+    # A method this network cannot be certified with: a clear message, no traceback, uploads kept.
+    at.selectbox(key="method").set_value("lipschitz")
+    at.button(key="apply").click()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    message = " ".join(e.value for e in at.error)
+    assert "cannot be used" in message and "lipschitz" in message
+    assert len(at.file_uploader) == 1 and len(at.file_uploader[0].value) == 1
+
+
+def test_page_refuses_too_large_file(monkeypatch, tiny_bundle, good_uploads) -> None:
+    at = _app(monkeypatch, tiny_bundle)
+    at.file_uploader[0].upload("huge.png", b"\0" * (support.MAX_IMAGE_BYTES + 1), "image/png")
+    at.file_uploader[0].upload(good_uploads[0].name, good_uploads[0].data, "image/png")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    message = " ".join(e.value for e in at.error)
+    assert "huge.png" in message and "larger than the 30.0 MB allowed for one frame" in message
+    assert list(at.dataframe[0].value["frame"]) == [good_uploads[0].name]
+
+
+def test_server_config_listens_locally_and_limits_uploads() -> None:
+    import tomllib
+
+    config = tomllib.loads((REPO_ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "127.0.0.1"
+    # The server refuses anything bigger than the page's largest per-file limit.
+    assert config["server"]["maxUploadSize"] * support.MEGABYTE == max(support.MAX_CLIP_BYTES,
+                                                                       support.MAX_IMAGE_BYTES)
