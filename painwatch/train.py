@@ -843,6 +843,27 @@ def split_by_individual(
     return [records[i] for i in train_index], [records[i] for i in val_index]
 
 
+def is_synthetic_source(source: str | Path) -> bool:
+    """Whether a data source holds synthetic frames: its manifest (the CSV itself, or the folder's
+    ``manifest.csv``) has a ``synthetic`` column that is true for any row (the demo set writes one)."""
+    import csv
+
+    path = Path(source)
+    manifest = path / "manifest.csv" if path.is_dir() else path
+    if not manifest.is_file() or manifest.suffix.lower() != ".csv":
+        return False
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if "synthetic" not in (reader.fieldnames or []):
+                return False
+            return any(
+                str(row.get("synthetic") or "").strip().lower() in {"true", "1", "yes"} for row in reader
+            )
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``painwatch train`` to the CLI."""
     parser = subparsers.add_parser(
@@ -965,8 +986,10 @@ def _run_train(args: argparse.Namespace) -> int:
     train_records, val_records = split_by_individual(records, args.val_fraction, config.seed)
     individuals = sorted({r.individual for r in records})
     counts = np.bincount([r.label for r in records], minlength=2).tolist()
+    synthetic = is_synthetic_source(args.data)
+    kind = "SYNTHETIC " if synthetic else ""
     print(
-        f"training on {len(records)} frames from {len(individuals)} individuals "
+        f"training on {len(records)} {kind}frames from {len(individuals)} individuals "
         f"({len(train_records)} fit / {len(val_records)} validation frames; class counts {counts})",
         file=sys.stderr,
     )
@@ -998,6 +1021,7 @@ def _run_train(args: argparse.Namespace) -> int:
             "fit_individuals": sorted({r.individual for r in train_records}),
             "validation_individuals": sorted({r.individual for r in val_records}),
             "data_source": str(args.data),
+            "synthetic_data": synthetic,
             "data_hash": dataset_hash(records),
             "num_frames": len(records),
             "class_counts": counts,
