@@ -298,6 +298,7 @@ def sequential_certify(
     min_radius: float = 0.0,
     scores: str = "soft",
     generator: torch.Generator | None = None,
+    logits_callback: Callable[[Tensor], None] | None = None,
 ) -> SequentialCertificate:
     """Certify ``x`` with a smoothing certificate that stops sampling once the answer is decided.
 
@@ -318,6 +319,8 @@ def sequential_certify(
             the best plausible radius is below it, or the radius is within it of that best.
         scores: ``"soft"`` (soft smoothing) or ``"hard"`` (Cohen-style votes).
         generator: the source of every noise draw; the same seed gives the same certificate.
+        logits_callback: called with every batch of noisy logits (float64 ``(b, K)``, selection draws
+            included), e.g. to estimate calibrated smoothed probabilities without extra passes.
 
     Returns:
         a :class:`SequentialCertificate`. Guarantee: with probability at least ``1 - alpha`` over the
@@ -347,7 +350,11 @@ def sequential_certify(
         generator = torch.Generator(device="cpu")
         generator.seed()
 
+    if logits_callback is not None and not callable(logits_callback):
+        raise TypeError(f"logits_callback must be callable or None, got {type(logits_callback).__name__}")
     selection = noisy_logits(model, x, sigma, n0, batch_size, generator)
+    if logits_callback is not None:
+        logits_callback(selection)
     predicted = _selection_class(selection, scores)
 
     lower_bound = BettingLowerBound(alpha, probit_min=0.0)
@@ -360,7 +367,10 @@ def sequential_certify(
     radius = 0.0
     while used < max_n:
         draws = min(batch, max_n - used)
-        values = _class_scores(noisy_logits(model, x, sigma, draws, batch_size, generator), predicted, scores)
+        logits = noisy_logits(model, x, sigma, draws, batch_size, generator)
+        if logits_callback is not None:
+            logits_callback(logits)
+        values = _class_scores(logits, predicted, scores)
         lower = lower_bound.update(values)
         upper = 1.0 - upper_tracker.update(1.0 - values)
         used += draws

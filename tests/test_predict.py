@@ -1,0 +1,204 @@
+"""The Predictor (painwatch.predict): certificates, settings bounds, saliency, model card."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from painwatch.models import create_model, save_bundle, update_bundle_metadata
+from painwatch.predict import ABSTAIN_LABEL, FrameResult, Predictor, SettingsError, frame_seed
+from painwatch.robust import SmoothedClassifier, soft_smoothing_certify
+from painwatch.robust.attacks import MonteCarloSurrogate, attack_certificates, monte_carlo_smoothed_classifier
+from painwatch.robust.sequential import sequential_certify
+
+SIZE = 32
+
+
+def _frames(level: float, count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [np.clip(rng.normal(level, 40, (36, 44, 3)), 0, 255).astype(np.uint8) for _ in range(count)]
+
+
+def _centre(images: list[np.ndarray]) -> torch.Tensor:
+    crops = [torch.from_numpy(i[2:34, 6:38].transpose(2, 0, 1).copy()) for i in images]
+    return torch.stack(crops).float() / 255
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ResNet whose head separates dark (no_pain) from bright (pain) frames.
+
+    The head is the class-mean difference of the backbone's features (no training loop needed), so
+    predictions depend on the input and grey frames sit near the boundary.
+    """
+    model = create_model("test_resnet", num_classes=2, input_size=SIZE, seed=0).eval()
+    with torch.no_grad():
+        dark = model.features(_centre(_frames(70, 16, 0)))
+        bright = model.features(_centre(_frames(180, 16, 1)))
+        direction = bright.mean(0) - dark.mean(0)
+        middle = (bright.mean(0) + dark.mean(0)) / 2
+        scale = 3.0 / float(direction @ (bright.mean(0) - middle))
+        model.head.weight.copy_(torch.stack([-direction, direction]) * scale)
+        model.head.bias.copy_(torch.stack([middle @ direction, -(middle @ direction)]) * scale)
+    folder = tmp_path_factory.mktemp("bundle") / "tiny"
+    save_bundle(folder, model, {"training": {"individuals": ["m01", "m02"], "noise_sigma": 0.25,
+                                             "num_frames": 32, "loss": "ce", "epochs": 0}})
+    return folder
+
+
+def test_sequential_results_equal_the_robust_certificate(bundle: Path) -> None:
+    predictor = Predictor.load(bundle, n=200, seed=3)
+    images = _frames(70, 1, 5) + _frames(180, 1, 6) + _frames(125, 1, 7)
+    results = predictor.predict(images, names=["a.png", "b.png", "c.png"])
+    s = predictor.settings
+    assert s.method == "soft_smoothing" and s.sequential
+    for image, result in zip(images, results, strict=True):
+        x = predictor.preprocess(image)
+        expected = sequential_certify(
+            predictor.model, x, s.sigma, alpha=s.alpha, n0=s.n0, max_n=200, batch_size=s.batch_size,
+            rel_tol=s.rel_tol, min_radius=s.min_radius,
+            generator=torch.Generator().manual_seed(frame_seed(3, x)),
+        )
+        certificate = expected.certificate
+        assert result.class_index == certificate.prediction
+        assert result.radius == certificate.radius and result.bound == certificate.bound
+        assert result.n == certificate.n and result.forward_passes == expected.forward_passes
+        assert result.method == "soft_smoothing_sequential" and result.stop_reason == expected.stop_reason
+        assert result.forward_passes <= s.n0 + 200
+    assert [r.label for r in results[:2]] == ["no_pain", "pain"]
+    assert all(r.radius > 0.2 for r in results[:2])
+
+
+@pytest.mark.parametrize("method", ["soft_smoothing", "randomized_smoothing"])
+def test_fixed_n_results_equal_the_robust_certificate(bundle: Path, method: str) -> None:
+    predictor = Predictor.load(bundle, method=method, n=100, sequential=False, seed=11)
+    image = _frames(180, 1, 8)[0]
+    (result,) = predictor.predict([image])
+    x = predictor.preprocess(image)
+    generator = torch.Generator().manual_seed(frame_seed(11, x))
+    s = predictor.settings
+    if method == "soft_smoothing":
+        expected = soft_smoothing_certify(predictor.model, x, s.sigma, n0=s.n0, n=100, alpha=s.alpha,
+                                          batch_size=s.batch_size, generator=generator)
+    else:
+        expected = SmoothedClassifier(predictor.model, 2, s.sigma).certify(
+            x, n0=s.n0, n=100, alpha=s.alpha, batch_size=s.batch_size, generator=generator)
+    assert (result.class_index, result.radius, result.bound) == (expected.prediction, expected.radius,
+                                                                 expected.bound)
+    assert result.method == method and result.stop_reason is None
+    assert result.forward_passes == s.n0 + 100 + 1  # + the clean pass for the probabilities
+
+
+def test_result_fields_units_and_determinism(bundle: Path) -> None:
+    predictor = Predictor.load(bundle, n=100, seed=0)
+    images = _frames(180, 2, 9)
+    calls: list[tuple[int, int]] = []
+    first = predictor.predict(images, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 2), (2, 2)]
+    again = predictor.predict(images[::-1])[::-1]  # same frame, same certificate, whatever the order
+    assert [r.radius for r in again] == [r.radius for r in first]
+    numel = 3 * SIZE * SIZE
+    for result in first:
+        assert isinstance(result, FrameResult)
+        assert result.radius_rms == pytest.approx(result.radius / math.sqrt(numel))
+        assert result.radius_grey_levels == pytest.approx(255 * result.radius / math.sqrt(numel))
+        assert sum(result.probabilities.values()) == pytest.approx(1.0)
+        assert result.confidence == pytest.approx(result.probabilities[result.label])
+        assert result.sigma == 0.25 and result.alpha == 0.001
+        assert "smoothed classifier" in result.classifier
+        assert result.to_dict()["name"] == result.name
+    assert first[0].name == "frame-0"
+
+
+def test_abstention_is_an_answer(bundle: Path) -> None:
+    model = create_model("test_resnet", num_classes=2, input_size=SIZE, seed=0)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()  # every class equally likely: nothing can be certified
+    folder = bundle.parent / "undecided"
+    save_bundle(folder, model, {"training": {"individuals": ["m01"]}})
+    (result,) = Predictor.load(folder, n=100).predict(_frames(125, 1, 1))
+    assert result.label == ABSTAIN_LABEL and result.class_index == -1 and result.radius == 0.0
+    assert result.confidence == pytest.approx(0.5)
+
+
+def test_overrides_are_checked_against_the_bundle_bounds(bundle: Path) -> None:
+    with pytest.raises(SettingsError, match=r"sigma=5 is outside .*\[0\.01, 1\].*bounds\.sigma"):
+        Predictor.load(bundle, sigma=5.0)
+    with pytest.raises(SettingsError, match=r"alpha=0\.2 is outside"):
+        Predictor.load(bundle, alpha=0.2)
+    with pytest.raises(SettingsError, match=r"n=10 is outside .*\[100, 100000\]"):
+        Predictor.load(bundle, n=10)
+    with pytest.raises(SettingsError, match="n must be a whole number"):
+        Predictor.load(bundle, n=500.5)
+    with pytest.raises(SettingsError, match="method='magic' is not a certification method"):
+        Predictor.load(bundle, method="magic")
+    with pytest.raises(SettingsError, match="needs a sound Lipschitz bound"):
+        Predictor.load(bundle, method="lipschitz")
+    with pytest.raises(SettingsError, match="sequential certification applies to"):
+        Predictor.load(bundle, method="smoothed_margin", sequential=True)
+    inside = Predictor.load(bundle, sigma=0.5, alpha=0.01, n=400)
+    assert (inside.settings.sigma, inside.settings.alpha, inside.settings.n) == (0.5, 0.01, 400)
+
+
+def test_bad_images_are_named(bundle: Path) -> None:
+    predictor = Predictor.load(bundle, n=100)
+    with pytest.raises(ValueError, match=r"broken\.png"):
+        predictor.predict([np.zeros((10, 10), dtype=np.uint8)], names=["broken.png"])
+    with pytest.raises(ValueError, match="2 images but 1 names"):
+        predictor.predict(_frames(100, 2, 0), names=["one"])
+
+
+def test_saliency_is_a_map_on_the_frame(bundle: Path) -> None:
+    predictor = Predictor.load(bundle, n=100)
+    image = _frames(180, 1, 3)[0]
+    heat = predictor.saliency(image)
+    assert heat.shape == image.shape[:2] and heat.dtype == np.float32
+    assert heat.min() >= 0.0 and heat.max() <= 1.0 and heat.max() == pytest.approx(1.0)
+    assert not heat[:, :4].any() and not heat[:, -4:].any()  # outside the centre square the model saw
+    with pytest.raises(ValueError, match="class_index"):
+        predictor.saliency(image, class_index=5)
+
+
+def test_model_card_and_gate(bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    predictor = Predictor.load(copy)
+    assert predictor.gate is None
+    card = predictor.model_card()
+    assert "never replaces" in card and "2 individuals" in card and "Not run" in card
+    update_bundle_metadata(copy, {"gate": {"passed": False, "date": "2026-01-01", "thresholds": {},
+                                           "results": [{"name": "min_pain_recall", "value": 0.5,
+                                                        "threshold": 0.6, "passed": False}],
+                                           "report": "r.html"}})
+    reloaded = Predictor.load(copy)
+    assert reloaded.gate["passed"] is False
+    assert "FAILED" in reloaded.model_card() and "min_pain_recall" in reloaded.model_card()
+    assert reloaded.model_card_dict()["training_data"]["num_individuals"] == 2
+
+
+def test_pgd_does_not_break_certified_smoothed_predictions(bundle: Path) -> None:
+    # Statistical check of the whole path: attack the smoothed classifier (through a Monte Carlo
+    # surrogate) at 0.99 r and re-estimate its prediction with many fresh draws.
+    predictor = Predictor.load(bundle, n=200, seed=0)
+    images = _frames(70, 2, 20) + _frames(180, 2, 21)
+    x = torch.stack([predictor.preprocess(image) for image in images])
+    certificates = [predictor.certify_tensor(image)[0] for image in x]
+    assert sum(not c.abstained for c in certificates) >= 4
+    sigma = predictor.settings.sigma
+    generator = torch.Generator().manual_seed(123)
+    surrogate = MonteCarloSurrogate(predictor.model, sigma, x.shape[1:], num_draws=16, kind="softmax",
+                                    generator=generator)
+    classify = monte_carlo_smoothed_classifier(predictor.model, sigma, "softmax", num=500, batch_size=250,
+                                               generator=generator)
+    report = attack_certificates(surrogate, classify, x, certificates, fraction=0.99, steps=8,
+                                 generator=generator)
+    assert report.num_attacked >= 4
+    assert report.num_flipped == 0
+    assert report.max_budget_used <= 0.99 + 1e-6
