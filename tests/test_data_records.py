@@ -171,7 +171,13 @@ def test_manifest_with_boxes_and_relative_paths(tmp_path: Path) -> None:
     np.testing.assert_array_equal(crop, read_image(records[0].path)[5:30, 5:25])
     # A folder holding manifest.csv is read through it.
     (tmp_path / "manifest.csv").write_text(path.read_text())
-    assert validate_source(tmp_path).layout == "manifest"
+    through_folder = validate_source(tmp_path)
+    assert through_folder.layout == "manifest" and through_folder.ok
+    assert not any("not listed" in note for note in through_folder.notes)
+    # Images the manifest does not list are not used, and the report says so.
+    _write_image(tmp_path / "img" / "extra.png", 77)
+    notes = validate_source(tmp_path).notes
+    assert any("1 image file(s)" in note and "extra.png" in note for note in notes)
 
 
 def test_bad_manifest_reports_each_row(tmp_path: Path) -> None:

@@ -109,3 +109,37 @@ def test_classes_differ_by_cues_not_by_photography(demo: Path) -> None:
     no_pain, pain = np.array(means[0]), np.array(means[1])
     pooled = np.sqrt((no_pain.var(axis=0) + pain.var(axis=0)) / 2)
     assert np.all(np.abs(no_pain.mean(axis=0) - pain.mean(axis=0)) < 0.5 * pooled)
+
+
+@pytest.mark.slow
+def test_demo_set_is_learnable_from_the_face_but_not_from_colour(tmp_path: Path) -> None:
+    """Leave-one-individual-out on the demo set: a ridge classifier on HOG features of the face crop beats
+    chance clearly, one on global colour statistics does not (the cues carry the label)."""
+    cv2 = pytest.importorskip("cv2")
+    feature = pytest.importorskip("skimage.feature")
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.model_selection import LeaveOneGroupOut, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from painwatch.data import load_frame
+
+    records = load_records(make_demo_dataset(tmp_path / "demo", individuals=10, frames_per_class=20, seed=3))
+    shapes, colours, labels, groups = [], [], [], []
+    for record in records:
+        face = cv2.resize(load_frame(record, margin=0.05), (64, 64), interpolation=cv2.INTER_AREA)
+        grey = cv2.cvtColor(face, cv2.COLOR_RGB2GRAY)
+        shapes.append(feature.hog(grey, pixels_per_cell=(16, 16), cells_per_block=(2, 2)))
+        pixels = face.reshape(-1, 3).astype(float)
+        colours.append(np.concatenate([pixels.mean(axis=0), pixels.std(axis=0)]))
+        labels.append(record.label)
+        groups.append(record.individual)
+    labels = np.array(labels)
+
+    def loio_accuracy(features: list[np.ndarray], alpha: float) -> float:
+        model = make_pipeline(StandardScaler(), RidgeClassifier(alpha=alpha))
+        predicted = cross_val_predict(model, np.array(features), labels, groups=groups, cv=LeaveOneGroupOut())
+        return float((predicted == labels).mean())
+
+    assert loio_accuracy(shapes, 100.0) > 0.65
+    assert loio_accuracy(colours, 1.0) < 0.6

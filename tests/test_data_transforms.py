@@ -97,3 +97,20 @@ def test_frame_dataset_reads_crops_and_labels(tmp_path: Path) -> None:
     assert batches[0][0].shape == (2, 3, 48, 48) and batches[0][1].tolist() == [0, 1]
     with pytest.raises(TypeError, match="FrameRecord"):
         FrameDataset(["a.png"], eval_transform(48))  # type: ignore[list-item]
+
+
+@pytest.mark.slow
+def test_dataloader_workers_draw_different_but_reproducible_augmentations(tmp_path: Path) -> None:
+    path = tmp_path / "frame.png"
+    Image.fromarray(_photo()).save(path)
+    dataset = FrameDataset([FrameRecord(path, "m", 0)] * 4, train_transform(32, seed=0))
+
+    def run() -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=1, num_workers=2, generator=torch.Generator().manual_seed(7)
+        )
+        return torch.cat([batch for batch, _ in loader])
+
+    first, second = run(), run()
+    assert torch.equal(first, second)  # same loader seed, same augmentations
+    assert not torch.equal(first[0], first[1])  # items 0 and 1 go to different workers

@@ -447,7 +447,7 @@ def _parse_float(text: str) -> float:
     return value
 
 
-def _scan_manifest(manifest: Path, report: ValidationReport) -> list[_Candidate]:
+def _scan_manifest(manifest: Path, report: ValidationReport, listed: set[Path]) -> list[_Candidate]:
     candidates: list[_Candidate] = []
     base = manifest.parent
     name = str(manifest)
@@ -505,7 +505,7 @@ def _scan_manifest(manifest: Path, report: ValidationReport) -> list[_Candidate]
                         report.problems.append(Problem("bad_row", "row is empty", name, row))
                     continue
                 report.total_frames += 1
-                candidate = _parse_row(fields, index, len(columns), base, name, row, report)
+                candidate = _parse_row(fields, index, len(columns), base, name, row, report, listed)
                 if candidate is not None:
                     candidates.append(candidate)
     except UnicodeDecodeError as error:
@@ -523,6 +523,7 @@ def _parse_row(
     name: str,
     row: int,
     report: ValidationReport,
+    listed: set[Path],
 ) -> _Candidate | None:
     problems: list[Problem] = []
 
@@ -603,6 +604,8 @@ def _parse_row(
     else:
         add("bad_row", "path is empty (give path, or video and time_s)")
 
+    if path is not None:
+        listed.add(path.resolve())
     if problems:
         report.problems.extend(problems)
         return None
@@ -693,6 +696,26 @@ def _drop_duplicates(candidates: list[_Candidate], report: ValidationReport) -> 
     return kept
 
 
+def _note_unlisted_images(root: Path, listed: set[Path], report: ValidationReport) -> None:
+    """Say (as a note) when the data folder holds images its manifest does not list."""
+    unlisted = [
+        path
+        for path in sorted(root.rglob("*"))
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(_is_hidden(Path(part)) for part in path.relative_to(root).parts)
+        and path.is_file()
+        and path.resolve() not in listed
+    ]
+    if unlisted:
+        examples = ", ".join(str(p.relative_to(root)) for p in unlisted[:3]) + (
+            " ..." if len(unlisted) > 3 else ""
+        )
+        report.notes.append(
+            f"{len(unlisted)} image file(s) under {root} are not listed in {MANIFEST_NAME} and are not used: "
+            f"{examples}"
+        )
+
+
 def validate_source(
     source: str | os.PathLike,
     *,
@@ -735,7 +758,10 @@ def validate_source(
             )
             return report
         report.source = manifest
-        candidates = _scan_manifest(manifest, report)
+        listed: set[Path] = set()
+        candidates = _scan_manifest(manifest, report, listed)
+        if root.is_dir():
+            _note_unlisted_images(root, listed, report)
     else:
         candidates = _scan_folder(root, report)
     candidates = _check_pixels(candidates, report, check_images)
