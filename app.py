@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, replace
+import threading
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,17 @@ def load_predictor(bundle: str, fingerprint: str, method: str | None, sigma: flo
 
     del fingerprint  # part of the cache key only
     return Predictor.load(bundle, method=method, sigma=sigma, alpha=alpha, n=n, seed=SEED)
+
+
+@st.cache_resource
+def model_lock() -> threading.Lock:
+    """One lock for every model call of every browser session.
+
+    Streamlit serves sessions from parallel threads and they share the cached Predictor; Grad-CAM
+    attaches hooks to the shared network, so model calls must not interleave. The work is CPU-bound,
+    so running one call at a time costs little.
+    """
+    return threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -153,8 +165,10 @@ def analyse(predictor: Any, uploads: list[support.Upload], settings: dict[str, A
     def report(done: int, total: int) -> None:
         progress.progress(done / max(total, 1), text=f"Classifying and certifying frame {done} of {total}…")
 
-    results = predictor.predict([f.image for f in frames], names=[f.name for f in frames], progress=report)
-    results = [replace(result, time_s=frame.time_s) for frame, result in zip(frames, results, strict=True)]
+    progress.progress(0.0, text="Waiting for the model (another analysis may be running)…")
+    with model_lock():
+        frames, results, refused = support.classify_frames(predictor, frames, progress=report)
+    problems = problems + refused
     progress.empty()
     return Batch(key, frames, results, problems, support.Provenance.from_predictor(predictor),
                  datetime.now(timezone.utc))
@@ -281,7 +295,8 @@ def _saliency(batch_key: str, index: int, predictor: Any, image: Any) -> Any:
     if key not in cache:
         with st.spinner("Computing the heat map…"):
             cache.clear()  # keep one map per session: they are cheap to recompute
-            cache[key] = predictor.saliency(image)
+            with model_lock():
+                cache[key] = predictor.saliency(image)
     return cache[key]
 
 

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +43,9 @@ MAX_CLIP_BYTES = 100 * MEGABYTE
 """Largest clip file the page decodes, in bytes (equal to server.maxUploadSize in .streamlit/config.toml)."""
 MAX_IMAGE_PIXELS = 50_000_000
 """Largest frame the page decodes, in pixels (width x height); guards against decompression bombs."""
+MAX_ASPECT_RATIO = 20.0
+"""Frames whose longer side is more than this many times the shorter one are refused: they cannot
+hold a face, and scaling their short side to the model's input would need enormous memory."""
 MAX_FRAMES_PER_CLIP = 300
 """At most this many frames are taken from one clip; the page says so when a clip is cut."""
 
@@ -242,6 +245,12 @@ def decode_uploads(
             continue
 
         if not is_clip:
+            height, width = image.shape[:2]
+            if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+                problems.append(FileProblem(
+                    name, f"the frame is {width} x {height} pixels: too elongated to hold a face (the longer "
+                    f"side is more than {MAX_ASPECT_RATIO:g} times the shorter)"))
+                continue
             frames.append(Frame(_unique_name(name, taken), name, None, image))
             continue
         if not sampled:
@@ -263,6 +272,35 @@ def decode_uploads(
             frame_name = _unique_name(f"{name} @ {time_s:.2f} s", taken)
             frames.append(Frame(frame_name, name, float(time_s), image))
     return frames, problems
+
+
+def classify_frames(
+    predictor: Any,
+    frames: Sequence[Frame],
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[Frame], list[Any], list[FileProblem]]:
+    """Classify and certify ``frames`` with ``predictor``, one frame at a time.
+
+    Returns ``(kept_frames, results, problems)``: ``results[i]`` is the Predictor's answer for
+    ``kept_frames[i]`` with ``time_s`` set from the frame; a frame the Predictor refuses
+    (``ValueError``) becomes a :class:`FileProblem` naming it, and the others still go through.
+    Answers equal those of one ``predictor.predict`` call over all frames, since each frame's noise
+    is seeded from its own pixels. ``progress(done, total)`` is called after every frame.
+    """
+    kept: list[Frame] = []
+    results: list[Any] = []
+    problems: list[FileProblem] = []
+    for done, frame in enumerate(frames, start=1):
+        try:
+            (result,) = predictor.predict([frame.image], names=[frame.name])
+        except ValueError as error:
+            problems.append(FileProblem(frame.source, f"{frame.name} could not be classified: {error}"))
+        else:
+            kept.append(frame)
+            results.append(dataclasses.replace(result, time_s=frame.time_s))
+        if progress is not None:
+            progress(done, len(frames))
+    return kept, results, problems
 
 
 def uploads_digest(uploads: Iterable[Upload], settings: Mapping[str, Any]) -> str:

@@ -74,6 +74,7 @@ def bad_uploads() -> list[support.Upload]:
         support.Upload("empty.png", b""),
         support.Upload("bomb.png", bomb.getvalue()),
         support.Upload("report.pdf", b"%PDF-1.4"),
+        support.Upload("strip.png", _encode(np.zeros((2, 400, 3), np.uint8), "PNG")),
     ]
 
 
@@ -119,12 +120,13 @@ def test_decode_keeps_good_files_and_names_every_bad_one(good_uploads, bad_uploa
     assert all(f.image.dtype == np.uint8 and f.image.shape == (48, 48, 3) for f in frames)
     assert all(f.time_s is None for f in frames)
     by_file = {p.file: p.problem for p in problems}
-    assert set(by_file) == {"notes.png", "cut.jpg", "empty.png", "bomb.png", "report.pdf"}
+    assert set(by_file) == {"notes.png", "cut.jpg", "empty.png", "bomb.png", "report.pdf", "strip.png"}
     assert "empty" in by_file["empty.png"]
     assert "not an image" in by_file["notes.png"]
     assert "truncated" in by_file["cut.jpg"].lower()
     assert "8000x8000" in by_file["bomb.png"] and "above the limit" in by_file["bomb.png"]
     assert "unsupported file type '.pdf'" in by_file["report.pdf"]
+    assert "400 x 2 pixels" in by_file["strip.png"] and "elongated" in by_file["strip.png"]
     assert all(p.severity == "error" for p in problems)
 
 
@@ -204,6 +206,24 @@ def expected(predictor, good_uploads):
     frames, problems = support.decode_uploads(good_uploads, fps=1.0)
     assert problems == []
     return frames, predictor.predict([f.image for f in frames], names=[f.name for f in frames])
+
+
+def test_classify_frames_isolates_a_refused_frame(predictor, expected) -> None:
+    frames, results = expected
+    clip_frame = support.Frame("clip.avi @ 1.00 s", "clip.avi", 1.0, frames[0].image)
+    refused = support.Frame("odd.png", "odd.png", None, np.zeros((8, 8, 4), np.uint8))  # RGBA array
+    calls: list[tuple[int, int]] = []
+    kept, answers, problems = support.classify_frames(
+        predictor, [frames[0], refused, clip_frame], progress=lambda done, total: calls.append((done, total))
+    )
+    assert [f.name for f in kept] == [frames[0].name, "clip.avi @ 1.00 s"]
+    assert [(p.file, p.severity) for p in problems] == [("odd.png", "error")]
+    assert "could not be classified" in problems[0].problem
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    # Frame by frame gives the batch call's answers (noise seeded per frame), with the clip time set.
+    assert answers[0].radius == results[0].radius and answers[0].label == results[0].label
+    assert answers[0].time_s is None and answers[1].time_s == 1.0
+    assert answers[1].radius == results[0].radius
 
 
 def test_downloads_have_right_columns_and_values(predictor, expected) -> None:
