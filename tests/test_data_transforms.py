@@ -49,6 +49,11 @@ def test_eval_is_deterministic_and_not_normalised() -> None:
     assert float(eval_transform(50, mode="pad")(wide)[0, 12:37, :5].min()) > 0.9
     with pytest.raises(ValueError, match="mode"):
         eval_transform(50, mode="stretch")
+    # Enlarging a small crop interpolates (bilinear), it does not repeat pixels in blocks.
+    edge = np.zeros((20, 20, 3), np.uint8)
+    edge[:, 10:] = 255
+    row = eval_transform(40)(edge)[0, 0]
+    assert ((row > 0.1) & (row < 0.9)).sum() >= 2
 
 
 def test_train_is_random_but_seeded() -> None:

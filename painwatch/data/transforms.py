@@ -90,7 +90,10 @@ def train_transform(
     compose = A.Compose(
         [
             A.RandomResizedCrop(
-                size=(size, size), scale=(1 - 0.3 * s, 1.0), ratio=(1 / (1 + 0.25 * s), 1 + 0.25 * s)
+                size=(size, size),
+                scale=(1 - 0.3 * s, 1.0),
+                ratio=(1 / (1 + 0.25 * s), 1 + 0.25 * s),
+                area_for_downscale="image",
             ),
             A.HorizontalFlip(p=0.5),
             A.Affine(
@@ -118,7 +121,8 @@ def eval_transform(size: int = DEFAULT_SIZE, *, mode: str = "crop") -> ImageTran
     ``mode="crop"`` (default, as in ImageNet evaluation): resize the shorter side to ``size``, then
     take the centre ``size x size`` square; for the near-square face crops painwatch feeds it this
     loses at most a thin strip at the long sides. ``mode="pad"``: resize the longer side to ``size``
-    and pad the shorter one symmetrically by edge reflection, keeping the whole crop. Same input, same
+    and pad the shorter one symmetrically by edge reflection, keeping the whole crop. Shrinking uses
+    area averaging (no aliasing), enlarging bilinear interpolation. Same input, same
     output, always.
     """
     import albumentations as A
@@ -126,10 +130,13 @@ def eval_transform(size: int = DEFAULT_SIZE, *, mode: str = "crop") -> ImageTran
 
     size = _check_size(size)
     if mode == "crop":
-        steps = [A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_AREA), A.CenterCrop(size, size)]
+        steps = [
+            A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image"),
+            A.CenterCrop(size, size),
+        ]
     elif mode == "pad":
         steps = [
-            A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_AREA),
+            A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image"),
             A.PadIfNeeded(min_height=size, min_width=size, border_mode=cv2.BORDER_REFLECT_101),
         ]
     else:
