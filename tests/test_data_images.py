@@ -192,3 +192,26 @@ def test_crop_face_margin_and_clamping() -> None:
         crop_face(image, (300, 10, 320, 30))
     with pytest.raises(ValueError, match="margin"):
         crop_face(image, (0, 0, 10, 10), margin=-0.1)
+
+
+def test_probe_image_agrees_with_read_image(tmp_path: Path) -> None:
+    from painwatch.data import probe_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = np.random.default_rng(1).integers(0, 256, (120, 200, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "rotated.jpg", exif=exif, quality=90)
+    Image.fromarray(photo).save(tmp_path / "plain.jpg", quality=90)
+    Image.fromarray(photo).save(tmp_path / "plain.png")
+    for name in ("rotated.jpg", "plain.jpg", "plain.png"):
+        assert probe_image(tmp_path / name) == read_image(tmp_path / name).shape[:2]
+    assert probe_image(tmp_path / "rotated.jpg") == (200, 120)
+    # Reduced-scale JPEG decoding still reads the whole stream: truncation is caught.
+    data = (tmp_path / "plain.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ImageReadError, match=r"cut\.jpg: .*truncated"):
+        probe_image(tmp_path / "cut.jpg")
+    with pytest.raises(ImageReadError, match=r"cut\.jpg: .*truncated"):
+        read_image(tmp_path / "cut.jpg")
+    with pytest.raises(ImageReadError, match="above the limit"):
+        probe_image(tmp_path / "plain.png", max_pixels=100)

@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
     "PROBLEM_KINDS": "painwatch.data.errors",
     # images
     "read_image": "painwatch.data.images",
+    "probe_image": "painwatch.data.images",
     "crop_face": "painwatch.data.images",
     "check_box": "painwatch.data.images",
     "Detector": "painwatch.data.images",
@@ -82,6 +83,7 @@ __all__ = [
     "load_records",
     "make_demo_dataset",
     "parse_label",
+    "probe_image",
     "read_image",
     "read_video_frame",
     "records_from_video",
@@ -118,6 +120,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         Detector,
         check_box,
         crop_face,
+        probe_image,
         read_image,
     )
     from painwatch.data.records import (

@@ -6,6 +6,7 @@ certification and the app), so the same file always gives the same pixels.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -119,6 +120,82 @@ def _pil_to_rgb(image: Image.Image, label: str) -> np.ndarray:
         raise ImageReadError(label, f"image mode {mode!r} cannot be converted to RGB ({error})") from error
 
 
+def _open_decoded(
+    source: ImageSource, label: str, max_pixels: int, reduced: bool
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Open and fully decode an image, turning every failure into an :class:`ImageReadError`.
+
+    Returns the image and its stored ``(width, height)`` (before any reduced decoding).
+
+    ``reduced`` lets JPEG decoding work at 1/8 scale (Pillow's draft mode): the whole compressed stream
+    is still read, so truncation and corruption are still caught, at a fraction of the cost.
+    """
+    if max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive pixel count, got {max_pixels}")
+    data = _read_bytes(source, label)
+    if len(data) == 0:
+        raise ImageReadError(label, "file is empty (0 bytes)")
+    with warnings.catch_warnings():
+        # Pillow's own bomb check warns at 89 MP and raises at twice that; ours is the max_pixels setting.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as error:
+            raise ImageReadError(label, "not an image (format not recognised)") from error
+        except Image.DecompressionBombError as error:
+            raise ImageReadError(label, f"image is too large to decode safely ({error})") from error
+        except (OSError, ValueError, SyntaxError) as error:
+            raise ImageReadError(label, f"not a readable image ({error})") from error
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise ImageReadError(label, f"image has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            raise ImageReadError(
+                label,
+                f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels} "
+                "(possible decompression bomb; raise max_pixels if the file is genuine)",
+            )
+        if reduced and image.format == "JPEG":
+            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+        try:
+            image.load()
+        except Image.DecompressionBombError as error:
+            raise ImageReadError(label, f"image is too large to decode safely ({error})") from error
+        except (OSError, ValueError, SyntaxError) as error:
+            reason = str(error) or type(error).__name__
+            if "truncated" in reason:
+                detail = reason if reason.startswith("image file is truncated") else f"truncated ({reason})"
+                raise ImageReadError(label, detail) from error
+            raise ImageReadError(label, f"image data is corrupt ({reason})") from error
+    return image, (width, height)
+
+
+def probe_image(
+    source: ImageSource,
+    name: str | None = None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[int, int]:
+    """Check that an image decodes and return its ``(height, width)`` as :func:`read_image` gives it
+    (after EXIF orientation), faster than reading it.
+
+    Catches the same file problems as :func:`read_image` (missing, empty, not an image, truncated or
+    corrupt data, too many pixels); JPEGs are decoded at reduced scale, which still reads the whole
+    stream. Used by validation.
+
+    Raises:
+        ImageReadError: naming the file and the problem.
+    """
+    label = _describe(source, name)
+    image, (width, height) = _open_decoded(source, label, max_pixels, reduced=True)
+    orientation = 1
+    with contextlib.suppress(Exception):  # a broken EXIF block: read_image ignores it too
+        orientation = int(image.getexif().get(0x0112, 1))
+    if orientation in (5, 6, 7, 8):  # transposed or rotated by 90 degrees
+        return width, height
+    return height, width
+
+
 def read_image(
     source: ImageSource,
     name: str | None = None,
@@ -149,41 +226,7 @@ def read_image(
             truncated or corrupt image, or an image larger than ``max_pixels`` (width x height).
     """
     label = _describe(source, name)
-    if max_pixels <= 0:
-        raise ValueError(f"max_pixels must be a positive pixel count, got {max_pixels}")
-    data = _read_bytes(source, label)
-    if len(data) == 0:
-        raise ImageReadError(label, "file is empty (0 bytes)")
-    with warnings.catch_warnings():
-        # Pillow's own bomb check warns at 89 MP and raises at twice that; ours is the max_pixels setting.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError as error:
-            raise ImageReadError(label, "not an image (format not recognised)") from error
-        except Image.DecompressionBombError as error:
-            raise ImageReadError(label, f"image is too large to decode safely ({error})") from error
-        except (OSError, ValueError, SyntaxError) as error:
-            raise ImageReadError(label, f"not a readable image ({error})") from error
-        width, height = image.size
-        if width <= 0 or height <= 0:
-            raise ImageReadError(label, f"image has no pixels ({width}x{height})")
-        if width * height > max_pixels:
-            raise ImageReadError(
-                label,
-                f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels} "
-                "(possible decompression bomb; raise max_pixels if the file is genuine)",
-            )
-        try:
-            image.load()
-        except Image.DecompressionBombError as error:
-            raise ImageReadError(label, f"image is too large to decode safely ({error})") from error
-        except (OSError, ValueError, SyntaxError) as error:
-            reason = str(error) or type(error).__name__
-            if "truncated" in reason:
-                detail = reason if reason.startswith("image file is truncated") else f"truncated ({reason})"
-                raise ImageReadError(label, detail) from error
-            raise ImageReadError(label, f"image data is corrupt ({reason})") from error
+    image, _ = _open_decoded(source, label, max_pixels, reduced=False)
     try:
         oriented = ImageOps.exif_transpose(image)
     except Exception as error:

@@ -37,6 +37,7 @@ from painwatch.data.images import (
     Detector,
     check_box,
     crop_face,
+    probe_image,
     read_image,
 )
 from painwatch.data.video import VideoInfo, read_video_frame, sample_times, video_info
@@ -656,7 +657,7 @@ def _check_pixels(
                     )
                 shape = (info.height, info.width)
             elif check_images or candidate.box is not None:
-                shape = read_image(candidate.path).shape[:2]
+                shape = probe_image(candidate.path)
         except ImageReadError as error:
             kind = "unreadable_video" if from_video else "unreadable_image"
             report.problems.append(Problem(kind, error.reason, candidate.display, candidate.row))
@@ -726,9 +727,10 @@ def validate_source(
 
     Checks: the source exists; the manifest has the required columns; each row has an individual, a
     known label, an existing file, a well-formed face box inside the image, and a valid ``time_s``
-    inside its clip; each image decodes (fully, so truncated files are caught; ``check_images=False``
-    skips decoding images without a box); no two frames share their content (SHA-256 of the file, or
-    the same clip and time); and, with ``require_both_classes``, every individual has frames of both
+    inside its clip; each image decodes to the end (so truncated files are caught; JPEGs at reduced
+    scale, see :func:`~painwatch.data.images.probe_image`; ``check_images=False`` skips decoding images
+    without a box); no two frames share their content (SHA-256 of the file bytes, so re-encoded copies
+    are not caught; or the same clip and time); and, with ``require_both_classes``, every individual has frames of both
     classes (leave-one-individual-out evaluation needs them).
 
     Never raises for bad data: everything is in the returned report. Raises ``TypeError`` only for a
