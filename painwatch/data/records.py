@@ -730,8 +730,8 @@ def validate_source(
     inside its clip; each image decodes to the end (so truncated files are caught; JPEGs at reduced
     scale, see :func:`~painwatch.data.images.probe_image`; ``check_images=False`` skips decoding images
     without a box); no two frames share their content (SHA-256 of the file bytes, so re-encoded copies
-    are not caught; or the same clip and time); and, with ``require_both_classes``, every individual has frames of both
-    classes (leave-one-individual-out evaluation needs them).
+    are not caught; or the same clip and time); and, with ``require_both_classes``, every individual
+    has frames of both classes (leave-one-individual-out evaluation needs them).
 
     Never raises for bad data: everything is in the returned report. Raises ``TypeError`` only for a
     ``source`` that is not a path.
