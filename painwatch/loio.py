@@ -52,7 +52,9 @@ HEAD_FILE = "head.safetensors"
 RUN_FORMAT = "painwatch-loio-1"
 
 #: Settings that may change between a run and its ``--resume`` without changing any result.
-RESUME_FREE_SETTINGS = frozenset({"device", "max_folds", "progress", "num_workers", "bootstrap_reps"})
+RESUME_FREE_SETTINGS = frozenset(
+    {"device", "max_folds", "progress", "num_workers", "bootstrap_reps", "num_bins"}
+)
 
 
 class LoioError(RuntimeError):
@@ -232,16 +234,21 @@ class LoioSettings:
     def checked(self) -> dict[str, Any]:
         """The settings that must match for ``--resume`` (everything that can change a fold)."""
         values = dataclasses.asdict(self)
-        for key in (*RESUME_FREE_SETTINGS, "out", "data", "num_bins"):
+        for key in (*RESUME_FREE_SETTINGS, "out", "data"):
             values.pop(key)
         return values
 
 
 def _records_digest(records: Sequence[Any]) -> str:
-    """SHA-256 over the ordered (path, individual, label, time) entries: fixes which index is which frame."""
-    hasher = hashlib.sha256(b"painwatch-loio-records-v1\n")
+    """SHA-256 over the ordered (file content, individual, label, time) entries: fixes which index is
+    which frame, wherever the data folder lives (file contents, not paths, identify frames)."""
+    from painwatch.data import file_sha256
+
+    hasher = hashlib.sha256(b"painwatch-loio-records-v2\n")
     for record in records:
-        hasher.update(f"{record.path}\t{record.individual}\t{record.label}\t{record.time_s}\n".encode())
+        hasher.update(
+            f"{file_sha256(record.path)}\t{record.individual}\t{record.label}\t{record.time_s}\n".encode()
+        )
     return hasher.hexdigest()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -123,12 +124,16 @@ def test_resume_after_a_crash_gives_identical_metrics(tiny_data: Path, tmp_path:
             raise SimulatedCrashError("simulated crash")
 
     crashed = tmp_path / "crashed"
+    messages: list[str] = []
     with pytest.raises(SimulatedCrashError):
-        run_loio(_head_settings(tiny_data, crashed), on_fold_done=crash_after_two, log=lambda _: None)
+        run_loio(_head_settings(tiny_data, crashed), on_fold_done=crash_after_two, log=messages.append)
+    assert any("extracted once" in message for message in messages)
     assert sorted(p.parent.name for p in crashed.glob("folds/*/result.json")) == ["fold_00", "fold_01"]
     assert not (crashed / "metrics.json").exists()
     # One more fold with --max-folds, then the rest.
-    partial = run_loio(_head_settings(tiny_data, crashed, max_folds=1), resume=True, log=lambda _: None)
+    messages.clear()
+    partial = run_loio(_head_settings(tiny_data, crashed, max_folds=1), resume=True, log=messages.append)
+    assert any("read from the cache" in message for message in messages)  # features computed once per run
     assert (partial.folds_done, partial.folds_run_now, partial.complete) == (3, 1, False)
     resumed = run_loio(_head_settings(tiny_data, crashed), resume=True, log=lambda _: None)
     assert resumed.complete and resumed.folds_run_now == 1
@@ -156,6 +161,9 @@ def test_resume_refuses_changed_data(tmp_path: Path) -> None:
     data = _write_tiny_dataset(tmp_path / "data", individuals=3, frames_per_class=2)
     out = tmp_path / "run"
     run_loio(_head_settings(data, out, max_folds=1), log=lambda _: None)
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)  # the same frames elsewhere: resuming is fine
+    assert run_loio(_head_settings(moved, out, max_folds=1), resume=True, log=lambda _: None).folds_done == 2
     extra = data / "macaque_00" / "pain" / "extra.png"
     Image.fromarray(np.full((40, 40, 3), 7, np.uint8)).save(extra)
     with pytest.raises(LoioError, match="data_hash"):
