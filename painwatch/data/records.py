@@ -8,7 +8,9 @@ Two layouts are accepted (``data/README.md``):
    optional ``video, time_s``. Relative paths are relative to the CSV's folder. A row may leave
    ``path`` empty and give ``video`` and ``time_s``: its frame is the clip's frame at that time. A row
    with both ``path`` and ``video, time_s`` reads the image; the video columns then only record where
-   the frame came from. Other columns are allowed and ignored (the report lists them).
+   the frame came from. Face boxes are in pixels of the frame as displayed (after EXIF orientation,
+   as :func:`~painwatch.data.images.read_image` returns it), ``x1`` and ``y1`` exclusive. Other
+   columns are allowed and ignored (the report lists them).
 
 Validation reports every problem at once and never drops a frame silently: the report says how many
 frames are usable, and :func:`load_records` refuses a source with any problem.
@@ -86,7 +88,8 @@ class FrameRecord:
     ``path`` is the image file, or the video file for a frame taken from a clip (then ``video`` is
     that same path as a string and ``time_s`` the frame's time in seconds). ``label`` is the class
     index (``no_pain`` = 0, ``pain`` = 1). ``box`` is the face box ``(x0, y0, x1, y1)`` in pixels of the
-    full frame, or ``None`` for the whole frame. ``row`` is the manifest line (header = line 1) for
+    full frame as displayed (after EXIF orientation), or ``None`` for the whole frame. ``row`` is the
+    manifest line (header = line 1) for
     messages, ``None`` for the folder layout.
     """
 
