@@ -89,8 +89,7 @@ class FrameRecord:
     that same path as a string and ``time_s`` the frame's time in seconds). ``label`` is the class
     index (``no_pain`` = 0, ``pain`` = 1). ``box`` is the face box ``(x0, y0, x1, y1)`` in pixels of the
     full frame as displayed (after EXIF orientation), or ``None`` for the whole frame. ``row`` is the
-    manifest line (header = line 1) for
-    messages, ``None`` for the folder layout.
+    manifest line (header = line 1) for messages, ``None`` for the folder layout.
     """
 
     path: Path
