@@ -5,10 +5,12 @@ Reusable pieces (the LOIO report here, the certification report in ``painwatch.c
 - :func:`atomic_write_text`, :func:`atomic_write_bytes`, :func:`atomic_write_json`: write to a temporary
   file in the destination folder, ``fsync``, then ``os.replace`` - a reader sees the old file or the
   complete new one, never a partial one, even if the process dies mid-write.
-- :func:`save_figure`: a matplotlib figure to PNG, atomically, then closed.
+- :func:`new_figure` / :func:`save_figure`: matplotlib figures built with the object-oriented API
+  (``matplotlib.figure.Figure``, rendered by Agg): no pyplot global state, no display, safe in threads
+  (Streamlit), and importing this module does not import matplotlib (``painwatch --help`` stays fast).
 - :class:`Report`: headings, paragraphs, tables and images rendered to markdown and to HTML (inline
   CSS, every text and cell HTML-escaped, images referenced by file name so the folder is portable).
-- Plots (matplotlib, Agg backend, no display needed): confusion matrix, ROC curve, reliability diagram,
+- Plots: confusion matrix, ROC curve, reliability diagram,
   per-individual bar chart.
 - :func:`write_loio_report`: the leave-one-individual-out report from :func:`painwatch.metrics.evaluate`.
 """
@@ -19,17 +21,17 @@ import html
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # must precede pyplot; reports are written headless
-import matplotlib.pyplot as plt
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: The published study's leave-one-individual-out figures (fine-tuned ResNet50, 21 Japanese macaques,
 #: contour-cropped faces). Shown beside ours in every LOIO report.
@@ -102,20 +104,37 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
     return atomic_write_text(path, to_json_text(data))
 
 
-def save_figure(figure: matplotlib.figure.Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
-    """Save ``figure`` as PNG at ``path`` atomically and close it. Returns the path."""
+def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (4.5, 4.0), **kwargs: Any):
+    """A ``(Figure, axes)`` pair like ``pyplot.subplots`` but without pyplot (no global figure registry,
+    no backend switch); ``kwargs`` go to ``Figure.subplots``."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(nrows, ncols, **kwargs)
+
+
+def save_figure(figure: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """Save ``figure`` as PNG at ``path`` atomically (Agg renderer) and release it. Returns the path.
+
+    Accepts figures from :func:`new_figure` or from ``pyplot`` (those are closed in pyplot too).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".png", dir=target.parent)
     os.close(descriptor)
     try:
+        if type(figure.canvas).__name__ == "FigureCanvasBase":  # a pyplot-free figure: render with Agg
+            FigureCanvasAgg(figure)
         figure.savefig(temporary, format="png", dpi=dpi, bbox_inches="tight")
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     finally:
-        plt.close(figure)
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close(figure)
     return target
 
 
@@ -345,7 +364,7 @@ def plot_confusion_matrix(
     with np.errstate(invalid="ignore", divide="ignore"):
         fractions = np.nan_to_num(counts / counts.sum(axis=1, keepdims=True))
     size = 1.4 + 1.1 * len(class_names)
-    figure, axis = plt.subplots(figsize=(size, size * 0.9))
+    figure, axis = new_figure(figsize=(size, size * 0.9))
     axis.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
     for i in range(counts.shape[0]):
         for j in range(counts.shape[1]):
@@ -370,7 +389,7 @@ def plot_roc(
     roc: Mapping[str, Sequence[float]], auc: float | None, path: str | os.PathLike[str], label: str = "pain"
 ) -> Path:
     """ROC curve of one class against the rest, with the chance diagonal."""
-    figure, axis = plt.subplots(figsize=(4.2, 4.0))
+    figure, axis = new_figure(figsize=(4.2, 4.0))
     auc_text = f" (AUC {auc:.3f})" if auc is not None else ""
     axis.plot(roc["fpr"], roc["tpr"], lw=2, label=f"{label}{auc_text}")
     axis.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
@@ -392,7 +411,7 @@ def plot_reliability(reliability: Mapping[str, Any], path: str | os.PathLike[str
     )
     counts = np.asarray(reliability["counts"], dtype=np.float64)
     centres, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
-    figure, (top, bottom) = plt.subplots(
+    figure, (top, bottom) = new_figure(
         2, 1, figsize=(4.4, 5.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
     filled = counts > 0
@@ -436,7 +455,7 @@ def plot_per_individual(
     names = [str(row["individual"]) for row in rows]
     positions = np.arange(len(names))
     width = 0.8 / max(1, len(metrics))
-    figure, axis = plt.subplots(figsize=(max(5.0, 1.5 + 0.22 * len(names) * max(1, len(metrics))), 3.8))
+    figure, axis = new_figure(figsize=(max(5.0, 1.5 + 0.22 * len(names) * max(1, len(metrics))), 3.8))
     for index, metric in enumerate(metrics):
         values = [np.nan if row.get(metric) is None else float(row[metric]) for row in rows]
         axis.bar(positions + (index - (len(metrics) - 1) / 2) * width, values, width=width, label=metric)

@@ -309,3 +309,32 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "sub" / "b.json").read_text()) == {"x": None, "y": 0.5, "z": [0, 1]}
     with pytest.raises(TypeError, match="cannot write a object"):
         to_json_text({"bad": object()})
+
+
+def test_save_figure_writes_png_and_releases_pyplot_figures(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from painwatch.report import new_figure, save_figure
+
+    figure, axis = new_figure()
+    axis.plot([0, 1], [0, 1])
+    assert save_figure(figure, tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pyplot_figure, axis = plt.subplots()
+    save_figure(pyplot_figure, tmp_path / "b.png")
+    assert not plt.fignum_exists(pyplot_figure.number)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+
+
+def test_command_module_imports_stay_light() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, painwatch.loio, painwatch.report, painwatch.metrics, painwatch.calibration; "
+        "print('torch' in sys.modules, 'matplotlib' in sys.modules)"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.split() == ["False", "False"]  # `painwatch --help` must not pay for torch or matplotlib
