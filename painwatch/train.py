@@ -214,7 +214,13 @@ def _worker_init(worker_id: int) -> None:
 
 
 def _labels_of(records_or_dataset: Any) -> list[int]:
-    """Labels of records (``.label``) or of a dataset exposing ``labels`` / ``records``."""
+    """Labels of records (``.label``) or of a dataset exposing ``labels`` / ``records`` (or a Subset
+    of one); other datasets are read item by item."""
+    from torch.utils.data import Subset
+
+    if isinstance(records_or_dataset, Subset):
+        labels = _labels_of(records_or_dataset.dataset)
+        return [labels[i] for i in records_or_dataset.indices]
     if hasattr(records_or_dataset, "labels"):
         return [int(v) for v in records_or_dataset.labels]
     if hasattr(records_or_dataset, "records"):
@@ -315,6 +321,19 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices and kernels only: biases and normalisation scales (1-D
+    parameters) are not decayed, as is usual for fine-tuning convolutional networks."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def _progress(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
@@ -551,7 +570,7 @@ def fit(
     if device.type == "cuda" and config.channels_last:
         model.to(memory_format=torch.channels_last)
     noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.lr)
     scheduler = _make_scheduler(optimizer, config, steps_per_epoch)
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
