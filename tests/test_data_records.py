@@ -59,6 +59,7 @@ def test_good_folder_loads_every_frame(tmp_path: Path) -> None:
     root = _good_folder(tmp_path / "data")
     (root / "README.md").write_text("notes")  # top-level notes are allowed and reported as ignored
     (root / "m01" / "pain" / ".DS_Store").write_bytes(b"\0")
+    (root / "m09" / "pain").mkdir(parents=True)  # an individual without frames yet
     report = validate_source(root)
     assert report.ok, report.format()
     assert report.layout == "folder"
@@ -66,6 +67,7 @@ def test_good_folder_loads_every_frame(tmp_path: Path) -> None:
     assert report.counts() == {"m01": {"no_pain": 2, "pain": 2}, "m02": {"no_pain": 2, "pain": 2}}
     assert any("hidden" in note for note in report.notes)
     assert any("README.md" in note for note in report.notes)
+    assert any("no frames" in note and "m09" in note for note in report.notes)
     records = load_records(root)
     assert len(records) == 8 and all(isinstance(r, FrameRecord) for r in records)
     assert {r.label for r in records} == {0, 1}

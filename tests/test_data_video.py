@@ -146,3 +146,40 @@ def test_records_from_video_and_manifest_rows(clip: Path, tmp_path: Path) -> Non
     assert load_frame(boxed, margin=0).shape == (24, 32, 3)
     assert not still_record.from_video and still_record.time_s == 2.0
     assert load_frame(still_record)[0, 0].tolist() == [128, 128, 128]
+
+
+class _HeaderlessCapture:
+    """Stands in for cv2.VideoCapture on a clip whose header has no frame rate (CAP_PROP_FPS = 0):
+    the decoder's per-frame timestamps (CAP_PROP_POS_MSEC) are then the only clock."""
+
+    def __init__(self, msec: list[float]) -> None:
+        self.msec = msec
+        self.index = -1
+
+    def grab(self) -> bool:
+        self.index += 1
+        return self.index < len(self.msec)
+
+    def retrieve(self) -> tuple[bool, np.ndarray]:
+        return True, np.full((4, 4, 3), self.index, np.uint8)
+
+    def get(self, prop: int) -> float:
+        if prop == cv2.CAP_PROP_FPS:
+            return 0.0
+        if prop == cv2.CAP_PROP_POS_MSEC:
+            return self.msec[self.index]
+        return 0.0
+
+
+def test_clips_without_a_frame_rate_use_decoder_timestamps() -> None:
+    from painwatch.data.video import _decoded_frames
+
+    frames = list(_decoded_frames(_HeaderlessCapture([0.0, 40.0, 80.0, 120.0]), "clip.mkv", None))
+    assert [t for t, _ in frames] == pytest.approx([0.0, 0.04, 0.08, 0.12])
+    assert [int(f[0, 0, 0]) for _, f in frames] == [0, 1, 2, 3]
+    # No frame rate and no usable timestamps: a clear error that says how to go on.
+    with pytest.raises(ImageReadError, match=r"clip\.mkv: .*source_fps"):
+        list(_decoded_frames(_HeaderlessCapture([0.0, 0.0, 0.0]), "clip.mkv", None))
+    # source_fps supplies the clock.
+    frames = list(_decoded_frames(_HeaderlessCapture([0.0, 0.0, 0.0]), "clip.mkv", 2.0))
+    assert [t for t, _ in frames] == [0.0, 0.5, 1.0]

@@ -433,6 +433,17 @@ def _scan_folder(root: Path, report: ValidationReport) -> list[_Candidate]:
                         display=str(file),
                     )
                 )
+    listed_individuals = {c.individual for c in candidates}
+    empty = [
+        d.name
+        for d in sorted(root.iterdir())
+        if d.is_dir()
+        and not _is_hidden(d)
+        and d.name not in listed_individuals
+        and not any(p.file and Path(p.file).is_relative_to(d) for p in report.problems)
+    ]
+    if empty:
+        report.notes.append(f"folder(s) with no frames in them: {', '.join(empty)}")
     if hidden:
         report.notes.append(
             f"ignored {len(hidden)} hidden file(s)/folder(s): {', '.join(hidden[:5])}"
