@@ -8,22 +8,22 @@ the smoothed margin ``SM(x) = E_xi[M_f(x + xi)]``) above a target ``d`` buy cert
 
 Losses (each a function on tensors and an ``nn.Module`` called as ``loss(model, x, y)``):
 
-======== ======================================= ============================================
-name     loss                                    what minimising it maximises
-======== ======================================= ============================================
-sce      softmax cross-entropy                   likelihood of the true class
-sc-sce   cross-entropy of the moment-propagated  likelihood of the true class under the
-         mean logits (input variance sigma_x^2)  expected logits E[f(x + xi)]
-mh       multiclass hinge (Weston-Watkins, as    every pairwise margin f_y - f_j up to d
-         ``torch.nn.MultiMarginLoss``)
-mcr      relu(d - M_f(x))                        the margin M_f, hence the Lipschitz certified
-                                                 radius M_f / (sqrt(2) L), up to d
-mscr     relu(d - SM(x)), SM in closed form      the smoothed margin, hence the smoothed-margin
-         by moment propagation                   certified radius, up to d
-zhen     relu(d - sigma (mu_y - mu_r) /          a Gaussian approximation of the randomized
-         sqrt(v_y + v_r))                        smoothing radius (Zhen et al. 2021), up to d
-mc-margin relu(d - mean_k M_f(x + xi_k))         an unbiased estimate of SM, any network
-======== ======================================= ============================================
+========= ======================================= ============================================
+name      loss                                    what minimising it maximises
+========= ======================================= ============================================
+sce       softmax cross-entropy                   likelihood of the true class
+sc-sce    cross-entropy of the moment-propagated  likelihood of the true class under the
+          mean logits (input variance sigma_x^2)  expected logits E[f(x + xi)]
+mh        multiclass hinge (Weston-Watkins, as    every pairwise margin f_y - f_j up to d
+          ``torch.nn.MultiMarginLoss``)
+mcr       relu(d - M_f(x))                        the margin M_f, hence the Lipschitz certified
+                                                  radius M_f / (sqrt(2) L), up to d
+mscr      relu(d - SM(x)), SM in closed form      the smoothed margin, hence the smoothed-margin
+          by moment propagation                   certified radius, up to d
+zhen      relu(d - sigma (mu_y - mu_r) /          a Gaussian approximation of the randomized
+          sqrt(v_y + v_r))                        smoothing radius (Zhen et al. 2021), up to d
+mc-margin relu(d - mean_k M_f(x + xi_k))          an unbiased estimate of SM, any network
+========= ======================================= ============================================
 
 ``sc-sce``, ``mscr`` and ``zhen`` propagate moments with :mod:`painwatch.robust.moments`, so they
 need networks made of the layers it supports (the thesis's orthogonal MLPs and conv nets);
