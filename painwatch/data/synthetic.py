@@ -212,10 +212,9 @@ def render_face(
     _fill(alpha, outline, 1.0)
     texture = _fur_texture(style.fur_texture_seed)
     fur_layer = np.asarray(fur, np.float32)[None, None, :] * texture[:, :, None]
-    img = img * (1 - head_mask[:, :, None]) + fur_layer * head_mask[:, :, None]
+    img += (fur_layer - img) * head_mask[:, :, None]
 
     # Bare face: the eye region and the muzzle.
-    face_layer = np.zeros_like(img)
     face_mask = np.zeros((_CANVAS, _CANVAS), np.float32)
     fw, mw = style.face_width, style.muzzle_width
     _ellipse(face_mask, (cx, 122), (60 * fw, 44), 0, 1.0)
@@ -224,8 +223,8 @@ def render_face(
     face_mask = cv2.GaussianBlur(face_mask, (0, 0), 1.5)
     yy = np.linspace(-1, 1, _CANVAS, dtype=np.float32)[:, None]
     relief = 1.0 + 0.06 * yy + 0.05 * rng.standard_normal((1, 1)).astype(np.float32)  # forehead a bit darker
-    face_layer[:] = np.asarray(style.face, np.float32)[None, None, :] * relief[:, :, None]
-    img = img * (1 - face_mask[:, :, None]) + face_layer * face_mask[:, :, None]
+    face_layer = np.asarray(style.face, np.float32)[None, None, :] * relief[:, :, None]  # (256, 1, 3)
+    img += (face_layer - img) * face_mask[:, :, None]
 
     # Pigment markings belong to the individual.
     for dx, dy, radius, darkness in style.markings:
@@ -335,7 +334,7 @@ def render_face(
                 1.2,
             )
 
-    return np.clip(img, 0, 255), np.clip(alpha, 0, 1)
+    return np.clip(img, 0, 255, out=img), np.clip(alpha, 0, 1, out=alpha)
 
 
 def _background(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -372,8 +371,8 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
             rng.normal(0, 1, (6, 6)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC
         )
         base = np.full((size, size, 3), grey, np.float32) * (1 + 0.15 * coarse[:, :, None])
-    grain = rng.normal(0, rng.uniform(2, 9), (size, size, 1)).astype(np.float32)
-    return np.clip(base + grain, 0, 255)
+    grain = rng.standard_normal((size, size, 1), dtype=np.float32) * np.float32(rng.uniform(2, 9))
+    return base + grain  # clipped once, at the end of the frame
 
 
 def _frame_cues(label: int, rng: np.random.Generator) -> tuple[float, dict[str, float]]:
@@ -444,7 +443,7 @@ def _render_frame(
     blur = rng.uniform(0, 1.2)
     if blur > 0.3:
         image = cv2.GaussianBlur(image.astype(np.float32), (0, 0), blur)
-    image = image + rng.normal(0, rng.uniform(0, 6), image.shape).astype(np.float32)
+    image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(rng.uniform(0, 6))
     quality = int(rng.integers(35, 96))
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), box, intensity, cues, quality
 
