@@ -471,12 +471,13 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
         )
     model.load_state_dict(state, strict=True)
     for key in ("mean", "std"):
-        stored = getattr(model, key)
+        # The buffers come from the hash-checked weights; model.json must describe the same normalisation.
+        stored = getattr(model.normalize, key).flatten().tolist()
         pairs = zip(stored, metadata[key], strict=True)
         if not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7) for a, b in pairs):
             raise BundleError(
                 f"{folder / METADATA_FILE}: key {key!r} = {metadata[key]} disagrees with the normalisation "
-                f"stored in the weights ({list(stored)})"
+                f"stored in the weights ({[round(v, 6) for v in stored]})"
             )
     model.eval()
     model.to_device(device)

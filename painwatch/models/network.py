@@ -87,16 +87,21 @@ class PainNet(nn.Module):
         self.in_chans = len(mean)
         self.num_features = num_features
         self.normalize = Normalize(mean, std)
+        # Exact values for model.json; the float32 buffers round them.
+        self._mean = tuple(float(v) for v in mean)
+        self._std = tuple(float(v) for v in std)
         self.backbone = backbone
         self.head = nn.Linear(num_features, self.num_classes)
 
     @property
     def mean(self) -> tuple[float, ...]:
-        return tuple(float(v) for v in self.normalize.mean.flatten().tolist())
+        """Per-channel mean subtracted inside the model (as given; the buffer holds it in float32)."""
+        return self._mean
 
     @property
     def std(self) -> tuple[float, ...]:
-        return tuple(float(v) for v in self.normalize.std.flatten().tolist())
+        """Per-channel standard deviation divided inside the model (as given)."""
+        return self._std
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
