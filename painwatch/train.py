@@ -299,7 +299,13 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """A per-step learning-rate schedule over ``config.epochs * steps_per_epoch`` steps.
+
+    ``"cosine"``: linear warm-up for ``config.warmup_epochs`` then cosine decay to 0;
+    ``"constant"``: warm-up then constant; ``"onecycle"``: PyTorch's OneCycleLR peaking at
+    ``config.lr`` after the warm-up fraction (0.3 of the run without warm-up).
+    """
     import torch
 
     total = max(1, config.epochs * steps_per_epoch)
@@ -323,7 +329,7 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on weight matrices and kernels only: biases and normalisation scales (1-D
     parameters) are not decayed, as is usual for fine-tuning convolutional networks."""
     decay, no_decay = [], []
@@ -570,8 +576,8 @@ def fit(
     if device.type == "cuda" and config.channels_last:
         model.to(memory_format=torch.channels_last)
     noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
-    optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.lr)
-    scheduler = _make_scheduler(optimizer, config, steps_per_epoch)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 

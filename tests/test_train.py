@@ -3,6 +3,7 @@ the split by individual, and `painwatch train` end to end on a tiny folder of re
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ from painwatch.train import (
     fit,
     fit_head,
     is_synthetic_source,
+    make_scheduler,
+    parameter_groups,
     predict_logits,
     split_by_individual,
 )
@@ -117,6 +120,34 @@ def test_class_weights_and_balanced_accuracy() -> None:
     assert balanced_accuracy(predictions, labels) == pytest.approx(
         balanced_accuracy_score(labels, predictions)
     )
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "constant"])
+def test_learning_rate_schedules_warm_up_then_follow_their_shape(schedule: str) -> None:
+    config = _config(schedule=schedule, epochs=4, warmup_epochs=1.0, lr=0.1)
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW(parameter_groups(torch.nn.Linear(3, 2), 0.01), lr=config.lr)
+    optimizer.add_param_group({"params": [parameter], "weight_decay": 0.0})
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch=10)
+    rates = []
+    for _ in range(40):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] < 0.05 and max(rates) == pytest.approx(0.1, rel=1e-3)
+    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(rates[:10])), "warm-up must rise"
+    if schedule == "constant":
+        assert rates[-1] == pytest.approx(0.1)
+    else:
+        assert rates[-1] < 0.01 and all(a >= b - 1e-12 for a, b in itertools.pairwise(rates[12:]))
+
+
+def test_no_weight_decay_on_biases_and_norm_scales() -> None:
+    model = create_model(ARCH, input_size=SIZE, seed=0)
+    decay, no_decay = parameter_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
 def test_split_by_individual_never_puts_one_individual_on_both_sides(data_folder: Path) -> None:
