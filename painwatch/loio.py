@@ -264,10 +264,24 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 def prepare_run_folder(run_dir: Path, config: dict[str, Any], resume: bool) -> None:
     """Create ``run_dir`` with ``config.json``, or check the saved one when resuming.
 
-    Raises :class:`LoioError` when ``run_dir`` already holds something and ``resume`` is false, or when
-    resuming with settings or data that differ from the saved run (listing every difference).
+    A run folder in which no fold has finished yet is simply restarted with the new settings. Raises
+    :class:`LoioError` when ``run_dir`` holds finished folds and ``resume`` is false, when it holds
+    anything else, or when resuming with settings or data that differ from the saved run (listing
+    every difference).
     """
     config_path = run_dir / CONFIG_FILE
+    finished = sorted((run_dir / FOLDS_DIR).glob(f"fold_*/{RESULT_FILE}"))
+    if config_path.is_file() and not finished:
+        # A run that stopped before finishing any fold (e.g. a bad setting): nothing to protect, so it
+        # starts afresh with the new settings; cached features of other settings are dropped.
+        try:
+            saved = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            saved = None
+        if saved != config:
+            (run_dir / FEATURES_FILE).unlink(missing_ok=True)
+            atomic_write_json(config_path, config)
+        return
     if config_path.is_file():
         if not resume:
             raise LoioError(
@@ -1029,13 +1043,14 @@ def settings_from_args(args: argparse.Namespace) -> LoioSettings:
 
 def _loio_command(args: argparse.Namespace) -> int:
     from painwatch.data import DataValidationError
+    from painwatch.models import ModelWeightsError
 
     try:
         outcome = run_loio(settings_from_args(args), resume=bool(args.resume))
     except DataValidationError as error:
         print(f"painwatch loio: the data have problems:\n{error}", file=sys.stderr)
         return 1
-    except (LoioError, ValueError, OSError, FloatingPointError) as error:
+    except (LoioError, ModelWeightsError, ValueError, OSError, FloatingPointError) as error:
         print(f"painwatch loio: error: {error}", file=sys.stderr)
         return 2
     if outcome.complete:

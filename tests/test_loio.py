@@ -338,3 +338,26 @@ def test_command_module_imports_stay_light() -> None:
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.split() == ["False", "False"]  # `painwatch --help` must not pay for torch or matplotlib
+
+
+def test_cli_offline_pretrained_weights_give_a_clear_error(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    argv = [
+        "loio",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "r"),
+        "--arch",
+        "test_resnet",
+        "--input-size",
+        "32",
+        "--pretrained",
+        "--cache-features",
+        "--quiet",
+    ]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "weights" in error and "test_resnet" in error
+    # No fold finished: the same folder can be used again at once, with corrected settings.
+    fixed = [arg for arg in argv if arg != "--pretrained"]
+    assert main([*fixed, "--max-folds", "1", "--head-epochs", "2"]) == 0
+    assert (tmp_path / "r" / "folds" / "fold_00" / "result.json").is_file()
