@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "screenshot.png")
     parser.add_argument("--per-class", type=int, default=3)
     parser.add_argument("--width", type=int, default=1440)
-    parser.add_argument("--height", type=int, default=2100)
+    parser.add_argument("--height", type=int, default=1900)
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the results")
     args = parser.parse_args(argv)
 
     from painwatch import app_support as support
@@ -66,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                 harness.open_browser(viewport=(args.width, args.height)) as page:
             harness.wait_for_page(page, app.url)
             harness.upload_files(page, frames)
-            harness.wait_for_results(page)
-            page.get_by_text("Where the model looked").first.wait_for(state="visible", timeout=120_000)
+            try:
+                harness.wait_for_results(page, timeout_ms=args.timeout * 1000)
+                page.get_by_text("Where the model looked").first.wait_for(state="visible", timeout=300_000)
+            except Exception:
+                print(f"the page did not finish; server log:\n{app.log_tail()}", file=sys.stderr)
+                raise
             page.wait_for_timeout(1500)  # let charts and the grid finish drawing
             args.out.parent.mkdir(parents=True, exist_ok=True)
             temporary = args.out.with_name(f".{args.out.name}.tmp.png")
