@@ -46,6 +46,15 @@ def test_bjorck_converges_from_an_arbitrary_matrix(shape, generator):
     assert torch.allclose(result, u @ vh, atol=1e-8)
 
 
+def test_bjorck_stops_once_converged(generator):
+    orthogonal, _ = torch.linalg.qr(torch.randn(12, 12, generator=generator, dtype=torch.float64))
+    assert torch.equal(bjorck_orthonormalize(orthogonal, 20), bjorck_orthonormalize(orthogonal, 1))
+    matrix = torch.randn(12, 8, generator=generator, dtype=torch.float64)
+    early = bjorck_orthonormalize(matrix, 40)
+    assert torch.allclose(early, bjorck_orthonormalize(matrix, 40, early_stop=False), atol=1e-12)
+    assert not torch.allclose(early, bjorck_orthonormalize(matrix, 3), atol=1e-3)  # it did iterate
+
+
 def test_bjorck_rejects_bad_arguments():
     with pytest.raises(ValueError, match="at least 2 dims"):
         bjorck_orthonormalize(torch.ones(3))
