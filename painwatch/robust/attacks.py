@@ -22,6 +22,7 @@ ART is imported when an attack runs (it takes about 1.5 s to import).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -246,7 +247,10 @@ def pgd_l2(
     generator = _resolve_generator(generator)
 
     module = model if isinstance(model, nn.Module) else _CallableModule(model)
-    with evaluation_mode(module):
+    with evaluation_mode(module), warnings.catch_warnings():
+        # ART 1.20 passes tensors through np.array(..., copy=False) internally; harmless under numpy 2.
+        warnings.filterwarnings("ignore", message=r"__array__ implementation doesn't accept a copy keyword",
+                                category=DeprecationWarning)
         with torch.no_grad():
             num_classes = check_logits(module(x[:1]), 1).shape[1]
         if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
