@@ -26,9 +26,12 @@ from painwatch.report import (
 TINY = {"arch": "test_resnet", "input_size": 32, "batch_size": 8}
 
 
-def _write_tiny_dataset(root: Path, individuals: int = 4, frames_per_class: int = 4, seed: int = 0) -> Path:
+def _write_tiny_dataset(
+    root: Path, individuals: int = 4, frames_per_class: int = 4, seed: int = 0, obvious: bool = False
+) -> Path:
     """Folder layout DATA/<individual>/<label>/*.png with 40x40 frames: pain frames carry a dark band
-    (a crude 'squeezed eyes' cue) at an individual-specific height; every frame has its own noise."""
+    (a crude 'squeezed eyes' cue) at an individual-specific height; every frame has its own noise.
+    ``obvious``: pain frames are also much darker overall, a cue any backbone's pooled features carry."""
     rng = np.random.default_rng(seed)
     for i in range(individuals):
         base = rng.integers(60, 200, size=3)
@@ -40,6 +43,8 @@ def _write_tiny_dataset(root: Path, individuals: int = 4, frames_per_class: int 
                 if label == "pain":
                     row = 12 + i % 3
                     image[row : row + 6, 6:34] *= 0.25
+                    if obvious:
+                        image *= 0.3
                 Image.fromarray(image.astype(np.uint8)).save(folder / f"frame_{k}.png")
     return root
 
@@ -140,6 +145,15 @@ def test_resume_after_a_crash_gives_identical_metrics(tiny_data: Path, tmp_path:
     assert resumed.metrics["evaluation"] == reference.metrics["evaluation"]
     straight_csv = (tmp_path / "straight" / "predictions.csv").read_text()
     assert (crashed / "predictions.csv").read_text() == straight_csv
+
+
+def test_an_obvious_cue_is_learned_end_to_end(tmp_path: Path) -> None:
+    # Guards the wiring: frames, labels, folds, logits and temperatures must stay aligned.
+    data = _write_tiny_dataset(tmp_path / "data", individuals=4, frames_per_class=5, seed=1, obvious=True)
+    outcome = run_loio(_head_settings(data, tmp_path / "run", head_epochs=20), log=lambda _: None)
+    pooled = outcome.metrics["evaluation"]["pooled"]
+    assert pooled["accuracy"] >= 0.9
+    assert pooled["roc_auc"] >= 0.95
 
 
 def test_resume_refuses_different_settings_and_names_them(tiny_data: Path, tmp_path: Path) -> None:
