@@ -303,6 +303,7 @@ def test_page_table_equals_predictor_and_bad_files_are_named(
     labels = [b.label for b in at.download_button]
     assert labels == ["Download CSV", "Download JSON"]
     assert len(at.image) >= 2  # the frame and its Grad-CAM overlay
+    assert len(at.get("vega_lite_chart")) == 0  # no clip, no time course
 
 
 def test_page_clip_gives_time_course(monkeypatch, tiny_bundle, tmp_path: Path) -> None:
@@ -314,6 +315,8 @@ def test_page_clip_gives_time_course(monkeypatch, tiny_bundle, tmp_path: Path) -
     assert list(table.columns) == list(support.TABLE_COLUMNS)
     assert list(table["time (s)"]) == pytest.approx([0.0, 1.0])
     assert set(table["file"]) == {"clip.avi"}
+    assert len(at.get("vega_lite_chart")) == 1  # the time course
+    assert any("Time course" in m.value for m in at.markdown)
 
 
 def test_page_settings_apply_and_refused_method_keeps_uploads(monkeypatch, tiny_bundle, good_uploads) -> None:
