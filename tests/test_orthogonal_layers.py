@@ -106,6 +106,22 @@ def test_orthogonal_linear_falls_back_to_the_exact_norm_when_bjorck_did_not_conv
     assert lipschitz_upper_bound(layer, (6,)) == pytest.approx(exact, rel=1e-5)
 
 
+def test_cached_weights_follow_parameter_updates(generator):
+    source = nn.Sequential(
+        OrthogonalLinear(6, 6, generator=generator), OrthogonalConv2d(2, 2, 3, generator=generator)
+    )
+    target = nn.Sequential(
+        OrthogonalLinear(6, 6, generator=generator), OrthogonalConv2d(2, 2, 3, generator=generator)
+    )
+    with torch.no_grad():  # evaluation caches the derived weights...
+        stale = (target[0].weight.clone(), target[1].weight.clone())
+        target.load_state_dict(source.state_dict())  # ...which a load must invalidate
+        assert torch.equal(target[0].weight, source[0].weight)
+        assert torch.equal(target[1].weight, source[1].weight)
+        assert not torch.allclose(target[0].weight, stale[0])
+        assert not torch.allclose(target[1].weight, stale[1])
+
+
 def test_orthogonal_linear_validates_arguments():
     with pytest.raises(ValueError, match="in_features"):
         OrthogonalLinear(0, 3)
@@ -117,7 +133,7 @@ def test_orthogonal_linear_validates_arguments():
 
 @pytest.mark.parametrize(
     ("in_channels", "out_channels", "kernel_size", "stride"),
-    [(4, 4, 3, 1), (3, 8, 3, 1), (2, 8, 3, 2), (3, 6, 5, 1), (1, 1, 3, 1)],
+    [(4, 4, 3, 1), (3, 8, 3, 1), (2, 8, 3, 2), (3, 6, 5, 1), (1, 1, 3, 1), (3, 5, 1, 1)],
 )
 def test_circular_bcop_convolution_preserves_norms(in_channels, out_channels, kernel_size, stride, generator):
     layer = OrthogonalConv2d(

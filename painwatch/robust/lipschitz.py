@@ -690,7 +690,7 @@ def bjorck_orthonormalize(
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
     rows, cols = matrix.shape[-2:]
-    if rows == 0 or cols == 0:
+    if matrix.numel() == 0:
         return matrix
     tall = rows >= cols
 
@@ -720,7 +720,7 @@ def _orthogonality_residual(matrix: torch.Tensor) -> float:
     """Spectral norm of W^T W - I (tall) or W W^T - I (wide), in float64; max over a batch."""
     matrix = matrix.detach().to(torch.float64)
     rows, cols = matrix.shape[-2:]
-    if rows == 0 or cols == 0:
+    if matrix.numel() == 0:
         return 0.0
     gram = matrix.mT @ matrix if rows >= cols else matrix @ matrix.mT
     identity = torch.eye(gram.shape[-1], dtype=torch.float64, device=gram.device)
