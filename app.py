@@ -76,8 +76,18 @@ def sidebar_bundle() -> Path:
     return Path(typed.strip() or str(default_path)).expanduser()
 
 
-def sidebar_settings(certification: dict[str, Any]) -> dict[str, Any]:
-    """Certification settings within the bundle's bounds; applied together with one button."""
+SETTING_KEYS = ("method", "sigma", "alpha", "n")
+
+
+def sidebar_settings(bundle: Path, certification: dict[str, Any]) -> dict[str, Any]:
+    """Certification settings within the bundle's bounds; applied together with one button.
+
+    Another bundle has other defaults and bounds: its settings start from its own ``model.json``.
+    """
+    if st.session_state.get("settings_bundle") != str(bundle):
+        for key in SETTING_KEYS:
+            st.session_state.pop(key, None)
+        st.session_state["settings_bundle"] = str(bundle)
     bounds = certification.get("bounds", {})
     sigma_lo, sigma_hi = (float(v) for v in bounds.get("sigma", [certification["sigma"]] * 2))
     alpha_lo, alpha_hi = (float(v) for v in bounds.get("alpha", [certification["alpha"]] * 2))
@@ -322,7 +332,7 @@ def main() -> None:
     except BundleError as error:
         st.error(f"The model bundle cannot be used: {error}", icon="📦")
         return
-    settings = sidebar_settings(certification)
+    settings = sidebar_settings(bundle, certification)
     card_slot = st.container()
 
     # The uploader is drawn on every run, before anything can fail, so that uploads survive a

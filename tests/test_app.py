@@ -358,3 +358,26 @@ def test_server_config_listens_locally_and_limits_uploads() -> None:
     # The server refuses anything bigger than the page's largest per-file limit.
     assert config["server"]["maxUploadSize"] * support.MEGABYTE == max(support.MAX_CLIP_BYTES,
                                                                        support.MAX_IMAGE_BYTES)
+
+
+def test_page_switching_bundle_resets_settings_to_its_defaults(monkeypatch, tiny_bundle, tmp_path) -> None:
+    from painwatch.models import create_model, default_certification, save_bundle
+
+    other = tmp_path / "other-bundle"
+    certification = default_certification(sigma=0.5)
+    certification.update({"n0": 16, "n": 200, "alpha": 0.001})
+    save_bundle(other, create_model("test_resnet", num_classes=2, input_size=32, seed=1),
+                {"certification": certification})
+    at = _app(monkeypatch, tiny_bundle)
+    assert at.slider(key="sigma").value == pytest.approx(0.25)
+    at.slider(key="sigma").set_value(0.3)
+    at.button(key="apply").click()
+    at.run()
+    assert at.slider(key="sigma").value == pytest.approx(0.3)
+
+    at.text_input[0].set_value(str(other))
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.slider(key="sigma").value == pytest.approx(0.5)
+    assert at.select_slider(key="n").value == 200
+    assert at.select_slider(key="alpha").value == pytest.approx(0.001)
