@@ -758,8 +758,8 @@ class OrthogonalLinear(nn.Module):
     ``in_features <= out_features``.
 
     ``method="bjorck"`` (default, as in the thesis): the weight is the Björck orthonormalisation
-    (:func:`bjorck_orthonormalize`, at most ``bjorck_iters`` iterations, fewer once converged) of an unconstrained parameter
-    initialised orthogonal. ``method="matrix_exp"``: PyTorch's exact parametrisation
+    (:func:`bjorck_orthonormalize`, at most ``bjorck_iters`` iterations, fewer once converged) of an
+    unconstrained parameter initialised orthogonal. ``method="matrix_exp"``: PyTorch's exact parametrisation
     ``torch.nn.utils.parametrizations.orthogonal(..., orthogonal_map="matrix_exp")`` (exact up to float
     rounding, maintained upstream; slower for large matrices).
 
