@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,8 @@ class Batch:
     """One analysed batch of uploads, kept in the session so that reruns do not recompute it."""
 
     key: str
-    frames: list[support.Frame]
+    frames: list[support.Frame]  # images are display thumbnails (support.thumbnail_with_crop)
+    views: list[Any]  # what the model saw: uint8 RGB at the model's input size
     results: list[Any]
     problems: list[support.FileProblem]
     provenance: support.Provenance
@@ -179,8 +180,12 @@ def analyse(predictor: Any, uploads: list[support.Upload], settings: dict[str, A
     with model_lock():
         frames, results, refused = support.classify_frames(predictor, frames, progress=report)
     problems = problems + refused
+    # Keep only what the page shows: the model's view and a thumbnail, not full-size frames
+    # (300 full-HD clip frames would hold about 2 GB per browser session).
+    views = [support.tensor_to_image(predictor.preprocess(f.image, f.name)) for f in frames]
+    frames = [replace(f, image=support.thumbnail_with_crop(f.image)) for f in frames]
     progress.empty()
-    return Batch(key, frames, results, problems, support.Provenance.from_predictor(predictor),
+    return Batch(key, frames, views, results, problems, support.Provenance.from_predictor(predictor),
                  datetime.now(timezone.utc))
 
 
@@ -277,14 +282,15 @@ def show_frame(batch: Batch, predictor: Any) -> None:
     chosen = st.selectbox("Frame", names, key="frame_choice")
     index = names.index(chosen)
     frame, result = batch.frames[index], batch.results[index]
-    seen, heat, numbers = st.columns([1, 1, 1.2])
-    model_view = predictor.preprocess(frame.image, frame.name)
-    side = f"{model_view.shape[-1]} x {model_view.shape[-2]}"
-    seen.image(support.tensor_to_image(model_view), width="stretch",
-               caption=f"What the model saw: the centre square of the frame at {side} pixels")
-    saliency = _saliency(batch.key, index, predictor, frame.image)
-    heat.image(support.overlay_saliency(frame.image, saliency), width="stretch",
-               caption="Where the model looked (Grad-CAM on the network; red = most influence)")
+    uploaded, heat, numbers = st.columns([1, 1, 1.2])
+    uploaded.image(frame.image, width="stretch",
+                   caption="The uploaded frame; the outlined centre square is what the model sees"
+                   if frame.image.shape[0] != frame.image.shape[1] else "The uploaded frame")
+    view = batch.views[index]
+    saliency = _saliency(batch.key, index, predictor, view)
+    heat.image(support.overlay_saliency(view, saliency), width="stretch",
+               caption=f"What the model saw ({view.shape[1]} x {view.shape[0]} pixels) and where it looked "
+               "(Grad-CAM; red = most influence)")
     with numbers:
         if support.is_abstention(result):
             st.markdown("### Abstained")

@@ -643,3 +643,43 @@ def tensor_to_image(x: Any) -> np.ndarray:
     if array.ndim != 3 or array.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(array.shape)}")
     return np.clip(np.rint(array.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
+
+
+THUMBNAIL_SIDE = 480
+"""Longest side, in pixels, of the copy of each uploaded frame the page keeps for display."""
+
+
+def centre_square(height: int, width: int) -> tuple[int, int, int]:
+    """``(top, left, side)`` of the centre square of an ``height x width`` frame.
+
+    That square is the part of a frame the model sees (``painwatch.data.eval_transform`` resizes the
+    shorter side and keeps the centre square; ``Predictor.saliency`` places its map there too).
+    """
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side
+
+
+def thumbnail_with_crop(image: np.ndarray, max_side: int = THUMBNAIL_SIDE) -> np.ndarray:
+    """A copy of an RGB uint8 frame with its longest side at most ``max_side`` pixels, and the centre
+    square the model sees outlined (2 px, white on dark, so it shows on any frame).
+
+    Frames already small enough keep their size. Returns HxWx3 uint8.
+    """
+    import cv2
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+    if not isinstance(max_side, int) or max_side < 16:
+        raise ValueError(f"max_side must be an integer >= 16 pixels, got {max_side!r}")
+    height, width = image.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    small = image if scale == 1.0 else cv2.resize(
+        image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA
+    )
+    small = np.ascontiguousarray(small).copy()
+    if height != width:  # a square frame is seen whole: no outline needed
+        top, left, side = centre_square(*small.shape[:2])
+        corner0, corner1 = (left, top), (left + side - 1, top + side - 1)
+        cv2.rectangle(small, corner0, corner1, (20, 20, 20), 4)
+        cv2.rectangle(small, corner0, corner1, (255, 255, 255), 2)
+    return small

@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from painwatch import app_support as support
@@ -224,6 +225,28 @@ def test_classify_frames_isolates_a_refused_frame(predictor, expected) -> None:
     assert answers[0].radius == results[0].radius and answers[0].label == results[0].label
     assert answers[0].time_s is None and answers[1].time_s == 1.0
     assert answers[1].radius == results[0].radius
+
+
+def test_model_view_is_exactly_what_the_model_sees(predictor) -> None:
+    # The page keeps the model's view (uint8) instead of the frame; fed back, it must give the same input.
+    frame = np.concatenate([_face_like(7, 48), _face_like(8, 48)], axis=1)  # 48 x 96, not square
+    seen = predictor.preprocess(frame)
+    view = support.tensor_to_image(seen)
+    assert view.shape == (32, 32, 3)
+    assert torch.equal(predictor.preprocess(view), seen)
+
+
+def test_thumbnail_outlines_the_centre_square() -> None:
+    wide = np.zeros((300, 1200, 3), np.uint8)
+    thumb = support.thumbnail_with_crop(wide, max_side=480)
+    assert thumb.shape == (120, 480, 3)
+    assert support.centre_square(120, 480) == (0, 180, 120)
+    assert thumb[60, 180].tolist() == [255, 255, 255]  # left edge of the outline
+    assert thumb[60, 100].tolist() == [0, 0, 0]  # outside: untouched
+    square = _face_like(9, 40)
+    assert np.array_equal(support.thumbnail_with_crop(square), square)  # small and square: as is
+    with pytest.raises(ValueError, match="uint8"):
+        support.thumbnail_with_crop(square.astype(np.float32))
 
 
 def test_downloads_have_right_columns_and_values(predictor, expected) -> None:
