@@ -181,11 +181,26 @@ def _hub_offline() -> bool:
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+    """Whether a TCP connection to the hub opens within ``timeout_s`` seconds, DNS included.
+
+    Name resolution ignores socket time-outs (it can take 20 s and more without a network), so the
+    probe runs in a daemon thread and is abandoned when it is late.
+    """
+    import threading
+
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((HUB_HOST, 443), timeout=timeout_s):
+                outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    worker = threading.Thread(target=probe, name="painwatch-hub-probe", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return bool(outcome and outcome[0])
 
 
 def _hub_repo(arch: str) -> str:
