@@ -90,6 +90,12 @@ def test_certificate_record_checks_its_fields() -> None:
         Certificate(-2, 0.0, "soft_smoothing", 0.1, 10, 0.1, 0.0)
     with pytest.raises(AttributeError):
         cert.radius = 2.0  # frozen
+    with pytest.raises(TypeError, match=r"Certificate\.prediction must be an integer"):
+        Certificate(0.5, 0.1, "soft_smoothing", 0.1, 10, 0.1, 0.0)
+    # numpy scalars become Python numbers (JSON-ready, comparable).
+    converted = Certificate(np.int64(2), np.float32(0.25), "soft_smoothing", 0.1, np.int64(10), 0.1, 0.9)
+    assert type(converted.prediction) is int and type(converted.radius) is float
+    assert converted == Certificate(2, 0.25, "soft_smoothing", 0.1, 10, 0.1, 0.9)
     assert Certificate(0, 0.1, "soft_smoothing", 0.1, 10, 0.1, math.nan).to_dict()["bound"] is None
 
 

@@ -336,5 +336,8 @@ def test_smoothing_validates_inputs() -> None:
         noisy_logits(model, X, 0.1, 0)
     with pytest.raises(TypeError, match=r"generator must be a torch\.Generator"):
         noisy_logits(model, X, 0.1, 5, generator=np.random.default_rng(0))
+    on_meta = nn.Sequential(nn.Flatten(), nn.Linear(DIM, 2, device="meta"))
+    with pytest.raises(ValueError, match="x is on cpu but the model's weights are on meta"):
+        noisy_logits(on_meta, X, 0.1, 5)
     with pytest.raises(ValueError, match=r"scores must lie in \[0, 1\]"):
         mean_confidence_bounds(np.array([[1.5]]), 0.1)

@@ -17,12 +17,14 @@ Methods (DESIGN "The certificates"):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from painwatch.robust.validation import (
+    Model,
     check_alpha,
     check_count,
     check_generator,
@@ -30,6 +32,7 @@ from painwatch.robust.validation import (
     check_lipschitz_constant,
     check_logits,
     check_model,
+    check_same_device,
     check_sigma,
 )
 
@@ -95,14 +98,24 @@ class Certificate:
     forward_passes: int = 0
 
     def __post_init__(self) -> None:
+        # Normalise numpy / torch scalars to Python numbers so records compare and serialise cleanly.
+        for name in ("prediction", "n", "forward_passes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"Certificate.{name} must be an integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        for name in ("radius", "sigma", "alpha", "bound"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"Certificate.{name} must be a real number, got {value!r}")
+            object.__setattr__(self, name, float(value))
         if self.method not in METHODS:
             raise ValueError(f"unknown certificate method {self.method!r}; expected one of {METHODS}")
-        valid_type = isinstance(self.prediction, int) and not isinstance(self.prediction, bool)
-        if not valid_type or self.prediction < ABSTAIN:
+        if self.prediction < ABSTAIN:
             raise ValueError(
                 f"prediction must be a class index >= 0 or ABSTAIN (-1), got {self.prediction!r}"
             )
-        if not (self.radius >= 0.0) or math.isnan(self.radius):
+        if not (self.radius >= 0.0):
             raise ValueError(f"radius must be >= 0, got {self.radius!r}")
         if self.prediction == ABSTAIN and self.radius != 0.0:
             raise ValueError(f"an abstaining certificate must have radius 0.0, got {self.radius!r}")
@@ -175,7 +188,7 @@ def margin_for_class(logits: torch.Tensor, label: int | torch.Tensor) -> torch.T
     return own - others.max(dim=1).values
 
 
-def _model_logits(model, batch: torch.Tensor) -> torch.Tensor:
+def _model_logits(model: Model, batch: torch.Tensor) -> torch.Tensor:
     """Logits of ``model`` on ``batch`` in eval mode without autograd, checked for shape and finiteness."""
     from painwatch.robust.smoothing import evaluation_mode
 
@@ -184,7 +197,7 @@ def _model_logits(model, batch: torch.Tensor) -> torch.Tensor:
     return check_logits(logits, batch.shape[0])
 
 
-def lipschitz_certify(model, x: torch.Tensor, lipschitz_constant: float) -> Certificate:
+def lipschitz_certify(model: Model, x: torch.Tensor, lipschitz_constant: float) -> Certificate:
     """Lipschitz margin certificate (Tsuzuku et al. 2018) of the bare network at one image.
 
     Guarantee: if ``lipschitz_constant >= Lip_2(f)``, then ``argmax f(x + delta) = prediction`` for every
@@ -195,12 +208,13 @@ def lipschitz_certify(model, x: torch.Tensor, lipschitz_constant: float) -> Cert
     return lipschitz_certify_batch(model, check_image(x).unsqueeze(0), lipschitz_constant)[0]
 
 
-def lipschitz_certify_batch(model, x: torch.Tensor, lipschitz_constant: float) -> list[Certificate]:
+def lipschitz_certify_batch(model: Model, x: torch.Tensor, lipschitz_constant: float) -> list[Certificate]:
     """:func:`lipschitz_certify` for a batch ``(B, C, H, W)``: one forward pass for all images."""
     from painwatch.robust.validation import check_batch
 
     check_model(model)
     check_batch(x)
+    check_same_device(model, x)
     constant = check_lipschitz_constant(lipschitz_constant)
     prediction, margin = logit_margin(_model_logits(model, x))
     radii = (margin / (_SQRT2 * constant)).tolist()
@@ -223,7 +237,7 @@ def smoothed_margin_slack(lipschitz_constant: float, sigma: float, n: int, alpha
 
 
 def smoothed_margin_certify(
-    model,
+    model: Model,
     x: torch.Tensor,
     sigma: float,
     lipschitz_constant: float,

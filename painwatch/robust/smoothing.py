@@ -15,7 +15,7 @@ Classifiers certified here:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -25,6 +25,7 @@ from scipy.stats import binomtest, norm
 
 from painwatch.robust.certificates import ABSTAIN, Certificate
 from painwatch.robust.validation import (
+    Model,
     check_alpha,
     check_count,
     check_generator,
@@ -32,6 +33,7 @@ from painwatch.robust.validation import (
     check_logits,
     check_model,
     check_num_classes,
+    check_same_device,
     check_sigma,
 )
 
@@ -55,7 +57,7 @@ or the smaller of both (each at half the failure probability, so the pair is uni
 
 
 @contextmanager
-def evaluation_mode(model: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+def evaluation_mode(model: Model) -> Iterator[None]:
     """Put an ``nn.Module`` (and every submodule) in eval mode for the block, then restore each flag.
 
     Certificates are statements about the deterministic network: dropout and batch-norm statistics
@@ -84,7 +86,7 @@ def _resolve_generator(generator: torch.Generator | None) -> torch.Generator:
 
 
 def _noisy_logit_batches(
-    model, x: torch.Tensor, sigma: float, num: int, batch_size: int, generator: torch.Generator,
+    model: Model, x: torch.Tensor, sigma: float, num: int, batch_size: int, generator: torch.Generator,
     num_classes: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield float64 logits of ``model`` on ``x + N(0, sigma^2 I)`` in batches of at most ``batch_size``.
@@ -92,6 +94,7 @@ def _noisy_logit_batches(
     Noise is drawn on the generator's device (so a seed gives the same noise whatever device ``x`` is on)
     and moved to ``x``'s device. Inputs are already validated by the public callers.
     """
+    check_same_device(model, x)
     remaining = num
     with evaluation_mode(model), torch.no_grad():
         while remaining > 0:
@@ -105,7 +108,7 @@ def _noisy_logit_batches(
 
 
 def noisy_logits(
-    model,
+    model: Model,
     x: torch.Tensor,
     sigma: float,
     num: int,
@@ -128,7 +131,7 @@ def noisy_logits(
     return torch.cat(list(_noisy_logit_batches(model, x, sigma, num, batch_size, generator)), dim=0)
 
 
-def expected_logits(model, x: torch.Tensor, sigma: float, num: int, batch_size: int = 1000,
+def expected_logits(model: Model, x: torch.Tensor, sigma: float, num: int, batch_size: int = 1000,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Monte Carlo estimate of ``E_xi[f(x + xi)]`` (float64 ``(K,)``) from ``num`` noise draws.
 
@@ -137,7 +140,7 @@ def expected_logits(model, x: torch.Tensor, sigma: float, num: int, batch_size: 
     return noisy_logits(model, x, sigma, num, batch_size, generator).mean(dim=0)
 
 
-def expected_softmax(model, x: torch.Tensor, sigma: float, num: int, batch_size: int = 1000,
+def expected_softmax(model: Model, x: torch.Tensor, sigma: float, num: int, batch_size: int = 1000,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """Monte Carlo estimate of ``G(x) = E_xi[softmax f(x + xi)]`` (float64 ``(K,)``) from ``num`` draws."""
     return torch.softmax(noisy_logits(model, x, sigma, num, batch_size, generator), dim=1).mean(dim=0)
@@ -224,7 +227,7 @@ class SmoothedClassifier:
     to logits ``(B, num_classes)``; ``sigma`` is the noise std in [0, 1] pixel units.
     """
 
-    def __init__(self, model, num_classes: int, sigma: float) -> None:
+    def __init__(self, model: Model, num_classes: int, sigma: float) -> None:
         self.model = check_model(model)
         self.num_classes = check_num_classes(num_classes)
         self.sigma = check_sigma(sigma)
@@ -288,7 +291,7 @@ class SmoothedClassifier:
 
 
 def soft_smoothing_certify(
-    model,
+    model: Model,
     x: torch.Tensor,
     sigma: float,
     n0: int = 100,

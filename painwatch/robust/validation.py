@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 __all__ = [
+    "Model",
     "check_alpha",
     "check_batch",
     "check_count",
@@ -26,8 +27,12 @@ __all__ = [
     "check_logits",
     "check_model",
     "check_num_classes",
+    "check_same_device",
     "check_sigma",
 ]
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+"""A classifier: float batch ``(B, C, H, W)`` with pixels in [0, 1] -> logits ``(B, K)``."""
 
 
 def _describe(value: object) -> str:
@@ -141,7 +146,7 @@ def check_num_classes(value: object, name: str = "num_classes") -> int:
     return check_count(value, name, minimum=2)
 
 
-def check_model(model: object, name: str = "model") -> Callable[[torch.Tensor], torch.Tensor]:
+def check_model(model: object, name: str = "model") -> Model:
     """Check that ``model`` is callable (an ``nn.Module`` or any function of a batch)."""
     if not callable(model):
         raise TypeError(
@@ -179,3 +184,17 @@ def check_logits(
     if not bool(torch.isfinite(logits).all()):
         raise ValueError(f"{name} contains non-finite logits (NaN or inf)")
     return logits
+
+
+def check_same_device(model: object, x: torch.Tensor, name: str = "x") -> None:
+    """For an ``nn.Module`` with parameters or buffers, check that ``x`` is on the same device.
+
+    Catches the mix-up early with a message that says how to fix it, instead of a deep torch error.
+    """
+    if not isinstance(model, torch.nn.Module):
+        return
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {x.device} but the model's weights are on {tensor.device}; "
+                             f"move one of them (e.g. {name}.to({str(tensor.device)!r}))")
+        return
