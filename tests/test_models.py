@@ -138,6 +138,15 @@ def test_hub_weights_offline_fail_fast_with_instructions() -> None:
     assert "HF_HUB_OFFLINE" in str(error.value) and "--weights PATH" in str(error.value)
 
 
+def test_unreachable_hub_fails_fast_when_not_offline(monkeypatch) -> None:
+    from painwatch.models import network
+
+    monkeypatch.setattr(network, "_hub_offline", lambda: False)
+    monkeypatch.setattr(network, "_hub_reachable", lambda timeout_s=3.0: False)
+    with pytest.raises(ModelWeightsError, match=r"huggingface\.co is not reachable.*timm/test_resnet"):
+        create_model(ARCH, pretrained=True, input_size=SIZE)
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_local_imagenet_weights_are_loaded_exactly(tmp_path, suffix: str) -> None:
     # An "ImageNet" checkpoint: the full timm model with its 1000-class classifier.
