@@ -904,7 +904,19 @@ def write_outputs(
         "seed": settings.seed,
         "device": device,
     }
-    outputs.update(write_loio_report(run_dir, evaluation, run_info, fold_rows))
+    notes = []
+    if not settings.weights and not settings.pretrained:
+        notes.append(
+            "The backbone started from random weights (no ImageNet weights were given: pass --weights PATH "
+            "or --pretrained). "
+            + (
+                "With --cache-features its frozen features are random projections, so results near chance "
+                "are expected."
+                if settings.cache_features
+                else "Training from scratch on few frames usually stays near chance."
+            )
+        )
+    outputs.update(write_loio_report(run_dir, evaluation, run_info, fold_rows, notes=notes))
     return metrics, outputs
 
 

@@ -530,11 +530,13 @@ def write_loio_report(
     run_info: Mapping[str, Any],
     fold_rows: Sequence[Mapping[str, Any]] = (),
     stem: str = "report",
+    notes: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and the PNGs of a LOIO run into ``run_dir``.
 
     ``evaluation`` is :func:`painwatch.metrics.evaluate`'s result; ``run_info`` holds the settings
-    shown at the top (data, architecture, epochs, frames used, ...); ``fold_rows`` one row per fold.
+    shown at the top (data, architecture, epochs, frames used, ...); ``fold_rows`` one row per fold;
+    ``notes`` are caveats shown highlighted at the top.
     Returns the written paths by name.
     """
     folder = Path(run_dir)
@@ -562,6 +564,8 @@ def write_loio_report(
             "not how well pain is detected in real macaques.",
             note=True,
         )
+    for note in notes:
+        report.paragraph(note, note=True)
     report.paragraph(
         f"{evaluation['num_frames']} frames of {evaluation['num_individuals']} individuals were used; every "
         "frame was predicted by the one fold whose model never saw its individual (neither for training nor "

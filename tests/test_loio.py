@@ -249,7 +249,9 @@ def test_cli_end_to_end_fine_tuning(fine_tuned_run, capsys: pytest.CaptureFixtur
     assert len(metrics["folds"]) == 4
     html = (out / "report.html").read_text()
     assert "64%" in html and "61%" in html and "69%" in html  # published numbers beside ours
-    assert "32 frames of 4 individuals" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "32 frames of 4 individuals" in markdown
+    assert "random weights" in markdown  # no ImageNet weights given: the report says what to expect
 
     # A second run into the same folder without --resume is refused with a clear message.
     capsys.readouterr()
