@@ -112,6 +112,24 @@ def test_conv_bound_is_sound_on_random_configurations():
         )
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=3, stride=2, padding=1, output_padding=1),
+        dict(kernel_size=4, stride=2, padding=1, groups=2),
+        dict(kernel_size=3, stride=3, dilation=2),
+    ],
+)
+def test_transposed_conv_bound_is_sound_and_close(kwargs):
+    torch.manual_seed(5)
+    layer = nn.ConvTranspose2d(4, 6, **kwargs)
+    shape = (4, 4, 5)
+    bound = lipschitz_upper_bound(layer, shape)
+    exact = exact_operator_norm(layer, shape)
+    assert exact * (1 - 1e-9) <= bound <= exact * 1.3
+
+
 def test_conv1d_and_conv3d_bounds_are_sound():
     torch.manual_seed(0)
     conv1 = nn.Conv1d(3, 4, 5, padding=2, stride=2)

@@ -92,10 +92,11 @@ def lipschitz_upper_bound(module: nn.Module, input_shape: Sequence[int]) -> floa
         The network. Supported: ``nn.Sequential`` (recursively; the bound is the product of its
         layers' bounds), ``nn.Linear`` (exact largest singular value), ``nn.Conv1d/2d/3d`` with any
         stride, padding (zeros, circular, reflect, replicate), dilation and groups (FFT bound, see
-        :func:`conv_operator_norm_bound`), batch norm in eval mode, a normalisation layer with
-        ``mean``/``std`` attributes computing ``(x - mean) / std``, max/average pooling (plain and
-        adaptive), padding layers, Flatten/Unflatten/Identity/Dropout, the usual activations (ReLU,
-        LeakyReLU, ELU, Tanh, Sigmoid, GELU, SiLU, ...), and the layers of this module. Any module may
+        :func:`conv_operator_norm_bound`) and their transposes, batch norm in eval mode, a
+        normalisation layer with ``mean``/``std`` attributes computing ``(x - mean) / std``,
+        max/average pooling (plain and adaptive), padding layers, Flatten/Unflatten/Identity/Dropout,
+        the usual activations (ReLU, LeakyReLU, ELU, Tanh, Sigmoid, GELU, SiLU, ...), and the layers
+        of this module. Any module may
         declare its own bound by defining a method ``lipschitz_upper_bound(input_shape) -> float``; that
         method is trusted. Anything else raises :class:`UnsupportedLayerError` naming the layer.
     input_shape:
@@ -350,18 +351,20 @@ def conv_operator_norm_bound(
 
 
 def _conv_bound(module: nn.modules.conv._ConvNd, shape, out_shape, path) -> float:
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        raise UnsupportedLayerError(path, module, "transposed convolutions are not supported")
+    """FFT bound of a convolution. A transposed convolution is the adjoint of the convolution with the
+    same weight, stride, padding, dilation and groups acting on its *output* grid (that is how PyTorch
+    defines it, output_padding only choosing that grid's size); an adjoint has the same norm."""
     spatial = module.weight.dim() - 2
     if len(shape) != spatial + 1:
         raise ValueError(
             f"layer '{path}' ({type(module).__name__}) needs (C, *spatial) inputs, got shape {shape}"
         )
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
     kernel = tuple(module.weight.shape[2:])
     padding = [_pad_pair(module.padding, dim, kernel[dim], module.dilation[dim]) for dim in range(spatial)]
     return conv_operator_norm_bound(
         module.weight,
-        shape[1:],
+        out_shape[1:] if transposed else shape[1:],
         padding,
         dilation=module.dilation,
         groups=module.groups,
