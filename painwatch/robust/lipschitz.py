@@ -96,9 +96,9 @@ def lipschitz_upper_bound(module: nn.Module, input_shape: Sequence[int]) -> floa
         normalisation layer with ``mean``/``std`` attributes computing ``(x - mean) / std``,
         max/average pooling (plain and adaptive), padding layers, Flatten/Unflatten/Identity/Dropout,
         the usual activations (ReLU, LeakyReLU, ELU, Tanh, Sigmoid, GELU, SiLU, ...), and the layers
-        of this module. Any module may
-        declare its own bound by defining a method ``lipschitz_upper_bound(input_shape) -> float``; that
-        method is trusted. Anything else raises :class:`UnsupportedLayerError` naming the layer.
+        of this module. Any module may declare its own bound by defining a method
+        ``lipschitz_upper_bound(input_shape) -> float``; that method is trusted. Anything else
+        raises :class:`UnsupportedLayerError` naming the layer.
     input_shape:
         Shape of one sample, without the batch dimension, e.g. ``(C, H, W)``. Convolution and pooling
         bounds depend on it (the FFT grid), so pass the true input resolution.
