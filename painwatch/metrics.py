@@ -425,7 +425,7 @@ def bootstrap_confidence_intervals(
         "method": "cluster bootstrap over individuals, percentile intervals",
         "reps": int(reps),
         "confidence_level": float(confidence_level),
-        "seed": seed if isinstance(seed, (int, np.integer)) else None,
+        "seed": int(seed) if isinstance(seed, (int, np.integer)) else None,
         "num_groups": int(num_groups),
         "metrics": {},
     }
