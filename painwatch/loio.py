@@ -51,7 +51,8 @@ RESULT_FILE = "result.json"
 HEAD_FILE = "head.safetensors"
 RUN_FORMAT = "painwatch-loio-1"
 
-#: Settings that may change between a run and its ``--resume`` without changing any result.
+#: Settings that may change between a run and its ``--resume``: they do not change what a fold computes
+#: (the device can change float rounding only; the bootstrap and bins only change the pooled summary).
 RESUME_FREE_SETTINGS = frozenset(
     {"device", "max_folds", "progress", "num_workers", "bootstrap_reps", "num_bins"}
 )
