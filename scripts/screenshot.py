@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             harness.upload_files(page, frames)
             try:
                 harness.wait_for_results(page, timeout_ms=args.timeout * 1000)
-                page.get_by_text("Where the model looked").first.wait_for(state="visible", timeout=300_000)
+                page.get_by_text("where it looked").first.wait_for(state="visible", timeout=300_000)
             except Exception:
                 print(f"the page did not finish; server log:\n{app.log_tail()}", file=sys.stderr)
                 raise
