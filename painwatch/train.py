@@ -73,6 +73,7 @@ class TrainConfig:
     num_draws: int = 4
     margin_weight: float = 1.0
     label_smoothing: float = 0.0
+    augment: float = 1.0
     max_grad_norm: float | None = 5.0
     drop_rate: float = 0.0
     amp: bool = True
@@ -114,6 +115,8 @@ class TrainConfig:
             raise bad("margin", "must be a finite number")
         if not is_real(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
             raise bad("label_smoothing", "must be in [0, 1)")
+        if not is_real(self.augment) or not 0 <= self.augment <= 1:
+            raise bad("augment", "must be in [0, 1] (0: no augmentation, 1: the full ranges)")
         if not is_real(self.drop_rate) or not 0 <= self.drop_rate < 1:
             raise bad("drop_rate", "must be in [0, 1)")
         if self.max_grad_norm is not None and (not is_real(self.max_grad_norm) or self.max_grad_norm <= 0):
@@ -231,12 +234,18 @@ def _labels_of(records_or_dataset: Any) -> list[int]:
 
 
 def _as_dataset(
-    records_or_dataset: Any, input_size: int, train: bool, detector: Any = None, seed: int = 0
+    records_or_dataset: Any,
+    input_size: int,
+    train: bool,
+    detector: Any = None,
+    seed: int = 0,
+    augment: float = 1.0,
 ) -> Dataset:
     """A dataset yielding ``(float tensor (3, S, S) in [0, 1], label)`` from records or a dataset.
 
-    Records get the albumentations train transform (augmentations seeded by ``seed``) or the
-    deterministic eval transform at ``input_size``; a ready dataset is used as it is.
+    Records get the albumentations train transform (augmentations of strength ``augment`` seeded by
+    ``seed``; ``augment=0``: none) or the deterministic eval transform at ``input_size``; a ready
+    dataset is used as it is.
     """
     from torch.utils.data import Dataset
 
@@ -244,7 +253,10 @@ def _as_dataset(
         return records_or_dataset
     from painwatch.data import FrameDataset, eval_transform, train_transform
 
-    transform = train_transform(input_size, seed=seed) if train else eval_transform(input_size)
+    if train and augment > 0:
+        transform = train_transform(input_size, seed=seed, strength=augment)
+    else:
+        transform = eval_transform(input_size)
     return FrameDataset(list(records_or_dataset), transform, detector=detector)
 
 
@@ -531,7 +543,9 @@ def fit(
     seed_everything(config.seed)
     device = resolve_device(config.device)
     use_amp = bool(config.amp and device.type == "cuda")
-    train_set = _as_dataset(train_records, config.input_size, train=True, detector=detector, seed=config.seed)
+    train_set = _as_dataset(
+        train_records, config.input_size, True, detector=detector, seed=config.seed, augment=config.augment
+    )
     if len(train_set) == 0:
         raise ValueError("train_records is empty: nothing to train on")
     train_labels = _labels_of(train_records)
@@ -927,6 +941,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=defaults.noise_sigma,
         help="Gaussian noise augmentation, L2 per pixel in [0, 1] units (default: %(default)s)",
     )
+    parser.add_argument(
+        "--augment",
+        type=float,
+        default=defaults.augment,
+        help="strength of the training augmentation in [0, 1]; 0 for none (default: %(default)s)",
+    )
     parser.add_argument("--loss", choices=LOSSES, default=defaults.loss)
     parser.add_argument("--margin", type=float, default=defaults.margin, help="target margin d of mc_margin")
     parser.add_argument(
@@ -992,6 +1012,7 @@ def _run_train(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         device=args.device,
         amp=not args.no_amp,
+        augment=args.augment,
         pretrained=args.pretrained,
         weights_path=args.weights,
     )
@@ -1062,6 +1083,7 @@ def _run_train(args: argparse.Namespace) -> int:
             "batch_size": config.batch_size,
             "schedule": config.schedule,
             "class_balance": config.class_balance,
+            "augment": config.augment,
             "initial_weights": weights_source,
             "val_loss": last.get("val_loss"),
             "val_accuracy": last.get("val_accuracy"),

@@ -102,6 +102,7 @@ def data_folder(tmp_path_factory) -> Path:
         ("device", "tpu", "TrainConfig.device"),
         ("patience", 0, "TrainConfig.patience"),
         ("class_balance", "oversample", "TrainConfig.class_balance"),
+        ("augment", 1.5, "TrainConfig.augment"),
     ],
 )
 def test_config_errors_name_the_field_and_value(field: str, value, text: str) -> None:
@@ -267,6 +268,8 @@ def test_painwatch_train_writes_a_loadable_bundle(data_folder: Path, tmp_path: P
             "--device",
             "cpu",
             "--quiet",
+            "--augment",
+            "0.5",
         ]
     )
     assert code == 0, capsys.readouterr().err
@@ -277,6 +280,7 @@ def test_painwatch_train_writes_a_loadable_bundle(data_folder: Path, tmp_path: P
     assert set(training["fit_individuals"]).isdisjoint(training["validation_individuals"])
     assert (training["loss"], training["noise_sigma"], training["num_frames"]) == ("ce+mc_margin", 0.1, 32)
     assert training["synthetic_data"] is False and not is_synthetic_source(data_folder)
+    assert training["augment"] == 0.5
     assert len(training["data_hash"]) == 64
     assert bundle.metadata["certification"]["sigma"] == pytest.approx(0.1)
     assert bundle.temperature > 0
