@@ -312,3 +312,18 @@ def test_lipschitz_and_robustness_validate_inputs() -> None:
         smoothed_robustness([1.0, 2.0], 1.0, [0.1, 0.2, 0.3], 0.1)
     with pytest.raises(ValueError, match="margin_lower_bound contains NaN"):
         smoothed_robustness(math.nan, 1.0, 0.1, 0.1)
+
+
+def test_package_re_exports_every_public_name_of_every_robust_module() -> None:
+    import importlib
+    import pkgutil
+
+    import painwatch.robust as robust
+
+    for info in pkgutil.iter_modules(robust.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"painwatch.robust.{info.name}")
+        missing = sorted(set(getattr(module, "__all__", ())) - set(robust.__all__))
+        assert not missing, f"painwatch.robust does not re-export {missing} from painwatch.robust.{info.name}"
+        assert all(getattr(robust, name) is getattr(module, name) for name in module.__all__)

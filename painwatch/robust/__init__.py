@@ -98,6 +98,7 @@ from painwatch.robust.smoothing import (
     soft_smoothing_certify,
 )
 from painwatch.robust.validation import (
+    Model,
     check_alpha,
     check_batch,
     check_count,
@@ -107,6 +108,7 @@ from painwatch.robust.validation import (
     check_logits,
     check_model,
     check_num_classes,
+    check_same_device,
     check_sigma,
 )
 
@@ -128,6 +130,7 @@ __all__ = [
     "MarginCertifiedRadiusLoss",
     "MarginSmoothedCertifiedRadiusLoss",
     "MaxMin",
+    "Model",
     "MomentRule",
     "MonteCarloSurrogate",
     "MulticlassHingeLoss",
@@ -151,6 +154,7 @@ __all__ = [
     "check_logits",
     "check_model",
     "check_num_classes",
+    "check_same_device",
     "check_sigma",
     "clark_max_moments",
     "clopper_pearson_lower",
