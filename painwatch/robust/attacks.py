@@ -81,7 +81,8 @@ class MonteCarloSurrogate(nn.Module):
     ``num_draws`` fixed draws ``Z_k`` (a Monte Carlo estimate of the expected logits); for ``"softmax"`` and
     ``"counts"`` the log of the mean softmax (Salman et al. 2019), whose argmax estimates ``argmax G``
     and approximates Cohen's ``g``. The draws are taken once, from ``generator``, at construction, so the
-    surrogate is a fixed deterministic function an attack can follow.
+    surrogate is a fixed deterministic function an attack can follow. One forward pass runs the base
+    model on ``B * num_draws`` images: size the attack's ``batch_size`` for that.
     """
 
     def __init__(self, model: nn.Module | Callable[[torch.Tensor], torch.Tensor], sigma: float,
