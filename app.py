@@ -366,6 +366,7 @@ def main() -> None:
         show_model_card(predictor)
 
     if not files:
+        st.session_state.pop("batch", None)  # files removed: let go of their results
         st.info("Drop frames or clips above to analyse them.", icon="⬆️")
         return
     uploads = [support.Upload(f.name, f.getvalue()) for f in files]
