@@ -907,6 +907,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``painwatch train`` to the CLI."""
     parser = subparsers.add_parser(
         "train",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="train the clinical model on all individuals and save a model bundle",
         description=(
             "Fine-tune a timm backbone on DATA (folder DATA/<individual>/<label>/* or a manifest CSV) and "
@@ -917,60 +918,76 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
     parser.add_argument("data", help="data folder or manifest CSV")
     parser.add_argument("--out", required=True, help="bundle folder to write")
-    parser.add_argument("--arch", default=defaults.arch, help="timm architecture (default: %(default)s)")
+    parser.add_argument("--arch", default=defaults.arch, help="timm architecture")
+    parser.add_argument("--input-size", type=int, default=defaults.input_size, help="pixels")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="at most this many epochs")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="frames per step")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate")
     parser.add_argument(
-        "--input-size", type=int, default=defaults.input_size, help="pixels (default: %(default)s)"
+        "--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay"
     )
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
-    parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    parser.add_argument(
+        "--schedule", choices=SCHEDULES, default=defaults.schedule, help="learning-rate schedule"
+    )
+    parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs, help="linear warm-up")
     parser.add_argument(
         "--patience",
         type=int,
         default=defaults.patience,
-        help="early-stopping patience in epochs; 0 disables (default: %(default)s)",
+        help="early-stopping patience in epochs; 0 disables",
     )
-    parser.add_argument("--monitor", choices=MONITORS, default=defaults.monitor)
-    parser.add_argument("--class-balance", choices=CLASS_BALANCING, default=defaults.class_balance)
+    parser.add_argument(
+        "--monitor", choices=MONITORS, default=defaults.monitor, help="early-stopping criterion"
+    )
+    parser.add_argument(
+        "--class-balance",
+        choices=CLASS_BALANCING,
+        default=defaults.class_balance,
+        help="inverse-frequency loss weights, balanced sampling, or none",
+    )
     parser.add_argument(
         "--noise-sigma",
         type=float,
         default=defaults.noise_sigma,
-        help="Gaussian noise augmentation, L2 per pixel in [0, 1] units (default: %(default)s)",
+        help="Gaussian noise augmentation, L2 per pixel in [0, 1] units",
     )
     parser.add_argument(
         "--augment",
         type=float,
         default=defaults.augment,
-        help="strength of the training augmentation in [0, 1]; 0 for none (default: %(default)s)",
+        help="strength of the training augmentation in [0, 1]; 0 for none",
     )
-    parser.add_argument("--loss", choices=LOSSES, default=defaults.loss)
+    parser.add_argument(
+        "--loss", choices=LOSSES, default=defaults.loss, help="cross-entropy and/or MC expected-margin loss"
+    )
     parser.add_argument("--margin", type=float, default=defaults.margin, help="target margin d of mc_margin")
     parser.add_argument(
         "--num-draws", type=int, default=defaults.num_draws, help="noise draws k of mc_margin"
     )
-    parser.add_argument("--margin-weight", type=float, default=defaults.margin_weight)
+    parser.add_argument(
+        "--margin-weight",
+        type=float,
+        default=defaults.margin_weight,
+        help="weight of mc_margin in ce+mc_margin",
+    )
     parser.add_argument(
         "--val-fraction",
         type=float,
         default=0.2,
-        help="fraction of individuals held out for validation; 0 for none (default: %(default)s)",
+        help="fraction of individuals held out for validation; 0 for none",
     )
     parser.add_argument(
-        "--individuals", default=None, help="comma-separated individuals to train on (default: all in DATA)"
+        "--individuals", default=None, help="comma-separated individuals to use; all in DATA when omitted"
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of every random draw")
     parser.add_argument(
         "--weights", default=None, help="local ImageNet weights (safetensors or .pth state dict)"
     )
     parser.add_argument(
         "--pretrained", action="store_true", help="ImageNet weights from the hub (needs network)"
     )
-    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda (default: %(default)s)")
-    parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
+    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda")
+    parser.add_argument("--num-workers", type=int, default=defaults.num_workers, help="DataLoader workers")
     parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=_train_command)
