@@ -224,12 +224,13 @@ def evaluate_gate(gate: Gate, measured: Mapping[str, Any]) -> list[dict[str, Any
 
 
 def certified_accuracy_at(records: Sequence[tuple[bool, float]], radius: float) -> float:
-    """Fraction of frames that are correct *and* certified at ``>= radius`` (records: (correct, radius))."""
+    """Fraction of frames that are correct *and* certified at ``>= radius`` (records: (correct, radius)).
+
+    ``correct`` is False for abstentions, so at radius 0 this is the accuracy of the deployed answers.
+    """
     if not records:
         return 0.0
-    return sum(1 for correct, r in records if correct and r >= radius and (r > 0 or radius == 0)) / len(
-        records
-    )
+    return sum(1 for correct, r in records if correct and r >= radius) / len(records)
 
 
 # --------------------------------------------------------------------------------------- measuring
