@@ -12,7 +12,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny test models run fastest on one thread (thread start-up dominates); override to compare.
+torch.set_num_threads(int(os.environ.get("PAINWATCH_TEST_THREADS", "1")))
 
 
 @pytest.fixture
