@@ -61,7 +61,9 @@ def upload_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @pytest.fixture(scope="module")
 def running_app(tiny_bundle: Path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with harness.serve_app(tiny_bundle, ARTIFACTS / "streamlit-server.log") as app:
+    # One torch thread: a tiny model runs fastest that way on a shared CPU.
+    log = ARTIFACTS / "streamlit-server.log"
+    with harness.serve_app(tiny_bundle, log, extra_env={"OMP_NUM_THREADS": "1"}) as app:
         yield app
     # serve_app stops the server process group on exit, also when a test failed.
 
