@@ -258,3 +258,43 @@ def test_select_frames_spreads_over_individuals_and_classes(demo: Path) -> None:
     assert len(chosen) == 8 and chosen == select_frames(records, 8, seed=0)
     assert {(r.individual, r.label) for r in chosen} == {(r.individual, r.label) for r in records}
     assert select_frames(records, None, seed=0) == records
+
+
+def test_demo_bundle_trains_certifies_and_records_the_verdict(
+    demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from painwatch.demo import held_out_individuals
+
+    out = tmp_path / "demo-bundle"
+    code = main(
+        [
+            "demo-bundle",
+            "--data",
+            str(demo),
+            "--out",
+            str(out),
+            "--held-out",
+            "1",
+            "--arch",
+            "test_resnet",
+            "--input-size",
+            "32",
+            "--epochs",
+            "1",
+            "--max-frames",
+            "2",
+            "--n",
+            "100",
+            "--quiet",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "demo bundle" in capsys.readouterr().out
+    metadata = read_metadata(out)
+    held_out = held_out_individuals([f"syn-m0{i}" for i in range(1, 5)], 1, seed=0)
+    assert metadata["gate"]["individuals"] == held_out and metadata["gate"]["held_out"] is True
+    assert set(metadata["training"]["individuals"]).isdisjoint(held_out)
+    assert metadata["training"]["noise_sigma"] == pytest.approx(0.12)
+    assert (tmp_path / "demo-bundle-report" / "report.html").is_file()
+    with pytest.raises(ValueError, match="--held-out must be between 1 and 2"):
+        held_out_individuals(["a", "b", "c", "d"], 3, seed=0)
