@@ -357,11 +357,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     benchmark = None
     if args.benchmark_loss in names:
         bench_path = args.out / "benchmark.json"
+        bench_config = {
+            **config,
+            "benchmark": {
+                "loss": args.benchmark_loss,
+                "n": args.benchmark_n,
+                "num_test": args.benchmark_num_test,
+            },
+        }
         model = trained.get(args.benchmark_loss)
         if (
             model is None
             and bench_path.is_file()
-            and json.loads(bench_path.read_text()).get("config") == config
+            and json.loads(bench_path.read_text()).get("config") == bench_config
         ):
             benchmark = json.loads(bench_path.read_text())
         else:
@@ -375,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             benchmark = run_benchmark(
                 model, results[args.benchmark_loss]["evaluation"], x_test, y_test, args, log
             )
-            benchmark["config"] = config
+            benchmark["config"] = bench_config
             common.atomic_write_json(bench_path, benchmark)
 
     return common.write_report(

@@ -93,6 +93,10 @@ def test_mnist_experiment_end_to_end_on_the_bundled_digits(tmp_path: Path) -> No
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name != "summary.json"}
     mnist_experiment.main([*argv, "--resume"])
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name != "summary.json"} == mtimes
+    # ... but a benchmark asked with other settings is recomputed (the per-loss results are still reused).
+    mnist_experiment.main([*argv, "--resume", "--benchmark-n", "200"])
+    assert json.loads((out / "benchmark.json").read_text())["randomized_smoothing"]["n"] == 200
+    assert (out / "mscr.json").stat().st_mtime_ns == mtimes["mscr.json"]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
