@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -629,20 +628,6 @@ def download_name(stem: str, created: datetime | None = None) -> str:
     """A file name such as ``painwatch-results-20260101-120000``: sortable, no spaces."""
     stamp = (created or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
     return f"{stem}-{stamp}"
-
-
-def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
-    """True when the environment variable is set to 1/true/yes/on (case-insensitive)."""
-    value = (environ if environ is not None else os.environ).get(name, "")
-    return value.strip().lower() in {"1", "true", "yes", "on"}
-
-
-def tensor_to_image(x: Any) -> np.ndarray:
-    """A model input ``(3, H, W)`` float tensor with pixels in [0, 1] as an HxWx3 uint8 RGB array."""
-    array = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
-    if array.ndim != 3 or array.shape[0] != 3:
-        raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(array.shape)}")
-    return np.clip(np.rint(array.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
 
 
 THUMBNAIL_SIDE = 480
