@@ -189,6 +189,21 @@ def test_unsupported_layer_is_named() -> None:
         moments.propagate_moments(net, torch.zeros(1, 3), torch.ones(1, 3))
 
 
+def test_subclass_with_its_own_forward_is_not_given_the_parent_rule() -> None:
+    class Shifted(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) + 1.0
+
+    class Plain(nn.Linear):
+        pass
+
+    with pytest.raises(TypeError, match="Shifted"):
+        moments.propagate_moments(Shifted(2, 2), torch.zeros(1, 2), torch.ones(1, 2))
+    layer = Plain(2, 2)
+    mean, _ = moments.propagate_moments(layer, torch.ones(1, 2), torch.ones(1, 2))
+    torch.testing.assert_close(mean, layer(torch.ones(1, 2)))
+
+
 def test_register_moment_rule_extends_propagation() -> None:
     class Double(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
