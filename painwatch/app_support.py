@@ -630,6 +630,14 @@ def download_name(stem: str, created: datetime | None = None) -> str:
     return f"{stem}-{stamp}"
 
 
+def tensor_to_image(x: Any) -> np.ndarray:
+    """A model input ``(3, H, W)`` float tensor with pixels in [0, 1] as an HxWx3 uint8 RGB array."""
+    array = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    if array.ndim != 3 or array.shape[0] != 3:
+        raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(array.shape)}")
+    return np.clip(np.rint(array.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
+
+
 THUMBNAIL_SIDE = 480
 """Longest side, in pixels, of the copy of each uploaded frame the page keeps for display."""
 
