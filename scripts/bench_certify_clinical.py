@@ -8,6 +8,7 @@ For every frame it runs, on the same network and with seeded generators:
 - ``sequential_soft_fast``: the Predictor's default, soft scores, budget ``--budget`` (default 1 000);
 - ``sequential_soft_matched``: soft scores, budget ``--cohen-n``, stops once within ``--rel-tol`` of the
   best the budget allows (what it costs to come close to Cohen at n = 100 000);
+- ``sequential_sharp_fast``: soft scores sharpened with ``softmax(f / 0.1)``, budget ``--budget``;
 - ``sequential_hard_fast``: hard votes, budget ``--budget``;
 - ``soft_fixed``: the fixed-n soft smoothing certificate of painwatch.robust at n = ``--budget``;
 - ``cohen``: Cohen's CERTIFY at n0 = 100, n = ``--cohen-n``.
@@ -138,6 +139,18 @@ def main(argv: list[str] | None = None) -> int:
                 max_batch=8192,
                 generator=generator(i, 2),
             ),
+            "sequential_sharp_fast": lambda x=x, i=index: sequential_certify(
+                model,
+                x,
+                sigma,
+                alpha=alpha,
+                n0=64,
+                max_n=args.budget,
+                batch_size=args.batch_size,
+                score_temperature=0.1,
+                min_radius=0.01 * sigma,
+                generator=generator(i, 6),
+            ),
             "sequential_hard_fast": lambda x=x, i=index: sequential_certify(
                 model,
                 x,
@@ -212,7 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         "cohen_radius_cap": cap,
         "frames": len(rows),
     }
-    for name in ("sequential_soft_fast", "sequential_soft_matched", "sequential_hard_fast", "soft_fixed"):
+    for name in (
+        "sequential_soft_fast",
+        "sequential_soft_matched",
+        "sequential_sharp_fast",
+        "sequential_hard_fast",
+        "soft_fixed",
+    ):
         certified = [r for r in rows if r[name]["prediction"] >= 0]
         ratios = [
             r[name]["radius"] / r["cohen"]["radius"]

@@ -30,12 +30,12 @@ class LinearPair(torch.nn.Module):
         score = batch.flatten(1) @ self.weight.flatten() + self.bias
         return torch.stack([torch.zeros_like(score), score], dim=1)
 
-    def expected_pain_score(self, x: torch.Tensor, sigma: float) -> float:
-        """``E sigmoid(w.x + b + sigma ||w|| Z)`` by Gauss-Hermite quadrature (exact to ~1e-12)."""
+    def expected_pain_score(self, x: torch.Tensor, sigma: float, temperature: float = 1.0) -> float:
+        """``E sigmoid((w.x + b + sigma ||w|| Z) / T)`` by Gauss-Hermite quadrature (exact to ~1e-12)."""
         nodes, weights = np.polynomial.hermite_e.hermegauss(120)
         centre = float(x.flatten() @ self.weight.flatten()) + self.bias
         spread = sigma * float(self.weight.norm())
-        values = 1.0 / (1.0 + np.exp(-(centre + spread * nodes)))
+        values = 1.0 / (1.0 + np.exp(-(centre + spread * nodes) / temperature))
         return float(np.sum(weights * values) / math.sqrt(2 * math.pi))
 
 
@@ -106,6 +106,24 @@ def test_soft_certificate_holds_with_probability_one_minus_alpha() -> None:
         assert certificate.bound <= 1.0 and result.forward_passes == 16 + certificate.n
     assert too_large <= _allowed_violations(trials, alpha)
     assert np.mean(radii) > 0.8 * true_radius
+
+
+def test_sharpened_scores_hold_and_certify_more() -> None:
+    alpha, sigma, trials = 0.1, 0.5, 30
+    model, x = _pair_and_image(centre=1.0)
+    sharp_radius = sigma * norm.ppf(model.expected_pain_score(x, sigma, temperature=0.2))
+    plain_radius = sigma * norm.ppf(model.expected_pain_score(x, sigma))
+    assert sharp_radius > plain_radius
+    too_large, radii = 0, []
+    for seed in range(trials):
+        result = sequential_certify(model, x, sigma, alpha=alpha, n0=16, max_n=1000, first_batch=16,
+                                    score_temperature=0.2, generator=torch.Generator().manual_seed(seed))
+        too_large += result.certificate.radius > sharp_radius
+        radii.append(result.certificate.radius)
+    assert too_large <= _allowed_violations(trials, alpha)
+    assert np.mean(radii) > plain_radius
+    with pytest.raises(ValueError, match="score_temperature"):
+        sequential_certify(model, x, sigma, score_temperature=0.0)
 
 
 def test_hard_votes_of_a_constant_model_give_the_attainable_bound() -> None:
