@@ -383,6 +383,7 @@ def run_certification(
     device: str = "cpu",
     progress: bool = True,
     write_bundle: bool = True,
+    main_method_only: bool = False,
 ) -> CertificationRun:
     """Measure a bundle on held-out data, write the report into ``out_dir`` and the verdict into the bundle.
 
@@ -455,7 +456,7 @@ def run_certification(
 
     chosen = select_frames(records, max_frames, seed)
     model = bundle.model
-    methods = _methods_for(model, metadata, main.method)
+    methods = [main.method] if main_method_only else _methods_for(model, metadata, main.method)
     predictors = {}
     for name in methods:
         settings = resolve_settings(
@@ -954,6 +955,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bootstrap-reps", type=int, default=1000, help="bootstrap replicates for the CIs")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    parser.add_argument(
+        "--main-method-only", action="store_true", help="certify with the bundle's method only (faster)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_command)
 
@@ -989,6 +993,7 @@ def _command(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=device,
             progress=not args.quiet,
+            main_method_only=args.main_method_only,
         )
     except (ValueError, FileNotFoundError) as error:  # UsageError, BundleError, DataValidationError, ...
         print(f"painwatch certify: error: {error}", file=sys.stderr)

@@ -54,8 +54,8 @@ def build_demo_bundle(
     input_size: int = DEMO_INPUT_SIZE,
     epochs: int = DEMO_EPOCHS,
     noise_sigma: float = DEMO_NOISE_SIGMA,
-    max_frames: int | None = 40,
-    n: int = 500,
+    max_frames: int | None = 30,
+    n: int = 300,
     seed: int = 0,
     gate: str | Path | None = None,
     quiet: bool = False,
@@ -116,6 +116,7 @@ def build_demo_bundle(
             bootstrap_reps=500,
             seed=seed,
             progress=not quiet,
+            main_method_only=True,
         )
     except (UsageError, ValueError) as error:
         print(f"painwatch demo-bundle: certification error: {error}", file=sys.stderr)
@@ -148,9 +149,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS)
     parser.add_argument("--noise-sigma", type=float, default=DEMO_NOISE_SIGMA)
     parser.add_argument(
-        "--max-frames", type=int, default=40, help="frames certified (spread over individuals)"
+        "--max-frames", type=int, default=30, help="frames certified (spread over individuals)"
     )
-    parser.add_argument("--n", type=int, default=500, help="noise-draw budget per frame for certification")
+    parser.add_argument("--n", type=int, default=300, help="noise-draw budget per frame for certification")
     parser.add_argument("--gate", type=Path, default=None, help="gate TOML (default: the packaged gate)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
