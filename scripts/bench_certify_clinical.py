@@ -10,6 +10,7 @@ For every frame it runs, on the same network and with seeded generators:
   best the budget allows (what it costs to come close to Cohen at n = 100 000);
 - ``sequential_sharp_fast``: soft scores sharpened with ``softmax(f / 0.1)``, budget ``--budget``;
 - ``sequential_hard_fast``: hard votes, budget ``--budget``;
+- ``sequential_hard_matched``: hard votes, budget ``--cohen-n``, stops within ``--rel-tol`` of the best;
 - ``soft_fixed``: the fixed-n soft smoothing certificate of painwatch.robust at n = ``--budget``;
 - ``cohen``: Cohen's CERTIFY at n0 = 100, n = ``--cohen-n``.
 
@@ -151,6 +152,20 @@ def main(argv: list[str] | None = None) -> int:
                 min_radius=0.01 * sigma,
                 generator=generator(i, 6),
             ),
+            "sequential_hard_matched": lambda x=x, i=index: sequential_certify(
+                model,
+                x,
+                sigma,
+                alpha=alpha,
+                n0=64,
+                max_n=args.cohen_n,
+                batch_size=args.batch_size,
+                scores="hard",
+                rel_tol=args.rel_tol,
+                min_radius=0.01 * sigma,
+                max_batch=8192,
+                generator=generator(i, 7),
+            ),
             "sequential_hard_fast": lambda x=x, i=index: sequential_certify(
                 model,
                 x,
@@ -230,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "sequential_soft_matched",
         "sequential_sharp_fast",
         "sequential_hard_fast",
+        "sequential_hard_matched",
         "soft_fixed",
     ):
         certified = [r for r in rows if r[name]["prediction"] >= 0]
