@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 DEMO_BUNDLE := data/demo-bundle
+BUNDLE ?= $(DEMO_BUNDLE)
 PORT ?= 8501
 ADDRESS ?= 127.0.0.1
 export HF_HUB_OFFLINE ?= 1
@@ -28,9 +29,10 @@ $(DEMO_BUNDLE)/model.json: | $(DEMO_DATA)/manifest.csv
 
 demo: $(DEMO_BUNDLE)/model.json
 
-app: $(STAMP) demo
+# The demo bundle is built only when the app is to show it (BUNDLE not given).
+app: $(STAMP) $(if $(filter $(DEMO_BUNDLE),$(BUNDLE)),demo)
 	$(BIN)/streamlit run app.py --server.address $(ADDRESS) --server.port $(PORT) \
-		--server.headless true --browser.gatherUsageStats false -- --bundle $(DEMO_BUNDLE)
+		--server.headless true --browser.gatherUsageStats false -- --bundle $(BUNDLE)
 
 # Debian's chromium for the browser tests; without root the browser tests skip and say why.
 browser:
