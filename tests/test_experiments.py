@@ -84,9 +84,11 @@ def test_mnist_experiment_end_to_end_on_the_bundled_digits(tmp_path: Path) -> No
     assert summary["config"]["num_train"] == 4800 and summary["config"]["num_test_total"] == 200
     bench = json.loads((out / "benchmark.json").read_text())
     assert bench["forward_pass_ratio"] == pytest.approx((10 + 300) / (10 + 60))
+    assert bench["radii"] == [0.25, 0.5, 0.924]
+    assert bench["radii"] == [0.25, 0.5, 0.924]
     for method in ("smoothed_margin", "randomized_smoothing"):
-        low, high = bench[method]["certified_accuracy"]
-        assert 0.0 <= high <= low <= 1.0
+        accuracies = bench[method]["certified_accuracy"]
+        assert all(0.0 <= b <= a <= 1.0 for a, b in itertools.pairwise(accuracies))
     assert "Forward-pass ratio" in (out / "table.md").read_text()
 
     # --resume reuses results computed with the same settings instead of training again.
