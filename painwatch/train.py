@@ -74,6 +74,7 @@ class TrainConfig:
     margin_weight: float = 1.0
     label_smoothing: float = 0.0
     augment: float = 1.0
+    validate_under_noise: bool = True
     max_grad_norm: float | None = 5.0
     drop_rate: float = 0.0
     amp: bool = True
@@ -115,6 +116,9 @@ class TrainConfig:
             raise bad("margin", "must be a finite number")
         if not is_real(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
             raise bad("label_smoothing", "must be in [0, 1)")
+        for name in ("amp", "channels_last", "pretrained", "validate_under_noise"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be True or False")
         if not is_real(self.augment) or not 0 <= self.augment <= 1:
             raise bad("augment", "must be in [0, 1] (0: no augmentation, 1: the full ranges)")
         if not is_real(self.drop_rate) or not 0 <= self.drop_rate < 1:
@@ -374,13 +378,22 @@ def predict_logits(
     detector: Any = None,
     amp: bool = False,
     progress: bool = False,
+    noise_sigma: float = 0.0,
+    noise_seed: int = 0,
 ) -> torch.Tensor:
     """Logits ``(N, K)`` (float32, CPU) of ``model`` in eval mode over records, a dataset or a loader.
 
     Records are read with the deterministic eval transform at ``input_size`` (default: the model's).
     Rows follow the order of the records. The model's train/eval mode is restored afterwards.
+    ``noise_sigma > 0``: the logits of ``x + xi`` with one draw ``xi ~ N(0, noise_sigma^2 I)`` per frame
+    (unclipped, [0, 1] pixel units), drawn on the CPU from a generator seeded with ``noise_seed``, so
+    the same call gives the same logits on any device.
     """
     import torch
+
+    if not math.isfinite(noise_sigma) or noise_sigma < 0:
+        raise ValueError(f"noise_sigma must be a finite number >= 0, got {noise_sigma!r}")
+    noise_generator = torch.Generator().manual_seed(int(noise_seed))
 
     size = int(input_size or getattr(model, "input_size", 224))
     loader = _as_loader(records_or_loader, size, batch_size, num_workers, detector)
@@ -392,6 +405,9 @@ def predict_logits(
     try:
         with torch.inference_mode():
             for images, _ in _progress(loader, progress, desc="predict", unit="batch"):
+                if noise_sigma > 0:
+                    noise = torch.randn(images.shape, generator=noise_generator, dtype=images.dtype)
+                    images = images + noise_sigma * noise
                 images = images.to(target, non_blocking=True)
                 if target.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
@@ -560,6 +576,7 @@ def fit(
         )
         val_labels = torch.as_tensor(_labels_of(val_records), dtype=torch.long)
 
+    val_noise_sigma = config.noise_sigma if config.validate_under_noise else 0.0
     loader_generator = torch.Generator().manual_seed(config.seed)
     weights = None
     sampler = None
@@ -641,9 +658,17 @@ def fit(
             "val_loss": None,
             "val_accuracy": None,
             "val_balanced_accuracy": None,
+            "val_noise_sigma": val_noise_sigma if has_val else None,
         }
         if has_val:
-            val_logits = predict_logits(model, val_loader, device=device, amp=use_amp)
+            val_logits = predict_logits(
+                model,
+                val_loader,
+                device=device,
+                amp=use_amp,
+                noise_sigma=val_noise_sigma,
+                noise_seed=config.seed + 2,
+            )
             record.update(_evaluate(val_logits, val_labels))
             score = record[config.monitor]
             if _is_better(score, best_score, config.monitor):
@@ -958,6 +983,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="strength of the training augmentation in [0, 1]; 0 for none",
     )
     parser.add_argument(
+        "--validate-clean",
+        action="store_true",
+        help="validate on clean frames even when training with noise (default: under the training noise)",
+    )
+    parser.add_argument(
         "--loss", choices=LOSSES, default=defaults.loss, help="cross-entropy and/or MC expected-margin loss"
     )
     parser.add_argument("--margin", type=float, default=defaults.margin, help="target margin d of mc_margin")
@@ -1030,6 +1060,7 @@ def _run_train(args: argparse.Namespace) -> int:
         device=args.device,
         amp=not args.no_amp,
         augment=args.augment,
+        validate_under_noise=not args.validate_clean,
         pretrained=args.pretrained,
         weights_path=args.weights,
     )
@@ -1101,6 +1132,7 @@ def _run_train(args: argparse.Namespace) -> int:
             "schedule": config.schedule,
             "class_balance": config.class_balance,
             "augment": config.augment,
+            "validation_noise_sigma": last.get("val_noise_sigma"),
             "initial_weights": weights_source,
             "val_loss": last.get("val_loss"),
             "val_accuracy": last.get("val_accuracy"),

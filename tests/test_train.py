@@ -103,6 +103,7 @@ def data_folder(tmp_path_factory) -> Path:
         ("patience", 0, "TrainConfig.patience"),
         ("class_balance", "oversample", "TrainConfig.class_balance"),
         ("augment", 1.5, "TrainConfig.augment"),
+        ("validate_under_noise", "yes", "TrainConfig.validate_under_noise"),
     ],
 )
 def test_config_errors_name_the_field_and_value(field: str, value, text: str) -> None:
@@ -185,6 +186,29 @@ def test_expected_margin_loss_trains() -> None:
     losses = [h["train_loss"] for h in result.history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert result.best_epoch == 3 and result.val_logits is None
+
+
+def test_noise_trained_models_are_validated_under_their_noise() -> None:
+    train, val = _tensor_dataset(16, seed=5), _tensor_dataset(8, seed=6)
+    model = create_model(ARCH, input_size=SIZE, seed=0)
+    result = fit(model, train, val, _config(epochs=2, noise_sigma=0.2, seed=3), progress=False)
+    assert all(h["val_noise_sigma"] == 0.2 for h in result.history)
+    noisy = predict_logits(model, val, noise_sigma=0.2, noise_seed=3 + 2)
+    torch.testing.assert_close(result.val_logits, noisy)
+    clean = predict_logits(model, val)
+    assert not torch.allclose(noisy, clean)
+    torch.testing.assert_close(predict_logits(model, val, noise_sigma=0.2, noise_seed=5), noisy)
+    assert not torch.allclose(predict_logits(model, val, noise_sigma=0.2, noise_seed=6), noisy)
+    with pytest.raises(ValueError, match="noise_sigma"):
+        predict_logits(model, val, noise_sigma=-1.0)
+    clean_result = fit(
+        create_model(ARCH, input_size=SIZE, seed=0),
+        train,
+        val,
+        _config(epochs=1, noise_sigma=0.2, validate_under_noise=False),
+        progress=False,
+    )
+    assert clean_result.history[0]["val_noise_sigma"] == 0.0
 
 
 def test_same_seed_same_model() -> None:
@@ -280,7 +304,7 @@ def test_painwatch_train_writes_a_loadable_bundle(data_folder: Path, tmp_path: P
     assert set(training["fit_individuals"]).isdisjoint(training["validation_individuals"])
     assert (training["loss"], training["noise_sigma"], training["num_frames"]) == ("ce+mc_margin", 0.1, 32)
     assert training["synthetic_data"] is False and not is_synthetic_source(data_folder)
-    assert training["augment"] == 0.5
+    assert training["augment"] == 0.5 and training["validation_noise_sigma"] == 0.1
     assert len(training["data_hash"]) == 64
     assert bundle.metadata["certification"]["sigma"] == pytest.approx(0.1)
     assert bundle.temperature > 0
