@@ -463,10 +463,18 @@ def _train_fold_finetune(
         device=device,
         num_workers=settings.num_workers,
     )
-    if result.val_logits is not None:
+    if result.val_logits is not None and settings.noise_sigma == 0:
         val_logits = result.val_logits
     else:
-        val_logits = predict_logits(model, val_records, batch_size=settings.batch_size, device=device)
+        # LOIO scores the network on clean frames, so its temperature is fitted on clean validation
+        # logits too (fit validates a noise-trained model under its training noise, for early stopping).
+        val_logits = predict_logits(
+            model,
+            val_records,
+            batch_size=settings.batch_size,
+            device=device,
+            num_workers=settings.num_workers,
+        )
     model.to("cpu")
     checkpoint = directory / "model"
     save_bundle(

@@ -377,3 +377,30 @@ def test_cli_offline_pretrained_weights_give_a_clear_error(tiny_data: Path, tmp_
     fixed = [arg for arg in argv if arg != "--pretrained"]
     assert main([*fixed, "--max-folds", "1", "--head-epochs", "2"]) == 0
     assert (tmp_path / "r" / "folds" / "fold_00" / "result.json").is_file()
+
+
+def test_noise_trained_fold_is_calibrated_on_clean_validation_logits(tiny_data: Path, tmp_path: Path) -> None:
+    from painwatch.calibration import fit_temperature
+    from painwatch.data import load_records
+    from painwatch.models import load_bundle
+    from painwatch.train import predict_logits
+
+    settings = LoioSettings(
+        data=str(tiny_data),
+        out=str(tmp_path / "run"),
+        **TINY,
+        epochs=1,
+        noise_sigma=0.2,
+        inner_val_individuals=1,
+        max_folds=1,
+        progress=False,
+        device="cpu",
+    )
+    run_loio(settings, log=lambda _: None)
+    result = json.loads((tmp_path / "run" / "folds" / "fold_00" / "result.json").read_text())
+    records = load_records(tiny_data)
+    validation = [r for r in records if r.individual in result["validation_individuals"]]
+    model = load_bundle(tmp_path / "run" / "folds" / "fold_00" / "model").model
+    clean_logits = predict_logits(model, validation, batch_size=8, device="cpu")
+    labels = [r.label for r in validation]
+    assert result["temperature"] == pytest.approx(fit_temperature(clean_logits, labels), rel=1e-5)
