@@ -122,6 +122,10 @@ def fit_temperature(
         (objective(math.log(hi)), math.log(hi)),
     ]
     best_log_temperature = min(candidates)[1]
+    if best_log_temperature == math.log(lo):  # exp(log(lo)) may differ from lo in the last bit
+        return lo
+    if best_log_temperature == math.log(hi):
+        return hi
     return float(min(max(math.exp(best_log_temperature), lo), hi))
 
 

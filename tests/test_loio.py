@@ -379,18 +379,20 @@ def test_cli_offline_pretrained_weights_give_a_clear_error(tiny_data: Path, tmp_
     assert (tmp_path / "r" / "folds" / "fold_00" / "result.json").is_file()
 
 
-def test_noise_trained_fold_is_calibrated_on_clean_validation_logits(tiny_data: Path, tmp_path: Path) -> None:
-    from painwatch.calibration import fit_temperature
+def test_noise_trained_fold_is_calibrated_on_clean_validation_logits(tmp_path: Path) -> None:
+    from painwatch.calibration import fit_temperature, negative_log_likelihood
     from painwatch.data import load_records
     from painwatch.models import load_bundle
     from painwatch.train import predict_logits
 
+    data = _write_tiny_dataset(tmp_path / "data", individuals=3, frames_per_class=6, seed=2, obvious=True)
     settings = LoioSettings(
-        data=str(tiny_data),
+        data=str(data),
         out=str(tmp_path / "run"),
         **TINY,
-        epochs=1,
-        noise_sigma=0.2,
+        epochs=3,
+        lr=3e-3,
+        noise_sigma=0.3,
         inner_val_individuals=1,
         max_folds=1,
         progress=False,
@@ -398,9 +400,11 @@ def test_noise_trained_fold_is_calibrated_on_clean_validation_logits(tiny_data: 
     )
     run_loio(settings, log=lambda _: None)
     result = json.loads((tmp_path / "run" / "folds" / "fold_00" / "result.json").read_text())
-    records = load_records(tiny_data)
+    records = load_records(data)
     validation = [r for r in records if r.individual in result["validation_individuals"]]
     model = load_bundle(tmp_path / "run" / "folds" / "fold_00" / "model").model
     clean_logits = predict_logits(model, validation, batch_size=8, device="cpu")
     labels = [r.label for r in validation]
     assert result["temperature"] == pytest.approx(fit_temperature(clean_logits, labels), rel=1e-5)
+    clean_nll = negative_log_likelihood(clean_logits, labels, 1.0)
+    assert result["validation"]["nll_before_scaling"] == pytest.approx(clean_nll, rel=1e-6)
