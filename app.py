@@ -19,7 +19,8 @@ import streamlit as st
 
 from painwatch import app_support as support
 
-st.set_page_config(page_title="painwatch: pain check for macaque faces", page_icon="🐒", layout="wide")
+st.set_page_config(page_title="painwatch: pain check for macaque faces", page_icon=":material/pets:",
+                   layout="wide")
 
 SEED = 0
 """Seed of every certification draw on this page: the same frames and settings give the same answer."""
@@ -149,17 +150,19 @@ def _sample_choices(lo: int, hi: int, current: int) -> list[int]:
 
 def show_model_card(predictor: Any) -> None:
     gate = predictor.gate
+    headline, failed = support.gate_lines(gate)
     if gate is None:
         st.warning(
             "**Certification gate: not run.** This model has not been checked against the deployment "
-            "thresholds (`painwatch certify`). Use its answers for research only.", icon="⚠️"
+            "thresholds (`painwatch certify`). Use its answers for research only.", icon=":material/warning:"
         )
     elif gate.get("passed"):
-        st.success(f"**Certification gate: passed** ({gate.get('date', 'date not recorded')}).", icon="✅")
+        st.success(f"**Certification gate: {headline}.**", icon=":material/verified:")
     else:
+        checks = "".join(f"\n- {line}" for line in failed)
         st.error(
-            f"**Certification gate: FAILED** ({gate.get('date', 'date not recorded')}). The model did not "
-            "meet the deployment thresholds; do not rely on its answers.", icon="⛔"
+            f"**Certification gate: {headline}.** The model did not meet the deployment thresholds; do not "
+            f"rely on its answers.{checks}", icon=":material/block:"
         )
     with st.expander("Model card", expanded=False):
         st.markdown(predictor.model_card())
@@ -329,14 +332,14 @@ def main() -> None:
     bundle = sidebar_bundle()
     problem = support.bundle_problem(bundle)
     if problem is not None:
-        st.error(problem, icon="📦")
+        st.error(problem, icon=":material/inventory_2:")
         return
     from painwatch.models import BundleError, read_metadata
 
     try:
         certification = read_metadata(bundle)["certification"]
     except BundleError as error:
-        st.error(f"The model bundle cannot be used: {error}", icon="📦")
+        st.error(f"The model bundle cannot be used: {error}", icon=":material/inventory_2:")
         return
     settings = sidebar_settings(bundle, certification)
     card_slot = st.container()
@@ -357,17 +360,17 @@ def main() -> None:
         predictor = load_predictor(str(bundle), support.bundle_fingerprint(bundle), settings["method"],
                                    settings["sigma"], settings["alpha"], settings["n"])
     except BundleError as error:
-        card_slot.error(f"The model bundle cannot be used: {error}", icon="📦")
+        card_slot.error(f"The model bundle cannot be used: {error}", icon=":material/inventory_2:")
         return
     except SettingsError as error:
-        card_slot.error(f"These certification settings cannot be used: {error}", icon="⚙️")
+        card_slot.error(f"These certification settings cannot be used: {error}", icon=":material/tune:")
         return
     with card_slot:
         show_model_card(predictor)
 
     if not files:
         st.session_state.pop("batch", None)  # files removed: let go of their results
-        st.info("Drop frames or clips above to analyse them.", icon="⬆️")
+        st.info("Drop frames or clips above to analyse them.", icon=":material/upload:")
         return
     uploads = [support.Upload(f.name, f.getvalue()) for f in files]
     key = support.uploads_digest(uploads, {**settings, "bundle": support.bundle_fingerprint(bundle)})

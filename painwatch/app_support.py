@@ -676,3 +676,34 @@ def thumbnail_with_crop(image: np.ndarray, max_side: int = THUMBNAIL_SIDE) -> np
         cv2.rectangle(small, corner0, corner1, (20, 20, 20), 4)
         cv2.rectangle(small, corner0, corner1, (255, 255, 255), 2)
     return small
+
+
+def gate_lines(gate: Mapping[str, Any] | None) -> tuple[str, list[str]]:
+    """The gate verdict in words for the page: ``(headline, failed_checks)``.
+
+    ``headline`` says passed / FAILED / not run, when, and on how many frames and individuals;
+    ``failed_checks`` has one line per failed threshold ("accuracy (point estimate) >= 0.6: got
+    0.425"). Unknown or missing fields are left out rather than guessed.
+    """
+    if gate is None:
+        return "not run", []
+    verdict = "passed" if gate.get("passed") else "FAILED"
+    parts = [verdict]
+    date = gate.get("date")
+    if isinstance(date, str) and date:
+        try:
+            stamp = datetime.fromisoformat(date)
+            parts.append(f"on {stamp.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC")
+        except ValueError:
+            parts.append(f"on {date}")
+    frames, individuals = gate.get("num_frames"), gate.get("individuals")
+    if isinstance(frames, int) and isinstance(individuals, list) and individuals:
+        held = "held-out " if gate.get("held_out") else ""
+        parts.append(f"({frames} frames of {len(individuals)} {held}individuals)")
+    failed = []
+    for check in gate.get("results") or []:
+        if isinstance(check, Mapping) and check.get("passed") is False:
+            what = check.get("detail") or check.get("name") or "a check"
+            value = check.get("value")
+            failed.append(f"{what}: got {value:.3g}" if isinstance(value, int | float) else str(what))
+    return " ".join(parts), failed

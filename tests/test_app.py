@@ -404,3 +404,46 @@ def test_page_switching_bundle_resets_settings_to_its_defaults(monkeypatch, tiny
     assert at.slider(key="sigma").value == pytest.approx(0.5)
     assert at.select_slider(key="n").value == 200
     assert at.select_slider(key="alpha").value == pytest.approx(0.001)
+
+
+FAILED_GATE = {
+    "passed": False,
+    "date": "2026-11-25T13:54:17+00:00",
+    "held_out": True,
+    "individuals": ["syn-m06", "syn-m07"],
+    "num_frames": 40,
+    "thresholds": {},
+    "report": "report.html",
+    "results": [
+        {"name": "min_accuracy", "detail": "accuracy (point estimate) >= 0.6", "passed": False,
+         "threshold": 0.6, "value": 0.425},
+        {"name": "max_ece", "detail": "ece (point estimate) <= 0.2", "passed": True, "threshold": 0.2,
+         "value": 0.09},
+    ],
+}
+
+
+def test_gate_lines() -> None:
+    assert support.gate_lines(None) == ("not run", [])
+    headline, failed = support.gate_lines(FAILED_GATE)
+    assert headline == "FAILED on 2026-11-25 13:54 UTC (40 frames of 2 held-out individuals)"
+    assert failed == ["accuracy (point estimate) >= 0.6: got 0.425"]
+    assert support.gate_lines({"passed": True}) == ("passed", [])
+
+
+def test_page_shows_a_failed_gate_with_its_failed_checks(monkeypatch, tiny_bundle, tmp_path) -> None:
+    import shutil
+
+    from painwatch.models import BundleError, update_bundle_metadata
+
+    gated = tmp_path / "gated-bundle"
+    shutil.copytree(tiny_bundle, gated)
+    try:
+        update_bundle_metadata(gated, {"gate": FAILED_GATE})
+    except BundleError as error:  # the bundle schema decides what a gate record holds
+        pytest.fail(f"the test's gate record does not fit the bundle schema: {error}")
+    at = _app(monkeypatch, gated)
+    message = " ".join(e.value for e in at.error)
+    assert "Certification gate: FAILED on 2026-11-25 13:54 UTC" in message
+    assert "accuracy (point estimate) >= 0.6: got 0.425" in message
+    assert "ece" not in message  # passed checks are not listed as failures
