@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "screenshot.png")
     parser.add_argument("--per-class", type=int, default=3)
     parser.add_argument("--width", type=int, default=1440)
-    parser.add_argument("--height", type=int, default=1750)
+    parser.add_argument("--height", type=int, default=2000)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the results")
     args = parser.parse_args(argv)
 
