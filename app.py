@@ -218,8 +218,25 @@ def show_summary(batch: Batch) -> None:
     course = support.time_course(batch.frames, batch.results)
     if not course.empty:
         st.markdown("**Time course** (probability of pain over each clip)")
-        st.line_chart(course, x="time (s)", y="P(pain)", color="clip", x_label="time (s)",
-                      y_label="P(pain)", height=260)
+        st.altair_chart(_time_course_chart(course), width="stretch")
+
+
+def _time_course_chart(course: Any) -> Any:
+    """P(pain) over time per clip on a fixed 0-1 scale, with the 0.5 line and one dot per frame."""
+    import altair as alt
+
+    base = alt.Chart(course).encode(
+        x=alt.X("time (s):Q", title="time in the clip (s)"),
+        y=alt.Y("P(pain):Q", title="probability of pain", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("clip:N", title="clip"),
+    )
+    dots = base.mark_circle(size=60).encode(
+        shape=alt.Shape("class:N", title="answer"),
+        tooltip=["clip", alt.Tooltip("time (s):Q", format=".2f"), alt.Tooltip("P(pain):Q", format=".2f"),
+                 "class"],
+    )
+    half = alt.Chart(course).mark_rule(strokeDash=[4, 4], color="#888888").encode(y=alt.datum(0.5))
+    return alt.layer(base.mark_line(), dots, half).properties(height=260)
 
 
 def show_table(batch: Batch) -> None:
