@@ -50,6 +50,7 @@ CUES: tuple[str, ...] = ("orbital", "brow", "lip", "ears", "cheek")
 """The grimace cues, in manifest column order (each 0 = relaxed ... 1 = strongest)."""
 
 _CANVAS = 256  # the face is drawn in a 256 x 256 canonical frame, then warped into the picture
+_FEATURE_SCALE = 1.3  # eyes and mouth are drawn larger than life so their cues survive 64 px model inputs
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,7 @@ def render_face(
     # Bare face: the eye region and the muzzle.
     face_mask = np.zeros((_CANVAS, _CANVAS), np.float32)
     fw, mw = style.face_width, style.muzzle_width
-    _ellipse(face_mask, (cx, 122), (60 * fw, 44), 0, 1.0)
+    _ellipse(face_mask, (cx, 122), (64 * fw, 46), 0, 1.0)
     _ellipse(face_mask, (cx, 168), (40 * mw, 44), 0, 1.0)
     _ellipse(face_mask, (cx, 142), (48 * fw, 40), 0, 1.0)
     face_mask = cv2.GaussianBlur(face_mask, (0, 0), 1.5)
@@ -233,8 +234,8 @@ def render_face(
     skin_dark = _shade(style.face, 0.62)
     crease = _shade(style.face, 0.5)
     eye_y = 118.0
-    spacing = 27 * style.eye_spacing
-    eye_w = 14 * style.eye_size
+    spacing = 30 * style.eye_spacing
+    eye_w = 14 * _FEATURE_SCALE * style.eye_size
     openness = float(np.clip(1.0 - 0.85 * c_orb + style.baseline_eye_open + rng.normal(0, 0.04), 0.06, 1.1))
     gaze = rng.uniform(-2.5, 2.5)
 
@@ -242,42 +243,47 @@ def render_face(
         ex = cx + side * spacing
         # Eye socket shadow, deeper when the orbit tightens.
         _ellipse(
-            img, (ex, eye_y + 1), (eye_w + 5, 11 + 1.5 * c_orb), 0, _shade(style.face, 0.8 - 0.1 * c_orb)
+            img,
+            (ex, eye_y + 1),
+            (eye_w + 5, 11 * _FEATURE_SCALE + 2 * c_orb),
+            0,
+            _shade(style.face, 0.8 - 0.15 * c_orb),
         )
         # Almond eye: upper and lower lid curves meet at the corners.
-        h = 8.5 * style.eye_size * openness
+        h = 8.5 * _FEATURE_SCALE * style.eye_size * openness
         upper = _curve(ex - eye_w, ex + eye_w, eye_y, -h)
         lower = _curve(ex + eye_w, ex - eye_w, eye_y, h * 0.55)
         _fill(img, upper + lower, (35, 25, 20))
         if openness > 0.2:
             # Iris and pupil drawn in a small window, then clipped to the lids.
-            left, top = int(ex - eye_w - 4), int(eye_y - 14)
-            window = img[top : top + 28, left : left + int(2 * eye_w + 8)]
+            left, top = int(ex - eye_w - 4), int(eye_y - 18)
+            window = img[top : top + 36, left : left + int(2 * eye_w + 8)]
             local = (ex + gaze - left, eye_y + 0.5 - top)
             eye_drawing = window.copy()
-            _ellipse(eye_drawing, local, (6.5 * style.eye_size, 6.5 * style.eye_size), 0, (150, 95, 40))
-            _ellipse(eye_drawing, local, (2.4, 2.4 * min(1.0, openness + 0.2)), 0, (10, 8, 8))
-            _ellipse(eye_drawing, (local[0] + 2, local[1] - 2), (1.1, 1.1), 0, (235, 225, 210))
+            iris = 6.5 * _FEATURE_SCALE * style.eye_size
+            _ellipse(eye_drawing, local, (iris, iris), 0, (150, 95, 40))
+            _ellipse(eye_drawing, local, (3.2, 3.2 * min(1.0, openness + 0.2)), 0, (10, 8, 8))
+            _ellipse(eye_drawing, (local[0] + 2.5, local[1] - 2.5), (1.5, 1.5), 0, (235, 225, 210))
             lids = np.zeros(window.shape[:2], np.float32)
             _fill(lids, [(x - left, y - top) for x, y in upper + lower], 1.0)
             window[:] = window * (1 - lids[:, :, None]) + eye_drawing * lids[:, :, None]
-        _polyline(img, upper, (25, 18, 15), 1.6)
+        _polyline(img, upper, (25, 18, 15), 2.2)
         # Orbital tightening: crow's-feet wrinkles at the outer corner and a raised lower lid.
         for k in range(round(4 * c_orb)):
-            y_off = (k - 1.5) * 3.2
+            y_off = (k - 1.5) * 4.0
             _polyline(
                 img,
-                [(ex + side * (eye_w + 2), eye_y + y_off * 0.5), (ex + side * (eye_w + 9), eye_y + y_off)],
+                [(ex + side * (eye_w + 2), eye_y + y_off * 0.5), (ex + side * (eye_w + 11), eye_y + y_off)],
                 crease,
-                1.2,
+                1.8,
             )
         if c_orb > 0.3:
             _polyline(
-                img, _curve(ex - eye_w + 2, ex + eye_w - 2, eye_y + 6 + 2 * (1 - c_orb), 2.5), crease, 1.1
+                img, _curve(ex - eye_w + 2, ex + eye_w - 2, eye_y + 8 + 2 * (1 - c_orb), 3.0), crease, 1.8
             )
 
         # Brow ridge: lowered and pulled towards the midline with pain (inner end drops more).
-        drop = 9 * c_brow
+        drop = 12 * c_brow
         inner_x, outer_x = ex - side * (eye_w - 1) - side * 3 * c_brow, ex + side * (eye_w + 5)
         inner_y, outer_y = eye_y - 17 + drop * 1.3, eye_y - 19 + drop * 0.6
         brow = [
@@ -285,13 +291,13 @@ def render_face(
             ((inner_x + outer_x) / 2, min(inner_y, outer_y) - 4 + 2 * c_brow),
             (inner_x, inner_y),
         ]
-        _polyline(img, brow, _shade(style.face, 0.55 - 0.1 * c_brow), 4.0 + 1.5 * c_brow)
+        _polyline(img, brow, _shade(style.face, 0.55 - 0.15 * c_brow), 4.5 + 3.0 * c_brow)
         _polyline(img, [(x, y - 3.5) for x, y in brow], _shade(fur, 0.85), 2.5)
 
     # Furrow between the brows.
     for k in range(round(3 * c_brow)):
         x = cx + (k - 1) * 4.0
-        _polyline(img, [(x, eye_y - 22 + 4 * c_brow), (x + (k - 1) * 0.8, eye_y - 9)], crease, 1.3)
+        _polyline(img, [(x, eye_y - 22 + 4 * c_brow), (x + (k - 1) * 0.8, eye_y - 9)], crease, 2.0)
 
     # Nose: a flat bridge and two nostrils.
     _polyline(img, [(cx, eye_y + 6), (cx, 152)], _shade(style.face, 1.08), 3.0)
@@ -300,30 +306,30 @@ def render_face(
 
     # Cheek tightening: nasolabial creases from the nose wings down past the mouth corners.
     mouth_y = 186.0
-    half_mouth = (14 + 9 * c_lip) * mw
+    half_mouth = (14 + 9 * c_lip) * _FEATURE_SCALE * mw
     for side in (-1, 1):
         if c_cheek > 0.15:
             top = (cx + side * 12 * mw, 156)
             bottom = (cx + side * (half_mouth + 6), mouth_y + 4)
             mid = ((top[0] + bottom[0]) / 2 + side * 5 * c_cheek, (top[1] + bottom[1]) / 2)
-            _polyline(img, [top, mid, bottom], _shade(style.face, 0.85 - 0.3 * c_cheek), 1.0 + 1.5 * c_cheek)
+            _polyline(img, [top, mid, bottom], _shade(style.face, 0.8 - 0.35 * c_cheek), 1.2 + 2.5 * c_cheek)
         # Raised cheek pad under the eye.
         _ellipse(
             img,
             (cx + side * (spacing + 6), eye_y + 20 - 4 * c_cheek),
-            (12, 6 + 2 * c_cheek),
+            (13, 6 + 3 * c_cheek),
             0,
-            _shade(style.face, 1.0 + 0.06 * c_cheek),
+            _shade(style.face, 1.0 + 0.12 * c_cheek),
         )
 
     # Mouth: relaxed lips are full and softly curved; tense lips are a thin, wide, pressed line.
-    lip_h = 5.0 * (1 - c_lip) + 0.8
+    lip_h = 7.0 * (1 - c_lip) + 1.0
     sag = 3.0 * (1 - c_lip) + rng.uniform(-1, 1)
     upper_lip = _curve(cx - half_mouth, cx + half_mouth, mouth_y - lip_h * 0.4, -1.5 * (1 - c_lip))
     lower_lip = _curve(cx + half_mouth, cx - half_mouth, mouth_y + lip_h * 0.6, sag)
     _fill(img, upper_lip + lower_lip, _shade(style.face, 0.78))
     _polyline(
-        img, _curve(cx - half_mouth, cx + half_mouth, mouth_y, sag * 0.4), (60, 30, 30), 1.3 + 0.9 * c_lip
+        img, _curve(cx - half_mouth, cx + half_mouth, mouth_y, sag * 0.4), (60, 30, 30), 1.6 + 1.6 * c_lip
     )
     if c_lip > 0.4:  # corners pulled back
         for side in (-1, 1):
@@ -331,7 +337,7 @@ def render_face(
                 img,
                 [(cx + side * half_mouth, mouth_y), (cx + side * (half_mouth + 5 * c_lip), mouth_y - 1.5)],
                 crease,
-                1.2,
+                1.8,
             )
 
     return np.clip(img, 0, 255, out=img), np.clip(alpha, 0, 1, out=alpha)
