@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +189,7 @@ def analyse(predictor: Any, uploads: list[support.Upload], settings: dict[str, A
     frames = [replace(f, image=support.thumbnail_with_crop(f.image)) for f in frames]
     progress.empty()
     return Batch(key, frames, views, results, problems, support.Provenance.from_predictor(predictor),
-                 datetime.now(timezone.utc))
+                 datetime.now(UTC))
 
 
 def show_problems(problems: list[support.FileProblem]) -> None:

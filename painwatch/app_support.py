@@ -22,7 +22,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -582,7 +582,7 @@ def results_json(
         records.append(record)
     document = {
         "painwatch_version": __version__,
-        "created": (created or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
+        "created": (created or datetime.now(UTC)).isoformat(timespec="seconds"),
         **provenance.as_dict(),
         "frames": records,
         "problems": [dataclasses.asdict(problem) for problem in problems],
@@ -626,7 +626,7 @@ def overlay_saliency(image: np.ndarray, saliency: np.ndarray, opacity: float = 0
 
 def download_name(stem: str, created: datetime | None = None) -> str:
     """A file name such as ``painwatch-results-20260101-120000``: sortable, no spaces."""
-    stamp = (created or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    stamp = (created or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
     return f"{stem}-{stamp}"
 
 
@@ -693,7 +693,7 @@ def gate_lines(gate: Mapping[str, Any] | None) -> tuple[str, list[str]]:
     if isinstance(date, str) and date:
         try:
             stamp = datetime.fromisoformat(date)
-            parts.append(f"on {stamp.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC")
+            parts.append(f"on {stamp.astimezone(UTC):%Y-%m-%d %H:%M} UTC")
         except ValueError:
             parts.append(f"on {date}")
     frames, individuals = gate.get("num_frames"), gate.get("individuals")
