@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -345,7 +345,7 @@ def _build_metadata(model: PainNet, metadata: Mapping[str, Any] | None) -> dict[
         "certification": certification,
         "training": training,
         "versions": {**library_versions(), **given.pop("versions", {})},
-        "created": given.pop("created", datetime.now(timezone.utc).isoformat(timespec="seconds")),
+        "created": given.pop("created", datetime.now(UTC).isoformat(timespec="seconds")),
         "gate": given.pop("gate", None),
     }
     given.pop("format_version", None)
