@@ -263,7 +263,7 @@ def test_select_frames_spreads_over_individuals_and_classes(demo: Path) -> None:
 def test_demo_bundle_trains_certifies_and_records_the_verdict(
     demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from painwatch.demo import held_out_individuals
+    from painwatch.demo import DEMO_NOISE_SIGMA, held_out_individuals
 
     out = tmp_path / "demo-bundle"
     code = main(
@@ -294,7 +294,7 @@ def test_demo_bundle_trains_certifies_and_records_the_verdict(
     held_out = held_out_individuals([f"syn-m0{i}" for i in range(1, 5)], 1, seed=0)
     assert metadata["gate"]["individuals"] == held_out and metadata["gate"]["held_out"] is True
     assert set(metadata["training"]["individuals"]).isdisjoint(held_out)
-    assert metadata["training"]["noise_sigma"] == pytest.approx(0.12)
+    assert metadata["training"]["noise_sigma"] == pytest.approx(DEMO_NOISE_SIGMA)
     assert (tmp_path / "demo-bundle-report" / "report.html").is_file()
     with pytest.raises(ValueError, match="--held-out must be between 1 and 2"):
         held_out_individuals(["a", "b", "c", "d"], 3, seed=0)
