@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -602,7 +602,7 @@ def run_certification(
     }
     gate_results = evaluate_gate(gate, measured)
     passed = all(r["passed"] for r in gate_results)
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    date = datetime.now(UTC).isoformat(timespec="seconds")
 
     report = {
         "title": "painwatch certification report",

@@ -9,8 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # Tiny test models run fastest on one thread (thread start-up dominates); override to compare.
 torch.set_num_threads(int(os.environ.get("PAINWATCH_TEST_THREADS", "1")))
