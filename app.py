@@ -369,7 +369,8 @@ def main() -> None:
         accept_multiple_files=True,
         key="uploads",
         help=f"Up to {support.MAX_IMAGE_BYTES // support.MEGABYTE} MB per frame and "
-        f"{support.MAX_CLIP_BYTES // support.MEGABYTE} MB per clip.",
+        f"{support.MAX_CLIP_BYTES // support.MEGABYTE} MB per clip. The model was trained on faces "
+        "cropped from frames: frames cropped to the face give the answers its accuracy figures are about.",
     )
     from painwatch.predict import SettingsError
 

@@ -1,11 +1,12 @@
-"""Make docs/screenshot.png: the page with the demo bundle, after uploading a few demo frames.
+"""Make docs/screenshot.png: the page with the demo bundle, after uploading face crops of a few demo frames.
 
     .venv/bin/python scripts/screenshot.py [--bundle data/demo-bundle] [--data data/demo]
                                            [--out docs/screenshot.png]
 
 Needs the demo bundle and demo data (`make demo` builds both) and Debian's chromium
-(`apt-get install -y chromium`). Starts the page on a free localhost port, uploads frames of both
-classes from the demo set, waits for the results and saves a screenshot; the server is always stopped.
+(`apt-get install -y chromium`). Starts the page on a free localhost port, uploads face crops of
+frames of both classes of a held-out individual of the demo set, waits for the results and saves a
+screenshot; the server is always stopped.
 """
 
 from __future__ import annotations
@@ -21,22 +22,41 @@ from painwatch import app_harness as harness
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def pick_frames(data: Path, per_class: int) -> list[Path]:
-    """``per_class`` frames of each label from the demo set, from one individual, in manifest order."""
+def pick_frames(data: Path, per_class: int, prefer: list[str]) -> list:
+    """``per_class`` records of each label from one individual, in manifest order.
+
+    Individuals in ``prefer`` (the bundle's held-out individuals) come first, so the page shows
+    frames the demo model never trained on.
+    """
     from painwatch.data import load_records
 
     records = load_records(data)
     individuals = sorted({r.individual for r in records})
-    chosen: list[Path] = []
-    for individual in reversed(individuals):  # the last individual: usually held out of demo training
+    ordered = [i for i in prefer if i in individuals] + [i for i in reversed(individuals) if i not in prefer]
+    for individual in ordered:
         mine = [r for r in records if r.individual == individual and r.video is None]
         picks = [r for r in mine if r.label == 1][:per_class] + [r for r in mine if r.label == 0][:per_class]
         if len(picks) == 2 * per_class:
-            chosen = [r.path for r in picks]
-            break
-    if not chosen:
-        raise SystemExit(f"{data}: no individual has {per_class} still frames of each class")
-    return chosen
+            return picks
+    raise SystemExit(f"{data}: no individual has {per_class} still frames of each class")
+
+
+def write_face_crops(records: list, folder: Path) -> list[Path]:
+    """The face crops of ``records`` (the manifest's boxes) as JPEG files, named after their frames.
+
+    The demo model, like the published one, was trained on face crops, so the page is shown what a
+    veterinarian's face-cropped frames would look like.
+    """
+    from PIL import Image
+
+    from painwatch.data import load_frame
+
+    paths = []
+    for record in records:
+        path = folder / f"{record.individual}_{Path(record.path).stem}_face.jpg"
+        Image.fromarray(load_frame(record)).save(path, quality=95)
+        paths.append(path)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     if harness.chromium_path() is None:
         print("chromium is not installed: apt-get install -y chromium", file=sys.stderr)
         return 1
-    frames = pick_frames(args.data, args.per_class)
+    from painwatch.models import read_metadata
+
+    held_out = (read_metadata(args.bundle).get("gate") or {}).get("individuals") or []
+    records = pick_frames(args.data, args.per_class, list(held_out))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="painwatch-shot-") as scratch:
+        frames = write_face_crops(records, Path(scratch))
         log = Path(scratch) / "server.log"
         with harness.serve_app(args.bundle, log) as app, \
                 harness.open_browser(viewport=(args.width, args.height)) as page:
