@@ -30,14 +30,6 @@ SHAPE = (1, 4, 4)
 DIM = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: these models are tiny, and on a shared CPU extra threads spin and stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def linear_model(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
     """``x (B, 1, 4, 4) -> W vec(x) + b`` as an ordinary network."""

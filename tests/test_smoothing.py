@@ -37,14 +37,6 @@ SHAPE = (1, 3, 3)
 DIM = 9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: these models are tiny, and on a shared CPU extra threads spin and stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class BinaryLinear(nn.Module):
     """``x -> (t, -t)``, ``t = scale * (w . vec(x) + b)``; ``||w|| = 1``, so ``w . x + b`` is a distance."""

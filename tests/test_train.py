@@ -78,14 +78,6 @@ def _config(**overrides) -> TrainConfig:
     return TrainConfig(**(settings | overrides))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; several threads contend badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def data_folder(tmp_path_factory) -> Path:
