@@ -112,76 +112,33 @@ def main(argv: list[str] | None = None) -> int:
     def generator(index: int, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(args.seed * 1_000_003 + index * 17 + salt)
 
+    # name -> (generator salt, options of sequential_certify beyond the shared ones). "fast" runs have the
+    # Predictor's budget; "matched" ones Cohen's, stopping within --rel-tol of the best that budget allows.
+    matched = {"max_n": args.cohen_n, "rel_tol": args.rel_tol, "max_batch": 8192}
+    sequential_variants: dict[str, tuple[int, dict[str, object]]] = {
+        "sequential_soft_fast": (1, {"max_n": args.budget}),
+        "sequential_soft_matched": (2, matched),
+        "sequential_sharp_fast": (6, {"max_n": args.budget, "score_temperature": 0.1}),
+        "sequential_hard_matched": (7, {**matched, "scores": "hard"}),
+        "sequential_hard_fast": (3, {"max_n": args.budget, "scores": "hard"}),
+    }
+
     rows = []
     for index, x in enumerate(images):
         row: dict[str, object] = {"frame": index}
-        runs = {
-            "sequential_soft_fast": lambda x=x, i=index: sequential_certify(
-                model,
-                x,
-                sigma,
-                alpha=alpha,
-                n0=64,
-                max_n=args.budget,
-                batch_size=args.batch_size,
-                min_radius=0.01 * sigma,
-                generator=generator(i, 1),
-            ),
-            "sequential_soft_matched": lambda x=x, i=index: sequential_certify(
-                model,
-                x,
-                sigma,
-                alpha=alpha,
-                n0=64,
-                max_n=args.cohen_n,
-                batch_size=args.batch_size,
-                rel_tol=args.rel_tol,
-                min_radius=0.01 * sigma,
-                max_batch=8192,
-                generator=generator(i, 2),
-            ),
-            "sequential_sharp_fast": lambda x=x, i=index: sequential_certify(
-                model,
-                x,
-                sigma,
-                alpha=alpha,
-                n0=64,
-                max_n=args.budget,
-                batch_size=args.batch_size,
-                score_temperature=0.1,
-                min_radius=0.01 * sigma,
-                generator=generator(i, 6),
-            ),
-            "sequential_hard_matched": lambda x=x, i=index: sequential_certify(
-                model,
-                x,
-                sigma,
-                alpha=alpha,
-                n0=64,
-                max_n=args.cohen_n,
-                batch_size=args.batch_size,
-                scores="hard",
-                rel_tol=args.rel_tol,
-                min_radius=0.01 * sigma,
-                max_batch=8192,
-                generator=generator(i, 7),
-            ),
-            "sequential_hard_fast": lambda x=x, i=index: sequential_certify(
-                model,
-                x,
-                sigma,
-                alpha=alpha,
-                n0=64,
-                max_n=args.budget,
-                batch_size=args.batch_size,
-                scores="hard",
-                min_radius=0.01 * sigma,
-                generator=generator(i, 3),
-            ),
-        }
-        for name, run in runs.items():
+        for name, (salt, options) in sequential_variants.items():
             started = time.perf_counter()
-            outcome = run()
+            outcome = sequential_certify(
+                model,
+                x,
+                sigma,
+                alpha=alpha,
+                n0=64,
+                batch_size=args.batch_size,
+                min_radius=0.01 * sigma,
+                generator=generator(index, salt),
+                **options,
+            )
             row[name] = {
                 "prediction": outcome.certificate.prediction,
                 "radius": outcome.certificate.radius,
