@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from painwatch import CLASS_NAMES
-from painwatch.report import atomic_write_json, atomic_write_text
+from painwatch.atomic import atomic_write_text
+from painwatch.report import atomic_write_json
 
 CONFIG_FILE = "config.json"
 FEATURES_FILE = "features.safetensors"

@@ -2,7 +2,7 @@
 
 Reusable pieces (the LOIO report here, the certification report in ``painwatch.certify``):
 
-- :func:`atomic_write_text`, :func:`atomic_write_bytes`, :func:`atomic_write_json`: write to a temporary
+- :func:`atomic_write_json` (on :func:`painwatch.atomic.atomic_write_text`): write to a temporary
   file in the destination folder, ``fsync``, then ``os.replace`` - a reader sees the old file or the
   complete new one, never a partial one, even if the process dies mid-write.
 - :func:`new_figure` / :func:`save_figure`: matplotlib figures built with the object-oriented API
@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from painwatch.atomic import atomic_write_text
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -47,31 +49,6 @@ PUBLISHED_REFERENCE: dict[str, Any] = {
 # ----------------------------------------------------------------------------------------------
 # Atomic writes
 # ----------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``).
-
-    Creates missing parent folders. Returns the path.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()

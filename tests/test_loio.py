@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 
 from painwatch import CLASS_NAMES
+from painwatch.atomic import atomic_write_text
 from painwatch.cli import main
 from painwatch.loio import LoioError, LoioSettings, fold_seed, loio_folds, run_loio
 from painwatch.report import (
     Report,
     atomic_write_json,
-    atomic_write_text,
     table_to_html,
     table_to_markdown,
     to_json_text,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import os
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from painwatch import CLASS_NAMES
+from painwatch.atomic import atomic_write_text
 
 DEMO_IMAGE_SIZE: int = 160
 """Default frame size (pixels, square): the face occupies roughly 55-80% of it."""
@@ -460,17 +462,6 @@ def _check_int(name: str, value: object, low: int, high: int) -> int:
     return int(value)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def _readme(individuals: int, frames_per_class: int, seed: int, size: int) -> str:
     return f"""{README_MARKER}
 # SYNTHETIC demo data: not real macaques
@@ -560,7 +551,7 @@ def make_demo_dataset(
                     f"{out} holds {child.name}, which the demo set did not write; not overwriting"
                 )
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "README.md", _readme(individuals, frames_per_class, seed, image_size))
+    atomic_write_text(out / "README.md", _readme(individuals, frames_per_class, seed, image_size))
 
     rows: list[list[str]] = []
     started = time.perf_counter()
@@ -597,14 +588,8 @@ def make_demo_dataset(
             )
 
     header = ["path", "individual", "label", "x0", "y0", "x1", "y1", "synthetic", "pain_intensity", *CUES]
-    handle, temp = tempfile.mkstemp(dir=out, prefix=".manifest.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-            writer = csv.writer(file, lineterminator="\n")
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(temp, out / "manifest.csv")
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return out / "manifest.csv"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return atomic_write_text(out / "manifest.csv", buffer.getvalue())

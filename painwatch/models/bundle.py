@@ -33,6 +33,7 @@ import torch
 
 from painwatch import CLASS_NAMES
 from painwatch import __version__ as painwatch_version
+from painwatch.atomic import atomic_write_text
 from painwatch.models.network import PainNet, create_model
 
 FORMAT_VERSION = 1
@@ -298,17 +299,7 @@ def _fsync_file(path: Path) -> None:
 
 
 def _write_json_atomic(path: Path, content: Mapping[str, Any]) -> None:
-    text = json.dumps(content, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(content, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def _state_dict_for_file(model: torch.nn.Module) -> dict[str, torch.Tensor]:
