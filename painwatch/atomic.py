@@ -13,6 +13,16 @@ from pathlib import Path
 __all__ = ["atomic_write_bytes", "atomic_write_text"]
 
 
+def _default_file_mode(target: Path) -> int:
+    """The mode of the file being replaced, else 0666 less the process's umask (as ``open`` gives)."""
+    try:
+        return target.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``).
 
@@ -22,6 +32,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        # mkstemp makes the file private (0600); give it the permissions a plain write would have.
+        os.chmod(temporary, _default_file_mode(target))
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             handle.flush()

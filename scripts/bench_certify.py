@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from painwatch.atomic import atomic_write_text
 from painwatch.robust import (
     Certificate,
     SmoothedClassifier,
@@ -143,11 +142,7 @@ def format_table(rows: list[Row], reference: Row, points: int) -> str:
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=2)
-        temporary = handle.name
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
+from painwatch.atomic import atomic_write_text
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -227,10 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "frames_at_cap": sum(math.isclose(r["cohen"]["radius"], cap, rel_tol=1e-6) for r in rows),
     }
     print(json.dumps(summary, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"summary": summary, "frames": rows}, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps({"summary": summary, "frames": rows}, indent=2) + "\n")
     return 0
 
 
