@@ -18,11 +18,11 @@ Reusable pieces (the LOIO report here, the certification report in ``painwatch.c
 from __future__ import annotations
 
 import html
+import io
 import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from painwatch.atomic import atomic_write_text
+from painwatch.atomic import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -97,22 +97,15 @@ def save_figure(figure: Figure, path: str | os.PathLike[str], dpi: int = 120) ->
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".png", dir=target.parent)
-    os.close(descriptor)
+    buffer = io.BytesIO()
     try:
         if type(figure.canvas).__name__ == "FigureCanvasBase":  # a pyplot-free figure: render with Agg
             FigureCanvasAgg(figure)
-        figure.savefig(temporary, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         if "matplotlib.pyplot" in sys.modules:
             sys.modules["matplotlib.pyplot"].close(figure)
-    return target
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------
