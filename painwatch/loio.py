@@ -42,6 +42,7 @@ import numpy as np
 from painwatch import CLASS_NAMES
 from painwatch.atomic import atomic_write_text
 from painwatch.report import atomic_write_json
+from painwatch.train import TrainConfig, add_training_arguments, train_config_from_args
 
 CONFIG_FILE = "config.json"
 FEATURES_FILE = "features.safetensors"
@@ -57,6 +58,25 @@ RUN_FORMAT = "painwatch-loio-1"
 RESUME_FREE_SETTINGS = frozenset(
     {"device", "max_folds", "progress", "num_workers", "bootstrap_reps", "num_bins"}
 )
+
+#: Settings that runs saved before they existed were trained with (``painwatch loio`` then had no option
+#: for them): ``--resume`` compares a saved ``config.json`` that lacks one of them as if it held this value.
+IMPLIED_BY_OLDER_RUNS: dict[str, Any] = {
+    "schedule": "cosine",
+    "warmup_epochs": 1.0,
+    "monitor": "val_loss",
+    "margin": 1.0,
+    "num_draws": 4,
+    "margin_weight": 1.0,
+    "label_smoothing": 0.0,
+    "augment": 1.0,
+    "validate_under_noise": True,
+    "max_grad_norm": 5.0,
+    "drop_rate": 0.0,
+    "amp": True,
+}
+
+_TRAIN = TrainConfig()  # the defaults of the training fields
 
 
 class LoioError(RuntimeError):
@@ -157,37 +177,52 @@ def loio_folds(
 class LoioSettings:
     """Everything that defines a LOIO run; saved in ``config.json`` and checked on ``--resume``.
 
-    Training fields mirror :class:`painwatch.train.TrainConfig` (same meaning and units);
-    ``patience=None`` trains every epoch. With ``cache_features`` the backbone is frozen and only the
-    head is trained (``head_epochs`` L-BFGS rounds, L2 penalty ``head_l2``); ``loss`` must then be
-    ``"ce"`` and ``noise_sigma`` 0 (pixel noise cannot be applied to cached features).
+    Every field that :class:`painwatch.train.TrainConfig` also has (see :data:`TRAINING_FIELDS`) has its
+    meaning, units and default and is handed to each fold's training; ``weights`` is TrainConfig's
+    ``weights_path``, and fold ``k`` trains with ``fold_seed(seed, k)``. ``patience=None`` trains every
+    epoch. With ``cache_features`` the backbone is frozen and only the head is trained (``head_epochs``
+    L-BFGS rounds, L2 penalty ``head_l2``, ``label_smoothing``, ``class_balance``, ``monitor`` and
+    ``patience`` apply); ``loss`` must then be ``"ce"`` and ``noise_sigma`` 0 (pixel noise cannot be
+    applied to cached features), and the fine-tuning fields have no effect.
     """
 
     data: str
     out: str
-    arch: str = "resnet50"
-    pretrained: bool = False
-    weights: str | None = None
-    input_size: int = 224
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 3e-4
-    weight_decay: float = 0.05
-    patience: int | None = 5
-    class_balance: str = "weights"
-    loss: str = "ce"
-    noise_sigma: float = 0.0
-    head_epochs: int = 50
-    head_l2: float = 1e-2
-    seed: int = 0
+    arch: str = _TRAIN.arch
+    pretrained: bool = _TRAIN.pretrained
+    weights: str | None = _TRAIN.weights_path
+    input_size: int = _TRAIN.input_size
+    epochs: int = _TRAIN.epochs
+    batch_size: int = _TRAIN.batch_size
+    lr: float = _TRAIN.lr
+    weight_decay: float = _TRAIN.weight_decay
+    schedule: str = _TRAIN.schedule
+    warmup_epochs: float = _TRAIN.warmup_epochs
+    patience: int | None = _TRAIN.patience
+    monitor: str = _TRAIN.monitor
+    class_balance: str = _TRAIN.class_balance
+    loss: str = _TRAIN.loss
+    noise_sigma: float = _TRAIN.noise_sigma
+    margin: float = _TRAIN.margin
+    num_draws: int = _TRAIN.num_draws
+    margin_weight: float = _TRAIN.margin_weight
+    label_smoothing: float = _TRAIN.label_smoothing
+    augment: float = _TRAIN.augment
+    validate_under_noise: bool = _TRAIN.validate_under_noise
+    max_grad_norm: float | None = _TRAIN.max_grad_norm
+    drop_rate: float = _TRAIN.drop_rate
+    amp: bool = _TRAIN.amp
+    head_epochs: int = _TRAIN.head_epochs
+    head_l2: float = _TRAIN.head_l2
+    seed: int = _TRAIN.seed
     cache_features: bool = False
     inner_val_individuals: int | None = None
     inner_val_fraction: float = 0.2
     bootstrap_reps: int = 1000
     num_bins: int = 15
-    device: str = "auto"
+    device: str = _TRAIN.device
     max_folds: int | None = None
-    num_workers: int = 0
+    num_workers: int = _TRAIN.num_workers
     progress: bool = True
 
     def validate(self) -> LoioSettings:
@@ -209,29 +244,12 @@ class LoioSettings:
         self.train_config(self.seed)  # validates the training fields, naming any bad one
         return self
 
-    def train_config(self, seed: int, device: str | None = None):
-        """The :class:`painwatch.train.TrainConfig` of a fold trained with ``seed``."""
-        from painwatch.train import TrainConfig
-
-        return TrainConfig(
-            arch=self.arch,
-            input_size=self.input_size,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            class_balance=self.class_balance,
-            loss=self.loss,
-            noise_sigma=self.noise_sigma,
-            head_epochs=self.head_epochs,
-            head_l2=self.head_l2,
-            seed=int(seed),
-            num_workers=self.num_workers,
-            device=device or self.device,
-            pretrained=self.pretrained,
-            weights_path=self.weights,
-        )
+    def train_config(self, seed: int, device: str | None = None) -> TrainConfig:
+        """The :class:`painwatch.train.TrainConfig` of a fold trained with ``seed``: every field in
+        :data:`TRAINING_FIELDS` as set here, ``weights_path=weights``, ``device`` when given."""
+        values = {name: getattr(self, name) for name in TRAINING_FIELDS}
+        values.update(seed=int(seed), device=device or self.device, weights_path=self.weights)
+        return TrainConfig(**values)
 
     def checked(self) -> dict[str, Any]:
         """The settings that must match for ``--resume`` (everything that can change a fold)."""
@@ -239,6 +257,14 @@ class LoioSettings:
         for key in (*RESUME_FREE_SETTINGS, "out", "data"):
             values.pop(key)
         return values
+
+
+#: The :class:`LoioSettings` fields that are :class:`painwatch.train.TrainConfig` fields of the same name.
+TRAINING_FIELDS: tuple[str, ...] = tuple(
+    f.name
+    for f in dataclasses.fields(LoioSettings)
+    if f.name in {g.name for g in dataclasses.fields(TrainConfig)}
+)
 
 
 def _records_digest(records: Sequence[Any]) -> str:
@@ -294,7 +320,7 @@ def prepare_run_folder(run_dir: Path, config: dict[str, Any], resume: bool) -> N
             saved = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise LoioError(f"cannot read {config_path}: {error}") from error
-        problems = _differences(saved.get("settings", {}), config["settings"])
+        problems = _differences({**IMPLIED_BY_OLDER_RUNS, **saved.get("settings", {})}, config["settings"])
         for key in ("format", "data_hash", "records_digest", "num_frames", "individuals"):
             if saved.get(key) != config.get(key):
                 what = "the data differ" if key != "format" else "another run format"
@@ -430,6 +456,7 @@ def _create_model(settings: LoioSettings, seed: int):
         pretrained=settings.pretrained,
         weights_path=settings.weights,
         input_size=settings.input_size,
+        drop_rate=settings.drop_rate,
         seed=seed,
     )
 
@@ -444,18 +471,16 @@ def _train_fold_finetune(
     settings: LoioSettings, records: Sequence[Any], fold: Fold, seed: int, device: str, directory: Path
 ) -> tuple[np.ndarray, np.ndarray, Any, str]:
     """Fine-tune a whole model; returns (validation logits, test logits, FitResult, checkpoint path)."""
-    from painwatch.data import FrameDataset, train_transform
     from painwatch.models import save_bundle
     from painwatch.train import fit, predict_logits
 
     _seed_everything(seed)
     model = _create_model(settings, seed)
     config = settings.train_config(seed, device)
-    train_set = FrameDataset(
-        [records[i] for i in fold.train], train_transform(settings.input_size, seed=seed)
-    )
     val_records = [records[i] for i in fold.validation]
-    result = fit(model, train_set, val_records, config, progress=settings.progress)
+    # fit reads the training records with the train transform of strength config.augment, seeded with
+    # the fold's seed (augment 0: the eval transform).
+    result = fit(model, [records[i] for i in fold.train], val_records, config, progress=settings.progress)
     # predict_logits reads records with the deterministic eval transform at the model's input size.
     test_logits = predict_logits(
         model,
@@ -464,7 +489,7 @@ def _train_fold_finetune(
         device=device,
         num_workers=settings.num_workers,
     )
-    if result.val_logits is not None and settings.noise_sigma == 0:
+    if result.val_logits is not None and (settings.noise_sigma == 0 or not settings.validate_under_noise):
         val_logits = result.val_logits
     else:
         # LOIO scores the network on clean frames, so its temperature is fitted on clean validation
@@ -489,7 +514,15 @@ def _train_fold_finetune(
                 "num_frames": len(fold.train),
                 "loss": settings.loss,
                 "noise_sigma": settings.noise_sigma,
+                "margin": settings.margin,
+                "num_draws": settings.num_draws,
                 "epochs": settings.epochs,
+                "epochs_run": result.epochs_run,
+                "best_epoch": result.best_epoch,
+                "lr": settings.lr,
+                "schedule": settings.schedule,
+                "class_balance": settings.class_balance,
+                "augment": settings.augment,
                 "seed": seed,
                 "purpose": f"LOIO fold {fold.index} (evaluation only)",
             }
@@ -902,8 +935,18 @@ def write_outputs(
             else {
                 "epochs (max)": settings.epochs,
                 "patience": settings.patience,
-                "loss": settings.loss,
+                "loss": settings.loss
+                + (
+                    f" (margin d {settings.margin}, {settings.num_draws} noise draws"
+                    + (f", weight {settings.margin_weight})" if settings.loss == "ce+mc_margin" else ")")
+                    if settings.loss != "ce"
+                    else ""
+                ),
                 "noise sigma": settings.noise_sigma,
+                "learning rate": (
+                    f"{settings.lr:g} ({settings.schedule}, warm-up {settings.warmup_epochs:g} epochs)"
+                ),
+                "augmentation strength": settings.augment,
             }
         ),
         "inner validation": (
@@ -934,16 +977,19 @@ def write_outputs(
 # Command line
 # ----------------------------------------------------------------------------------------------
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``painwatch loio`` to the CLI."""
+    """Add ``painwatch loio`` to the CLI: its own options plus every training option of ``painwatch
+    train`` (:func:`painwatch.train.add_training_arguments`, with the cached-features head options)."""
     defaults = LoioSettings(data="", out="")
     parser = subparsers.add_parser(
         "loio",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="leave-one-individual-out evaluation with per-fold checkpoints, metrics and a report",
         description=(
             "Leave-one-individual-out evaluation on DATA (folder DATA/<individual>/<label>/* or a manifest "
             "CSV): one fold per individual, an inner validation split by individual for early stopping "
             "and temperature scaling. Writes predictions.csv, metrics.json and report.md/.html with PNGs "
-            "into RUN. Resumable with --resume."
+            "into RUN. Resumable with --resume. Each fold trains with the training options below, the "
+            "same as `painwatch train`'s."
         ),
     )
     parser.add_argument("data", help="data folder or manifest CSV")
@@ -951,114 +997,65 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", required=True, metavar="RUN", help="run folder (created; must be new or --resume)"
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue the run in RUN, skipping finished folds"
-    )
-    parser.add_argument("--arch", default=defaults.arch, help="timm architecture (default: %(default)s)")
-    parser.add_argument(
-        "--pretrained", action="store_true", help="ImageNet weights from the hub (needs network)"
-    )
-    parser.add_argument(
-        "--weights", default=None, help="local ImageNet weights (safetensors or .pth state dict)"
-    )
-    parser.add_argument(
-        "--input-size", type=int, default=defaults.input_size, help="pixels (default: %(default)s)"
-    )
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="fine-tuning epochs per fold")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument(
-        "--patience",
-        type=int,
-        default=defaults.patience,
-        help="early-stopping patience in epochs; 0 disables (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--class-balance", choices=("weights", "sampler", "none"), default=defaults.class_balance
-    )
-    parser.add_argument("--loss", choices=("ce", "mc_margin", "ce+mc_margin"), default=defaults.loss)
-    parser.add_argument(
-        "--noise-sigma",
-        type=float,
-        default=defaults.noise_sigma,
-        help="Gaussian noise augmentation, L2 per pixel in [0, 1] units (default: %(default)s)",
+        "--resume",
+        action="store_true",
+        help="continue the run in RUN, skipping finished folds; refused when a setting that can change a "
+        "fold differs from the run's",
     )
     parser.add_argument(
         "--cache-features",
         action="store_true",
-        help="freeze the backbone: extract features once, train only the head in every fold",
-    )
-    parser.add_argument(
-        "--head-epochs",
-        type=int,
-        default=defaults.head_epochs,
-        help="with --cache-features: L-BFGS rounds of the head (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--head-l2",
-        type=float,
-        default=defaults.head_l2,
-        help="with --cache-features: L2 penalty of the head on standardised features (default: %(default)s)",
+        help="freeze the backbone: extract features once, train only the linear head in every fold "
+        "(needs --loss ce and --noise-sigma 0)",
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         "--inner-val-individuals",
         type=int,
-        default=None,
+        default=defaults.inner_val_individuals,
         help="number of training individuals held out for validation in each fold",
     )
     group.add_argument(
         "--inner-val-fraction",
         type=float,
         default=defaults.inner_val_fraction,
-        help="fraction of training individuals held out for validation (default: %(default)s)",
+        help="fraction of training individuals held out for validation (rounded up)",
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
         "--bootstrap-reps",
         type=int,
         default=defaults.bootstrap_reps,
-        help="cluster-bootstrap replicates for the 95%% intervals (default: %(default)s)",
+        help="cluster-bootstrap replicates for the 95%% intervals",
     )
-    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda (default: %(default)s)")
-    parser.add_argument("--num-workers", type=int, default=defaults.num_workers, help="data-loading workers")
     parser.add_argument(
         "--max-folds",
         type=int,
-        default=None,
+        default=defaults.max_folds,
         help="run at most this many unfinished folds now, then stop (continue later with --resume)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_training_arguments(parser, defaults.train_config(defaults.seed), head=True)
     parser.set_defaults(func=_loio_command)
 
 
 def settings_from_args(args: argparse.Namespace) -> LoioSettings:
-    """The :class:`LoioSettings` of parsed ``painwatch loio`` arguments."""
+    """The :class:`LoioSettings` of parsed ``painwatch loio`` arguments (training options go through
+    :func:`painwatch.train.train_config_from_args`, so they mean exactly what they mean for ``train``).
+
+    Raises:
+        ValueError: a bad training option, naming it.
+    """
+    config = train_config_from_args(args)
     return LoioSettings(
         data=str(args.data),
         out=str(args.out),
-        arch=args.arch,
-        pretrained=bool(args.pretrained),
-        weights=args.weights,
-        input_size=args.input_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        patience=args.patience or None,
-        class_balance=args.class_balance,
-        loss=args.loss,
-        noise_sigma=args.noise_sigma,
-        head_epochs=args.head_epochs,
-        head_l2=args.head_l2,
-        seed=args.seed,
+        **{name: getattr(config, name) for name in TRAINING_FIELDS},
+        weights=config.weights_path,
         cache_features=bool(args.cache_features),
         inner_val_individuals=args.inner_val_individuals,
         inner_val_fraction=args.inner_val_fraction,
         bootstrap_reps=args.bootstrap_reps,
-        device=args.device,
         max_folds=args.max_folds,
-        num_workers=args.num_workers,
         progress=not args.quiet,
     )
 

@@ -12,6 +12,8 @@
   (frozen-backbone runs); :func:`predict_logits` runs a model over records.
 - ``painwatch train DATA --out BUNDLE`` trains on all individuals (an inner validation split by
   individual serves early stopping and temperature scaling) and writes a model bundle.
+- :func:`add_training_arguments` declares the command-line options of every ``TrainConfig`` field and
+  :func:`train_config_from_args` reads them back: ``painwatch train`` and ``painwatch loio`` share both.
 
 Every random draw (shuffling, sampling, noise, augmentation seeds) derives from ``TrainConfig.seed``.
 """
@@ -928,6 +930,239 @@ def is_synthetic_source(source: str | Path) -> bool:
         return False
 
 
+def add_training_arguments(
+    parser: argparse.ArgumentParser, defaults: TrainConfig | None = None, *, head: bool = False
+) -> argparse._ArgumentGroup:
+    """Declare every command-line option that sets a :class:`TrainConfig` field, in a "training
+    options" group of ``parser``, with ``defaults`` (``TrainConfig()`` when omitted) as defaults.
+
+    ``painwatch train`` and ``painwatch loio`` both call this, so they accept the same training options
+    with the same defaults and units; :func:`train_config_from_args` turns the parsed options back into
+    a :class:`TrainConfig`. ``head=True`` adds the options of the linear head on cached features
+    (``--head-epochs``, ``--head-l2``), which only ``loio --cache-features`` uses. Two fields have no
+    option because they change speed only: ``eval_batch_size`` and ``channels_last``.
+
+    Options whose field may be ``None`` take 0 for "off" (``--patience 0``, ``--max-grad-norm 0``);
+    ``--validate-clean`` and ``--no-amp`` switch off ``validate_under_noise`` and ``amp``.
+    """
+    d = TrainConfig() if defaults is None else defaults
+    group = parser.add_argument_group(
+        "training options",
+        "the same for `painwatch train` and `painwatch loio` (each LOIO fold trains with them); noise sigma "
+        "is in [0, 1] pixel units at --input-size",
+    )
+    add = group.add_argument
+    add("--arch", default=d.arch, help="timm architecture name (e.g. resnet50, resnet18, resnet10t)")
+    add(
+        "--input-size",
+        type=int,
+        default=d.input_size,
+        metavar="PIXELS",
+        help="side of the square model input in pixels; frames are resized to it",
+    )
+    add(
+        "--weights",
+        default=d.weights_path,
+        metavar="FILE",
+        help="local ImageNet weights of the backbone (safetensors or .pth state dict); used instead of "
+        "--pretrained",
+    )
+    add(
+        "--pretrained",
+        action="store_true",
+        default=d.pretrained,
+        help="ImageNet weights from the Hugging Face hub (needs network)",
+    )
+    add("--epochs", type=int, default=d.epochs, help="at most this many passes over the training frames")
+    add("--batch-size", type=int, default=d.batch_size, metavar="FRAMES", help="frames per training step")
+    add("--lr", type=float, default=d.lr, help="peak AdamW learning rate (per step)")
+    add(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help="AdamW decoupled weight decay (weight matrices and kernels; not biases or norm scales)",
+    )
+    add(
+        "--schedule",
+        choices=SCHEDULES,
+        default=d.schedule,
+        help="per-step learning-rate schedule: cosine (warm-up, then cosine decay to 0), onecycle "
+        "(OneCycleLR peaking after the warm-up, or after 30%% of the run without one), constant (after the "
+        "warm-up)",
+    )
+    add(
+        "--warmup-epochs",
+        type=float,
+        default=d.warmup_epochs,
+        metavar="EPOCHS",
+        help="linear learning-rate warm-up, in epochs (fractions allowed); 0 for none",
+    )
+    add(
+        "--patience",
+        type=int,
+        default=d.patience or 0,
+        metavar="EPOCHS",
+        help="early stopping: epochs without improvement of --monitor on the validation individuals; "
+        "0 disables",
+    )
+    add(
+        "--monitor",
+        choices=MONITORS,
+        default=d.monitor,
+        help="validation score that picks the best epoch and drives early stopping",
+    )
+    add(
+        "--class-balance",
+        choices=CLASS_BALANCING,
+        default=d.class_balance,
+        help="class imbalance: inverse-frequency loss weights, balanced sampling, or none",
+    )
+    add(
+        "--noise-sigma",
+        type=float,
+        default=d.noise_sigma,
+        metavar="SIGMA",
+        help="Gaussian noise augmentation: sigma of the noise added to every pixel, in [0, 1] pixel units "
+        "(unclipped; the sigma of the certificates); 0 for none",
+    )
+    add(
+        "--augment",
+        type=float,
+        default=d.augment,
+        metavar="STRENGTH",
+        help="strength of the image augmentation in [0, 1] (scales the crop, affine and colour ranges); "
+        "0 for none",
+    )
+    add(
+        "--validate-clean",
+        action="store_true",
+        default=not d.validate_under_noise,
+        help="validate on clean frames even when training with noise (otherwise under the training noise)",
+    )
+    add(
+        "--loss",
+        choices=LOSSES,
+        default=d.loss,
+        help="cross-entropy, the Monte Carlo expected-margin loss (needs --noise-sigma > 0), or their sum",
+    )
+    add(
+        "--margin",
+        type=float,
+        default=d.margin,
+        help="target margin d of the expected-margin loss, in logit units",
+    )
+    add(
+        "--num-draws",
+        type=int,
+        default=d.num_draws,
+        metavar="K",
+        help="noise draws k per frame and step of the expected-margin loss",
+    )
+    add(
+        "--margin-weight",
+        type=float,
+        default=d.margin_weight,
+        help="weight of the expected-margin term in --loss ce+mc_margin",
+    )
+    add(
+        "--label-smoothing",
+        type=float,
+        default=d.label_smoothing,
+        help="label smoothing of the cross-entropy, in [0, 1)",
+    )
+    add(
+        "--drop-rate",
+        type=float,
+        default=d.drop_rate,
+        help="dropout probability of the backbone (on the pooled features for ResNets), in [0, 1)",
+    )
+    add(
+        "--max-grad-norm",
+        type=float,
+        default=d.max_grad_norm or 0.0,
+        help="clip the gradient's global L2 norm to this; 0 disables",
+    )
+    add(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of every random draw (splits, initialisation, shuffling, augmentation, noise)",
+    )
+    add(
+        "--device",
+        default=d.device,
+        help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps",
+    )
+    add(
+        "--num-workers",
+        type=int,
+        default=d.num_workers,
+        help="data-loading worker processes; 0 loads in the main process",
+    )
+    add(
+        "--no-amp",
+        action="store_true",
+        default=not d.amp,
+        help="disable mixed precision (bfloat16/float16 autocast, used on CUDA only)",
+    )
+    if head:
+        add(
+            "--head-epochs",
+            type=int,
+            default=d.head_epochs,
+            metavar="ROUNDS",
+            help="with --cache-features: at most this many L-BFGS rounds (up to 20 iterations each) of the "
+            "linear head",
+        )
+        add(
+            "--head-l2",
+            type=float,
+            default=d.head_l2,
+            help="with --cache-features: L2 penalty of the head on standardised features",
+        )
+    return group
+
+
+def train_config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of options declared by :func:`add_training_arguments` (validated: a bad
+    value raises ``ValueError`` naming the field). ``overrides`` replace fields; fields without an
+    option (and ``head_epochs`` / ``head_l2`` when they were not declared) keep their defaults."""
+    values: dict[str, Any] = {
+        "arch": args.arch,
+        "input_size": args.input_size,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "schedule": args.schedule,
+        "warmup_epochs": args.warmup_epochs,
+        "patience": args.patience or None,
+        "monitor": args.monitor,
+        "class_balance": args.class_balance,
+        "noise_sigma": args.noise_sigma,
+        "loss": args.loss,
+        "margin": args.margin,
+        "num_draws": args.num_draws,
+        "margin_weight": args.margin_weight,
+        "label_smoothing": args.label_smoothing,
+        "augment": args.augment,
+        "validate_under_noise": not args.validate_clean,
+        "max_grad_norm": args.max_grad_norm or None,
+        "drop_rate": args.drop_rate,
+        "amp": not args.no_amp,
+        "seed": args.seed,
+        "num_workers": args.num_workers,
+        "device": args.device,
+        "pretrained": bool(args.pretrained),
+        "weights_path": args.weights,
+    }
+    for name in ("head_epochs", "head_l2"):
+        if hasattr(args, name):
+            values[name] = getattr(args, name)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``painwatch train`` to the CLI."""
     parser = subparsers.add_parser(
@@ -940,66 +1175,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "individual drives early stopping and temperature scaling."
         ),
     )
-    defaults = TrainConfig()
     parser.add_argument("data", help="data folder or manifest CSV")
     parser.add_argument("--out", required=True, help="bundle folder to write")
-    parser.add_argument("--arch", default=defaults.arch, help="timm architecture")
-    parser.add_argument("--input-size", type=int, default=defaults.input_size, help="pixels")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="at most this many epochs")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="frames per step")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate")
-    parser.add_argument(
-        "--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay"
-    )
-    parser.add_argument(
-        "--schedule", choices=SCHEDULES, default=defaults.schedule, help="learning-rate schedule"
-    )
-    parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs, help="linear warm-up")
-    parser.add_argument(
-        "--patience",
-        type=int,
-        default=defaults.patience,
-        help="early-stopping patience in epochs; 0 disables",
-    )
-    parser.add_argument(
-        "--monitor", choices=MONITORS, default=defaults.monitor, help="early-stopping criterion"
-    )
-    parser.add_argument(
-        "--class-balance",
-        choices=CLASS_BALANCING,
-        default=defaults.class_balance,
-        help="inverse-frequency loss weights, balanced sampling, or none",
-    )
-    parser.add_argument(
-        "--noise-sigma",
-        type=float,
-        default=defaults.noise_sigma,
-        help="Gaussian noise augmentation, L2 per pixel in [0, 1] units",
-    )
-    parser.add_argument(
-        "--augment",
-        type=float,
-        default=defaults.augment,
-        help="strength of the training augmentation in [0, 1]; 0 for none",
-    )
-    parser.add_argument(
-        "--validate-clean",
-        action="store_true",
-        help="validate on clean frames even when training with noise (default: under the training noise)",
-    )
-    parser.add_argument(
-        "--loss", choices=LOSSES, default=defaults.loss, help="cross-entropy and/or MC expected-margin loss"
-    )
-    parser.add_argument("--margin", type=float, default=defaults.margin, help="target margin d of mc_margin")
-    parser.add_argument(
-        "--num-draws", type=int, default=defaults.num_draws, help="noise draws k of mc_margin"
-    )
-    parser.add_argument(
-        "--margin-weight",
-        type=float,
-        default=defaults.margin_weight,
-        help="weight of mc_margin in ce+mc_margin",
-    )
     parser.add_argument(
         "--val-fraction",
         type=float,
@@ -1009,17 +1186,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--individuals", default=None, help="comma-separated individuals to use; all in DATA when omitted"
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of every random draw")
-    parser.add_argument(
-        "--weights", default=None, help="local ImageNet weights (safetensors or .pth state dict)"
-    )
-    parser.add_argument(
-        "--pretrained", action="store_true", help="ImageNet weights from the hub (needs network)"
-    )
-    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda")
-    parser.add_argument("--num-workers", type=int, default=defaults.num_workers, help="DataLoader workers")
-    parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_training_arguments(parser, TrainConfig())
     parser.set_defaults(func=_train_command)
 
 
@@ -1038,32 +1206,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from painwatch.data import dataset_hash, load_records
     from painwatch.models import create_model, default_certification, save_bundle
 
-    config = TrainConfig(
-        arch=args.arch,
-        input_size=args.input_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs,
-        patience=args.patience or None,
-        monitor=args.monitor,
-        class_balance=args.class_balance,
-        noise_sigma=args.noise_sigma,
-        loss=args.loss,
-        margin=args.margin,
-        num_draws=args.num_draws,
-        margin_weight=args.margin_weight,
-        seed=args.seed,
-        num_workers=args.num_workers,
-        device=args.device,
-        amp=not args.no_amp,
-        augment=args.augment,
-        validate_under_noise=not args.validate_clean,
-        pretrained=args.pretrained,
-        weights_path=args.weights,
-    )
+    config = train_config_from_args(args)
     if config.loss != "ce" and config.noise_sigma <= 0:
         raise ValueError(f"--loss {config.loss} maximises the margin under noise: it needs --noise-sigma > 0")
     out = Path(args.out)

@@ -408,3 +408,169 @@ def test_noise_trained_fold_is_calibrated_on_clean_validation_logits(tmp_path: P
     assert result["temperature"] == pytest.approx(fit_temperature(clean_logits, labels), rel=1e-5)
     clean_nll = negative_log_likelihood(clean_logits, labels, 1.0)
     assert result["validation"]["nll_before_scaling"] == pytest.approx(clean_nll, rel=1e-6)
+
+
+# ------------------------------------------------------------- training options shared with `train`
+# A non-default value for every training option; a new option must be added here (the test checks).
+TRAINING_ARGV = {
+    "--arch": ["--arch", "test_resnet"],
+    "--input-size": ["--input-size", "32"],
+    "--weights": ["--weights", "backbone.safetensors"],
+    "--pretrained": ["--pretrained"],
+    "--epochs": ["--epochs", "3"],
+    "--batch-size": ["--batch-size", "8"],
+    "--lr": ["--lr", "0.002"],
+    "--weight-decay": ["--weight-decay", "0.01"],
+    "--schedule": ["--schedule", "constant"],
+    "--warmup-epochs": ["--warmup-epochs", "0.5"],
+    "--patience": ["--patience", "2"],
+    "--monitor": ["--monitor", "val_balanced_accuracy"],
+    "--class-balance": ["--class-balance", "sampler"],
+    "--noise-sigma": ["--noise-sigma", "0.1"],
+    "--augment": ["--augment", "0.5"],
+    "--validate-clean": ["--validate-clean"],
+    "--loss": ["--loss", "ce+mc_margin"],
+    "--margin": ["--margin", "2.5"],
+    "--num-draws": ["--num-draws", "2"],
+    "--margin-weight": ["--margin-weight", "0.5"],
+    "--label-smoothing": ["--label-smoothing", "0.1"],
+    "--drop-rate": ["--drop-rate", "0.2"],
+    "--max-grad-norm": ["--max-grad-norm", "1.5"],
+    "--seed": ["--seed", "7"],
+    "--device": ["--device", "cpu"],
+    "--num-workers": ["--num-workers", "1"],
+    "--no-amp": ["--no-amp"],
+}
+HEAD_ARGV = {"--head-epochs": ["--head-epochs", "7"], "--head-l2": ["--head-l2", "0.5"]}
+TRAINING_ARGV_FLAT = [value for values in TRAINING_ARGV.values() for value in values]
+
+
+def _command_parser(command: str):
+    from painwatch.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    return subparsers.choices[command]
+
+
+def _training_group(parser) -> dict[str, object]:
+    group = next(g for g in parser._action_groups if g.title == "training options")
+    return {action.option_strings[0]: action.default for action in group._group_actions}
+
+
+def test_train_and_loio_expose_the_same_training_options() -> None:
+    from painwatch.train import TrainConfig, train_config_from_args
+
+    train_options = _training_group(_command_parser("train"))
+    loio_options = _training_group(_command_parser("loio"))
+    assert {k: v for k, v in loio_options.items() if k not in HEAD_ARGV} == train_options  # same defaults
+    assert set(loio_options) == set(TRAINING_ARGV) | set(HEAD_ARGV)
+    # Outside the shared group each command declares only its own options.
+    own = {
+        "train": {"-h", "--help", "--out", "--val-fraction", "--individuals", "--quiet"},
+        "loio": {"-h", "--help", "--out", "--resume", "--cache-features", "--inner-val-individuals"}
+        | {"--inner-val-fraction", "--bootstrap-reps", "--max-folds", "--quiet"},
+    }
+    for command, expected in own.items():
+        parser = _command_parser(command)
+        options = {s for a in parser._actions for s in a.option_strings}
+        assert options - set(loio_options) == expected
+        # Defaults on both commands give TrainConfig's defaults.
+        args = parser.parse_args(["data", "--out", "out"])
+        assert train_config_from_args(args) == TrainConfig()
+    assert LoioSettings(data="", out="").train_config(0) == TrainConfig()
+
+
+def test_loio_forwards_every_training_option_like_train() -> None:
+    from painwatch.loio import TRAINING_FIELDS, settings_from_args
+    from painwatch.train import TrainConfig, train_config_from_args
+
+    head_argv = [value for values in HEAD_ARGV.values() for value in values]
+    loio_args = _command_parser("loio").parse_args(["data", "--out", "run", *TRAINING_ARGV_FLAT, *head_argv])
+    settings = settings_from_args(loio_args)
+    fold_config = settings.train_config(seed=123)
+    defaults = TrainConfig()
+    changed = {f for f in fold_config.to_dict() if getattr(fold_config, f) != getattr(defaults, f)}
+    # Every field reaches the fold's TrainConfig except the two speed-only ones without an option.
+    assert changed == set(defaults.to_dict()) - {"eval_batch_size", "channels_last"}
+    assert (fold_config.margin, fold_config.num_draws, fold_config.augment) == (2.5, 2, 0.5)
+    assert (fold_config.schedule, fold_config.warmup_epochs, fold_config.max_grad_norm) == (
+        "constant",
+        0.5,
+        1.5,
+    )
+    assert (fold_config.validate_under_noise, fold_config.amp, fold_config.seed) == (False, False, 123)
+    assert settings.seed == 7 and settings.weights == "backbone.safetensors"
+    # ... and they mean what they mean for `painwatch train`.
+    train_args = _command_parser("train").parse_args(["data", "--out", "bundle", *TRAINING_ARGV_FLAT])
+    train_config = train_config_from_args(train_args, head_epochs=7, head_l2=0.5)
+    assert settings.train_config(seed=7, device="cpu") == train_config
+    assert {name: getattr(settings, name) for name in TRAINING_FIELDS} == {
+        name: getattr(train_config, name) for name in TRAINING_FIELDS
+    }
+    # 0 switches off patience and gradient clipping on both commands.
+    off = _command_parser("loio").parse_args(["d", "--out", "r", "--patience", "0", "--max-grad-norm", "0"])
+    assert (settings_from_args(off).patience, settings_from_args(off).max_grad_norm) == (None, None)
+
+
+def test_new_training_options_reach_the_fold_training(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import painwatch.train
+    from painwatch.models import load_bundle
+
+    seen: list = []
+    real_fit = painwatch.train.fit
+
+    def spy(model, train_records, val_records, config, progress=True, **kwargs):
+        seen.append((config, train_records))
+        return real_fit(model, train_records, val_records, config, progress, **kwargs)
+
+    monkeypatch.setattr(painwatch.train, "fit", spy)
+    out = tmp_path / "run"
+    argv = ["loio", str(tiny_data), "--out", str(out), *FINE_TUNE_ARGS, "--max-folds", "1"]
+    options = ["--loss", "ce+mc_margin", "--noise-sigma", "0.1", "--margin", "2.5", "--num-draws", "2"]
+    options += ["--augment", "0", "--schedule", "constant", "--warmup-epochs", "0", "--lr", "0.002"]
+    options += ["--drop-rate", "0.2", "--label-smoothing", "0.1", "--validate-clean"]
+    assert main([*argv, *options]) == 0
+    ((config, train_records),) = seen
+    assert (config.loss, config.noise_sigma, config.margin, config.num_draws) == ("ce+mc_margin", 0.1, 2.5, 2)
+    assert (config.augment, config.schedule, config.warmup_epochs) == (0.0, "constant", 0.0)
+    assert (config.drop_rate, config.label_smoothing, config.validate_under_noise) == (0.2, 0.1, False)
+    assert all(hasattr(r, "path") for r in train_records)  # records: fit applies config.augment itself
+    result = json.loads((out / "folds" / "fold_00" / "result.json").read_text())
+    assert [epoch["lr"] for epoch in result["history"]] == [0.002]  # constant schedule, no warm-up
+    assert result["history"][0]["val_noise_sigma"] == 0.0  # --validate-clean
+    training = load_bundle(out / "folds" / "fold_00" / "model").metadata["training"]
+    assert (training["margin"], training["num_draws"], training["augment"]) == (2.5, 2, 0.0)
+    saved = json.loads((out / "config.json").read_text())["settings"]
+    assert (saved["margin"], saved["schedule"], saved["drop_rate"]) == (2.5, "constant", 0.2)
+
+
+def test_resume_refuses_a_changed_training_option(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    argv = ["loio", str(tiny_data), "--out", str(out), "--arch", "test_resnet", "--input-size", "32"]
+    argv += ["--cache-features", "--head-epochs", "2", "--inner-val-individuals", "1", "--quiet"]
+    assert main([*argv, "--max-folds", "1"]) == 0
+    capsys.readouterr()
+    for change, difference in (
+        (["--margin", "2"], "margin: the run has 1.0, now 2.0"),
+        (["--num-draws", "8"], "num_draws: the run has 4, now 8"),
+        (["--augment", "0.5"], "augment: the run has 1.0, now 0.5"),
+        (["--schedule", "onecycle"], "schedule: the run has 'cosine', now 'onecycle'"),
+        (["--label-smoothing", "0.1"], "label_smoothing: the run has 0.0, now 0.1"),
+        (["--validate-clean"], "validate_under_noise: the run has True, now False"),
+    ):
+        assert main([*argv, "--resume", *change]) == 2, change
+        error = capsys.readouterr().err
+        assert "refusing to resume" in error and difference in error, error
+    # A run saved before these options existed was trained with their defaults: it resumes with them
+    # and refuses other values the same way.
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("schedule", "warmup_epochs", "monitor", "margin", "num_draws", "margin_weight", "augment"):
+        del config["settings"][key]
+    atomic_write_json(config_path, config)
+    assert main([*argv, "--resume", "--margin", "2"]) == 2
+    assert "margin: the run has 1.0, now 2.0" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--max-folds", "1"]) == 0
+    assert len(list(out.glob("folds/*/result.json"))) == 2
