@@ -31,9 +31,9 @@ DEMO_EPOCHS = 20
 DEMO_NOISE_SIGMA = 0.06
 DEMO_AUGMENT = 0.5
 DEMO_HELD_OUT = 5
-# The gate certifies with the budget the app uses (the bundle's default n), so it judges the
+# The gate certifies with the budget the app uses (None: the bundle's default n), so it judges the
 # classifier people get; 300 draws gave ~10% smaller radii than the app's.
-DEMO_CERTIFY_N = 1000
+DEMO_CERTIFY_N: int | None = None
 
 
 def held_out_individuals(individuals: list[str], count: int, seed: int) -> list[str]:
@@ -63,7 +63,7 @@ def build_demo_bundle(
     epochs: int = DEMO_EPOCHS,
     noise_sigma: float = DEMO_NOISE_SIGMA,
     max_frames: int | None = 30,
-    n: int = DEMO_CERTIFY_N,
+    n: int | None = DEMO_CERTIFY_N,
     seed: int = 0,
     gate: str | Path | None = None,
     quiet: bool = False,
@@ -162,7 +162,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-frames", type=int, default=30, help="frames certified (spread over individuals)"
     )
     parser.add_argument(
-        "--n", type=int, default=DEMO_CERTIFY_N, help="noise-draw budget per frame for certification"
+        "--n",
+        type=int,
+        default=DEMO_CERTIFY_N,
+        help="noise-draw budget per frame for certification (default: the bundle's, as the app uses)",
     )
     parser.add_argument("--gate", type=Path, default=None, help="gate TOML (default: the packaged gate)")
     parser.add_argument("--seed", type=int, default=0)

@@ -13,10 +13,12 @@
 
 Which classifier answers (``FrameResult.classifier`` says it in words):
 
-- ``soft_smoothing`` (default): the soft smoothed classifier ``argmax_k E_xi softmax(f(x + xi))_k``,
-  ``xi ~ N(0, sigma^2 I)``. Certified with the anytime-valid sequential bound of
-  :mod:`painwatch.robust.sequential`, which stops sampling once the answer is decided (``n`` is then
-  the budget); ``sequential=False`` uses the fixed-``n`` :func:`painwatch.robust.soft_smoothing_certify`.
+- ``soft_smoothing`` (default): the soft smoothed classifier ``argmax_k E_xi softmax(f(x + xi) / T)_k``,
+  ``xi ~ N(0, sigma^2 I)``, with the score temperature ``T`` of ``model.json`` (``score_temperature``;
+  0.1 for new bundles, which sharpens the scores towards votes; 1 when absent). Certified with the
+  anytime-valid sequential bound of :mod:`painwatch.robust.sequential`, which stops sampling once the
+  answer is decided (``n`` is then the budget); ``sequential=False`` uses the fixed-``n``
+  :func:`painwatch.robust.soft_smoothing_certify`.
 - ``randomized_smoothing``: Cohen et al.'s vote classifier ``g``; sequential hard-vote bound, or the
   fixed-``n`` CERTIFY of :class:`painwatch.robust.SmoothedClassifier` with ``sequential=False``.
 - ``smoothed_margin`` / ``lipschitz``: need a sound Lipschitz bound of the network; loading refuses
@@ -71,6 +73,17 @@ KNOWN_LIMITS: tuple[str, ...] = (
 _SEQUENTIAL_METHODS = ("soft_smoothing", "randomized_smoothing")
 
 
+class _ScaledLogits(torch.nn.Module):
+    """``f(x) / T``: soft smoothing of these logits certifies ``argmax E softmax(f(x + xi) / T)``."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model, self.temperature = model, float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) / self.temperature
+
+
 class SettingsError(ValueError):
     """A certification setting is unknown, malformed, or outside the bundle's allowed range."""
 
@@ -81,7 +94,8 @@ class PredictorSettings:
 
     ``n`` is the number of estimation draws for fixed-``n`` methods and the most estimation draws
     (the budget) for sequential ones; ``n0`` selection draws come on top. Units: ``sigma`` is the
-    L2 noise std in [0, 1] pixel space at the model's input size.
+    L2 noise std in [0, 1] pixel space at the model's input size. ``score_temperature`` ``T`` divides
+    the logits inside the soft smoothing scores ``softmax(f / T)`` (soft_smoothing only).
     """
 
     method: str
@@ -93,6 +107,7 @@ class PredictorSettings:
     sequential: bool
     min_radius: float = 0.0
     rel_tol: float = 0.05
+    score_temperature: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,6 +211,7 @@ def resolve_settings(
     alpha: float | None = None,
     n: int | None = None,
     sequential: bool | None = None,
+    score_temperature: float | None = None,
     source: str = "model.json",
 ) -> PredictorSettings:
     """The bundle's certification settings with the given overrides, each checked against the bounds.
@@ -215,8 +231,15 @@ def resolve_settings(
     if isinstance(raw_n, bool) or not isinstance(raw_n, (int, np.integer)):
         raise SettingsError(f"n must be a whole number of noise draws, got {raw_n!r}")
     chosen_n = int(raw_n)
-    for name, value in (("sigma", chosen_sigma), ("alpha", chosen_alpha), ("n", chosen_n)):
+    chosen_temperature = _number(
+        certification.get("score_temperature", 1.0) if score_temperature is None else score_temperature,
+        "score_temperature",
+    )
+    for name, value in (("sigma", chosen_sigma), ("alpha", chosen_alpha), ("n", chosen_n),
+                        ("score_temperature", chosen_temperature)):
         _within(name, value, bounds, source)
+    if chosen_temperature <= 0:
+        raise SettingsError(f"score_temperature must be > 0, got {chosen_temperature:g}")
     if chosen_method != "lipschitz" and chosen_sigma <= 0:
         raise SettingsError(f"sigma must be > 0 for {chosen_method}, got {chosen_sigma:g}")
     if not 0 < chosen_alpha < 1:
@@ -240,6 +263,7 @@ def resolve_settings(
         sequential=bool(sequential),
         # Radii below 1% of sigma are not worth extra draws (well under one grey level).
         min_radius=0.01 * chosen_sigma,
+        score_temperature=chosen_temperature,
     )
 
 
@@ -289,13 +313,15 @@ class Predictor:
         n: int | None = None,
         *,
         sequential: bool | None = None,
+        score_temperature: float | None = None,
         seed: int | None = 0,
         device: str | torch.device = "cpu",
     ) -> Predictor:
         """Load a bundle; ``method``/``sigma``/``alpha``/``n`` override ``model.json`` within its bounds.
 
         ``sequential`` (default: True for the smoothing methods) picks the anytime-valid early-stopping
-        certificate; ``seed`` seeds every noise draw (None: fresh randomness each call).
+        certificate; ``score_temperature`` overrides the soft scores' temperature (within the bounds);
+        ``seed`` seeds every noise draw (None: fresh randomness each call).
 
         Raises:
             painwatch.models.BundleError: the folder is not a valid bundle.
@@ -307,7 +333,8 @@ class Predictor:
         bundle = load_bundle(bundle_dir, device=device)
         source = str(Path(bundle_dir) / "model.json")
         settings = resolve_settings(bundle.metadata["certification"], method=method, sigma=sigma, alpha=alpha,
-                                    n=n, sequential=sequential, source=source)
+                                    n=n, sequential=sequential, score_temperature=score_temperature,
+                                    source=source)
         lipschitz_constant = None
         if settings.method in ("lipschitz", "smoothed_margin"):
             lipschitz_constant = _sound_lipschitz_constant(bundle.model, bundle.metadata, settings.method)
@@ -325,7 +352,8 @@ class Predictor:
     def classifier_description(self) -> str:
         s = self.settings
         if s.method == "soft_smoothing":
-            return (f"smoothed classifier: argmax of the mean softmax over Gaussian noise "
+            scores = "softmax" if s.score_temperature == 1.0 else f"softmax(logits / {s.score_temperature:g})"
+            return (f"smoothed classifier: argmax of the mean {scores} over Gaussian noise "
                     f"(sigma={s.sigma:g}, L2 in [0, 1] pixels)")
         if s.method == "randomized_smoothing":
             return f"smoothed classifier: majority vote over Gaussian noise (sigma={s.sigma:g})"
@@ -379,12 +407,15 @@ class Predictor:
             outcome = sequential_certify(
                 self.model, x, s.sigma, alpha=s.alpha, n0=s.n0, max_n=s.n, batch_size=s.batch_size,
                 scores="soft" if s.method == "soft_smoothing" else "hard", rel_tol=s.rel_tol,
+                score_temperature=s.score_temperature if s.method == "soft_smoothing" else 1.0,
                 min_radius=s.min_radius, generator=generator, logits_callback=collect,
             )
             probabilities = (totals / totals.sum()).numpy()
             return outcome.certificate, probabilities, outcome.forward_passes, outcome.stop_reason
         if s.method == "soft_smoothing":
-            certificate = robust.soft_smoothing_certify(self.model, x, s.sigma, n0=s.n0, n=s.n, alpha=s.alpha,
+            scored = (self.model if s.score_temperature == 1.0
+                      else _ScaledLogits(self.model, s.score_temperature))
+            certificate = robust.soft_smoothing_certify(scored, x, s.sigma, n0=s.n0, n=s.n, alpha=s.alpha,
                                                         batch_size=s.batch_size, generator=generator)
         elif s.method == "randomized_smoothing":
             smoothed = robust.SmoothedClassifier(self.model, len(self.classes), s.sigma)

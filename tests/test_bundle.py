@@ -70,7 +70,9 @@ def test_certification_defaults_follow_the_training_noise(bundle: Path) -> None:
     certification = read_metadata(bundle)["certification"]
     assert certification["method"] == "soft_smoothing"
     assert certification["sigma"] == pytest.approx(0.25)  # the training noise_sigma
-    assert (certification["alpha"], certification["n0"], certification["n"]) == (0.001, 64, 1000)
+    assert (certification["alpha"], certification["n0"], certification["n"]) == (0.001, 64, 936)
+    assert certification["score_temperature"] == 0.1  # sharpened soft scores
+    assert certification["n0"] + certification["n"] == 1000  # forward passes per frame at most
     assert set(certification["bounds"]) >= {"sigma", "alpha", "n"}
     assert default_certification()["sigma"] == pytest.approx(0.12)
     assert default_certification(2.0)["bounds"]["sigma"][1] >= 2.0
@@ -141,7 +143,7 @@ def test_update_metadata_merges_and_validates(bundle: Path) -> None:
     }
     merged = update_bundle_metadata(bundle, {"gate": gate, "certification": {"sigma": 0.5}})
     assert merged["gate"] == gate
-    assert merged["certification"]["sigma"] == 0.5 and merged["certification"]["n"] == 1000  # nested merge
+    assert merged["certification"]["sigma"] == 0.5 and merged["certification"]["n"] == 936  # nested merge
     assert load_bundle(bundle).metadata["gate"]["passed"] is True  # hash still valid: weights untouched
 
     before = (bundle / "model.json").read_text()

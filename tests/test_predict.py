@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from painwatch.models import create_model, save_bundle, update_bundle_metadata
+from painwatch.models import BundleError, create_model, save_bundle, update_bundle_metadata
 from painwatch.predict import ABSTAIN_LABEL, FrameResult, Predictor, SettingsError, frame_seed
 from painwatch.robust import SmoothedClassifier, soft_smoothing_certify
 from painwatch.robust.attacks import MonteCarloSurrogate, attack_certificates, monte_carlo_smoothed_classifier
@@ -55,12 +57,12 @@ def test_sequential_results_equal_the_robust_certificate(bundle: Path) -> None:
     images = _frames(70, 1, 5) + _frames(180, 1, 6) + _frames(125, 1, 7)
     results = predictor.predict(images, names=["a.png", "b.png", "c.png"])
     s = predictor.settings
-    assert s.method == "soft_smoothing" and s.sequential
+    assert s.method == "soft_smoothing" and s.sequential and s.score_temperature == 0.1
     for image, result in zip(images, results, strict=True):
         x = predictor.preprocess(image)
         expected = sequential_certify(
             predictor.model, x, s.sigma, alpha=s.alpha, n0=s.n0, max_n=200, batch_size=s.batch_size,
-            rel_tol=s.rel_tol, min_radius=s.min_radius,
+            rel_tol=s.rel_tol, min_radius=s.min_radius, score_temperature=0.1,
             generator=torch.Generator().manual_seed(frame_seed(3, x)),
         )
         certificate = expected.certificate
@@ -82,7 +84,10 @@ def test_fixed_n_results_equal_the_robust_certificate(bundle: Path, method: str)
     generator = torch.Generator().manual_seed(frame_seed(11, x))
     s = predictor.settings
     if method == "soft_smoothing":
-        expected = soft_smoothing_certify(predictor.model, x, s.sigma, n0=s.n0, n=100, alpha=s.alpha,
+        def sharpened(z: torch.Tensor) -> torch.Tensor:  # the bundle's score temperature, 0.1
+            return predictor.model(z) / 0.1
+
+        expected = soft_smoothing_certify(sharpened, x, s.sigma, n0=s.n0, n=100, alpha=s.alpha,
                                           batch_size=s.batch_size, generator=generator)
     else:
         expected = SmoothedClassifier(predictor.model, 2, s.sigma).certify(
@@ -91,6 +96,34 @@ def test_fixed_n_results_equal_the_robust_certificate(bundle: Path, method: str)
                                                                  expected.bound)
     assert result.method == method and result.stop_reason is None
     assert result.forward_passes == s.n0 + 100 + 1  # + the clean pass for the probabilities
+
+
+def test_score_temperature_override_and_bundles_without_it(bundle: Path) -> None:
+    image = _frames(125, 1, 12)[0]
+    plain = Predictor.load(bundle, n=200, seed=4, score_temperature=1.0)
+    assert plain.settings.score_temperature == 1.0 and "mean softmax over" in plain.classifier_description
+    x = plain.preprocess(image)
+    expected = sequential_certify(
+        plain.model, x, plain.settings.sigma, alpha=plain.settings.alpha, n0=plain.settings.n0, max_n=200,
+        batch_size=plain.settings.batch_size, rel_tol=plain.settings.rel_tol,
+        min_radius=plain.settings.min_radius, generator=torch.Generator().manual_seed(frame_seed(4, x)),
+    )
+    (result,) = plain.predict([image])
+    assert (result.radius, result.bound) == (expected.certificate.radius, expected.certificate.bound)
+    with pytest.raises(SettingsError, match=r"score_temperature=5 is outside .*\[0.01, 1\]"):
+        Predictor.load(bundle, score_temperature=5.0)
+    # A bundle written before score_temperature existed certifies plain soft scores.
+    metadata = json.loads((bundle / "model.json").read_text())
+    del metadata["certification"]["score_temperature"]
+    del metadata["certification"]["bounds"]["score_temperature"]
+    old = bundle.parent / "old-bundle"
+    shutil.copytree(bundle, old)
+    (old / "model.json").write_text(json.dumps(metadata))
+    assert Predictor.load(old).settings.score_temperature == 1.0
+    metadata["certification"]["score_temperature"] = 0.0
+    (old / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(BundleError, match=r"certification\.score_temperature"):
+        Predictor.load(old)
 
 
 def test_result_fields_units_and_determinism(bundle: Path) -> None:
