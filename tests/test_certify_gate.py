@@ -252,6 +252,25 @@ def test_default_gate_is_valid_and_gate_logic() -> None:
     assert certified_accuracy_at(measured["main_certified"], 0.5) == pytest.approx(0.25)
 
 
+def test_packaged_strict_gate_judges_interval_ends() -> None:
+    default, strict = load_gate(DEFAULT_GATE), load_gate(DEFAULT_GATE.with_name("strict.toml"))
+    assert strict.use_lower_confidence_bound and not default.use_lower_confidence_bound
+    assert strict.scalars == default.scalars and strict.certified == default.certified
+    measured = {
+        "accuracy": {"estimate": 0.78, "low": 0.62, "high": 0.88},
+        "pain_recall": {"estimate": 0.65, "low": 0.3, "high": 0.9},
+        "pain_precision": {"estimate": 0.87, "low": 0.77, "high": 1.0},
+        "abstention_rate": {"estimate": 0.03, "low": 0.0, "high": 0.08},
+        "ece": {"estimate": 0.17, "low": 0.1, "high": 0.2001},
+        "main_certified": [(True, 1.0)] * 7 + [(False, 0.0)] * 3,
+        "main_method": "soft_smoothing_sequential",
+        "input_numel": 3 * 64 * 64,
+    }
+    assert all(r["passed"] for r in evaluate_gate(default, measured))
+    failed = sorted(r["name"] for r in evaluate_gate(strict, measured) if not r["passed"])
+    assert failed == ["max_ece", "min_pain_recall"]
+
+
 def test_select_frames_spreads_over_individuals_and_classes(demo: Path) -> None:
     records = load_records(demo)
     chosen = select_frames(records, 8, seed=0)
