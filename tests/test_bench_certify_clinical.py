@@ -62,6 +62,20 @@ def test_resume_keeps_frames_and_refuses_other_settings(
         bench.main([*TINY, "--frames", "2", "--alpha", "0.01", "--out", str(out), "--resume"])
 
 
+def test_reused_reference_equals_a_fresh_one(tmp_path: Path) -> None:
+    fresh, reused = tmp_path / "fresh.json", tmp_path / "reused.json"
+    assert bench.main([*TINY, "--frames", "2", "--out", str(fresh)]) == 0
+    assert bench.main([*TINY, "--frames", "2", "--out", str(reused), "--reuse-cohen", str(fresh)]) == 0
+    first, second = json.loads(fresh.read_text()), json.loads(reused.read_text())
+    assert second["settings"]["cohen_reused_from"] == str(fresh)
+    for a, b in zip(first["frames"], second["frames"], strict=True):
+        assert a["cohen"] == b["cohen"] and a["hard"]["radius"] == b["hard"]["radius"]
+    other_alpha = [*TINY, "--frames", "2", "--alpha", "0.01", "--out", str(reused)]
+    other_alpha += ["--reuse-cohen", str(fresh)]
+    with pytest.raises(SystemExit, match="other alpha"):
+        bench.main(other_alpha)
+
+
 def test_bad_budget_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as stopped:
         bench.main(["--toy", "--budget", "50", "--n0", "64", "--out", str(tmp_path / "x.json")])
