@@ -102,9 +102,9 @@ def sidebar_settings(bundle: Path, certification: dict[str, Any]) -> dict[str, A
         methods = list(CERTIFICATION_METHODS)
         method = st.selectbox(
             "Method", methods, index=methods.index(certification["method"]), key="method",
-            help="soft_smoothing: expected softmax scores under noise, sharpened with the bundle's score "
-            "temperature (the default; any network). randomized_smoothing: "
-            "Cohen et al. vote counts. smoothed_margin: expected-margin bound (small noise). "
+            help="randomized_smoothing: Cohen et al.'s vote counts under noise (any network; new bundles' "
+            "default). soft_smoothing: expected softmax scores under noise, sharpened with the bundle's "
+            "score temperature. smoothed_margin: expected-margin bound (small noise). "
             "lipschitz: worst case from one pass (only meaningful for Lipschitz-constrained networks).",
         )
         sigma = st.slider(

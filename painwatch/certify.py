@@ -597,7 +597,7 @@ def run_certification(
         "abstention_rate": deployed["abstention_rate"],
         "ece": ece_entry,
         "main_certified": [(e["correct"], e["radius"]) for e in per_method[main.method]],
-        "main_method": main.method + ("_sequential" if main.sequential else ""),
+        "main_method": main.method_name,
         "input_numel": input_numel,
     }
     gate_results = evaluate_gate(gate, measured)

@@ -19,8 +19,12 @@ Which classifier answers (``FrameResult.classifier`` says it in words):
   anytime-valid sequential bound of :mod:`painwatch.robust.sequential`, which stops sampling once the
   answer is decided (``n`` is then the budget); ``sequential=False`` uses the fixed-``n``
   :func:`painwatch.robust.soft_smoothing_certify`.
-- ``randomized_smoothing``: Cohen et al.'s vote classifier ``g``; sequential hard-vote bound, or the
-  fixed-``n`` CERTIFY of :class:`painwatch.robust.SmoothedClassifier` with ``sequential=False``.
+- ``randomized_smoothing`` (the default of new bundles): Cohen et al.'s vote classifier ``g``. With
+  ``model.json``'s ``bound: "fixed"`` it is Cohen's CERTIFY over the whole budget (Clopper-Pearson),
+  stopping early only to abstain; with ``"anytime"`` the sequential hard-vote bound, which may also stop
+  early once the radius is decided; ``sequential=False`` runs the plain fixed-``n`` CERTIFY of
+  :class:`painwatch.robust.SmoothedClassifier`. At the default budget of 1 000 forward passes the fixed
+  bound certifies the largest radii (``scripts/bench_certify_clinical.py``).
 - ``smoothed_margin`` / ``lipschitz``: need a sound Lipschitz bound of the network; loading refuses
   them with a clear message for networks whose bound painwatch cannot compute (e.g. ResNets).
 
@@ -95,7 +99,9 @@ class PredictorSettings:
     ``n`` is the number of estimation draws for fixed-``n`` methods and the most estimation draws
     (the budget) for sequential ones; ``n0`` selection draws come on top. Units: ``sigma`` is the
     L2 noise std in [0, 1] pixel space at the model's input size. ``score_temperature`` ``T`` divides
-    the logits inside the soft smoothing scores ``softmax(f / T)`` (soft_smoothing only).
+    the logits inside the soft smoothing scores ``softmax(f / T)`` (soft_smoothing only). ``bound`` is
+    ``"fixed"`` (Clopper-Pearson over the budget, early stops only to abstain) or ``"anytime"``; only
+    sequential randomized_smoothing can be ``"fixed"``.
     """
 
     method: str
@@ -108,6 +114,16 @@ class PredictorSettings:
     min_radius: float = 0.0
     rel_tol: float = 0.05
     score_temperature: float = 1.0
+    bound: str = "anytime"
+
+    @property
+    def method_name(self) -> str:
+        """The certificate's name in results and reports: the method, ``_sequential`` when sampling may
+        stop as soon as the radius is decided (a fixed bound that only stops to abstain keeps the
+        fixed-``n`` name: it is that certificate)."""
+        if self.sequential and self.bound == "anytime":
+            return self.method + "_sequential"
+        return self.method
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,6 +267,11 @@ def resolve_settings(
     if sequential and chosen_method not in _SEQUENTIAL_METHODS:
         raise SettingsError(f"sequential certification applies to {' and '.join(_SEQUENTIAL_METHODS)}, "
                             f"not to {chosen_method}")
+    bound = certification.get("bound", "anytime")
+    if bound not in ("anytime", "fixed"):
+        raise SettingsError(f"bound={bound!r} is not a bound; choose 'fixed' or 'anytime' ({source})")
+    if chosen_method != "randomized_smoothing" or not sequential:
+        bound = "anytime"  # the fixed Clopper-Pearson bound is about votes, in the sequential sampler
     n0 = int(certification.get("n0", 64))
     batch_size = int(certification.get("batch_size", 64))
     return PredictorSettings(
@@ -264,6 +285,7 @@ def resolve_settings(
         # Radii below 1% of sigma are not worth extra draws (well under one grey level).
         min_radius=0.01 * chosen_sigma,
         score_temperature=chosen_temperature,
+        bound=bound,
     )
 
 
@@ -407,7 +429,7 @@ class Predictor:
             outcome = sequential_certify(
                 self.model, x, s.sigma, alpha=s.alpha, n0=s.n0, max_n=s.n, batch_size=s.batch_size,
                 scores="soft" if s.method == "soft_smoothing" else "hard", rel_tol=s.rel_tol,
-                score_temperature=s.score_temperature if s.method == "soft_smoothing" else 1.0,
+                score_temperature=s.score_temperature if s.method == "soft_smoothing" else 1.0, bound=s.bound,
                 min_radius=s.min_radius, generator=generator, logits_callback=collect,
             )
             probabilities = (totals / totals.sum()).numpy()
@@ -436,7 +458,7 @@ class Predictor:
         numel = math.prod(self.input_shape)
         index = int(certificate.prediction)
         shown = index if index >= 0 else int(np.argmax(probabilities))
-        method = s.method + ("_sequential" if s.sequential else "")
+        method = s.method_name
         radius = float(certificate.radius)
         return FrameResult(
             name=name,

@@ -68,10 +68,11 @@ def test_round_trip_gives_identical_outputs(bundle: Path, model) -> None:
 
 def test_certification_defaults_follow_the_training_noise(bundle: Path) -> None:
     certification = read_metadata(bundle)["certification"]
-    assert certification["method"] == "soft_smoothing"
+    # Cohen's votes, Clopper-Pearson over the whole budget (scripts/bench_certify_clinical.py)
+    assert (certification["method"], certification["bound"]) == ("randomized_smoothing", "fixed")
     assert certification["sigma"] == pytest.approx(0.25)  # the training noise_sigma
     assert (certification["alpha"], certification["n0"], certification["n"]) == (0.001, 64, 936)
-    assert certification["score_temperature"] == 0.1  # sharpened soft scores
+    assert certification["score_temperature"] == 0.1  # sharpened soft scores, when soft is chosen
     assert certification["n0"] + certification["n"] == 1000  # forward passes per frame at most
     assert set(certification["bounds"]) >= {"sigma", "alpha", "n"}
     assert default_certification()["sigma"] == pytest.approx(0.12)
@@ -115,6 +116,9 @@ def test_invalid_json_names_file_and_position(bundle: Path) -> None:
         (lambda c: c["certification"].update(sigma=5.0), "'certification.sigma'.*bounds"),
         (lambda c: c["certification"].update(method="magic"), "'certification.method'"),
         (lambda c: c["certification"].update(n=10.5), "'certification.n'"),
+        (lambda c: c["certification"].update(bound="exact"), "'certification.bound'"),
+        (lambda c: c["certification"].update(score_temperature=0), "'certification.score_temperature'"),
+        (lambda c: c["certification"].update(score_temperature=3), "'certification.score_temperature'.*bou"),
         (lambda c: c["certification"]["bounds"].update(alpha=[0.1, 0.01]), "'certification.bounds.alpha'"),
         (lambda c: c["training"].update(individuals="ai"), "'training.individuals'"),
         (lambda c: c.update(gate={"passed": "yes"}), "'gate.passed'"),

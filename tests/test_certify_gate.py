@@ -113,7 +113,8 @@ def test_passing_gate_exits_0_writes_report_and_verdict(
     assert "Gate verdict: PASSED" in html and "certified_accuracy.png" in html
     verdict = read_metadata(bundle)["gate"]
     assert verdict["passed"] is True and verdict["held_out"] is True
-    assert verdict["settings"]["method"] == "soft_smoothing" and verdict["num_frames"] == 8
+    assert verdict["settings"]["method"] == "randomized_smoothing" and verdict["num_frames"] == 8
+    assert verdict["settings"]["bound"] == "fixed"
 
 
 def test_failing_gate_exits_1_and_names_the_failed_checks(
@@ -125,7 +126,7 @@ def test_failing_gate_exits_1_and_names_the_failed_checks(
     code = main(argv + _held_out() + FAST)
     printed = capsys.readouterr().out
     assert code == 1
-    assert "FAIL  certified accuracy of soft_smoothing_sequential at radius 1000 L2" in printed
+    assert "FAIL  certified accuracy of randomized_smoothing at radius 1000 L2" in printed
     assert "PASS  ece" in printed and "gate FAILED" in printed
     results = json.loads((out / "report.json").read_text())["gate"]["results"]
     assert [r["passed"] for r in results] == [True, False]

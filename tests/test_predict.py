@@ -52,24 +52,31 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_sequential_results_equal_the_robust_certificate(bundle: Path) -> None:
-    predictor = Predictor.load(bundle, n=200, seed=3)
+@pytest.mark.parametrize("method", [None, "soft_smoothing"])
+def test_sequential_results_equal_the_robust_certificate(bundle: Path, method: str | None) -> None:
+    predictor = Predictor.load(bundle, method=method, n=200, seed=3)
     images = _frames(70, 1, 5) + _frames(180, 1, 6) + _frames(125, 1, 7)
     results = predictor.predict(images, names=["a.png", "b.png", "c.png"])
     s = predictor.settings
-    assert s.method == "soft_smoothing" and s.sequential and s.score_temperature == 0.1
+    assert s.sequential
+    if method is None:  # the bundle's default: Cohen's votes, Clopper-Pearson over the budget
+        assert (s.method, s.bound) == ("randomized_smoothing", "fixed")
+        options, name = {"scores": "hard", "bound": "fixed"}, "randomized_smoothing"
+    else:  # sharpened soft scores with the anytime bound
+        assert (s.score_temperature, s.bound) == (0.1, "anytime")
+        options, name = {"score_temperature": 0.1}, "soft_smoothing_sequential"
     for image, result in zip(images, results, strict=True):
         x = predictor.preprocess(image)
         expected = sequential_certify(
             predictor.model, x, s.sigma, alpha=s.alpha, n0=s.n0, max_n=200, batch_size=s.batch_size,
-            rel_tol=s.rel_tol, min_radius=s.min_radius, score_temperature=0.1,
+            rel_tol=s.rel_tol, min_radius=s.min_radius, **options,
             generator=torch.Generator().manual_seed(frame_seed(3, x)),
         )
         certificate = expected.certificate
         assert result.class_index == certificate.prediction
         assert result.radius == certificate.radius and result.bound == certificate.bound
         assert result.n == certificate.n and result.forward_passes == expected.forward_passes
-        assert result.method == "soft_smoothing_sequential" and result.stop_reason == expected.stop_reason
+        assert result.method == name and result.stop_reason == expected.stop_reason
         assert result.forward_passes <= s.n0 + 200
     assert [r.label for r in results[:2]] == ["no_pain", "pain"]
     assert all(r.radius > 0.2 for r in results[:2])
@@ -100,7 +107,7 @@ def test_fixed_n_results_equal_the_robust_certificate(bundle: Path, method: str)
 
 def test_score_temperature_override_and_bundles_without_it(bundle: Path) -> None:
     image = _frames(125, 1, 12)[0]
-    plain = Predictor.load(bundle, n=200, seed=4, score_temperature=1.0)
+    plain = Predictor.load(bundle, method="soft_smoothing", n=200, seed=4, score_temperature=1.0)
     assert plain.settings.score_temperature == 1.0 and "mean softmax over" in plain.classifier_description
     x = plain.preprocess(image)
     expected = sequential_certify(
@@ -154,7 +161,8 @@ def test_abstention_is_an_answer(bundle: Path) -> None:
         model.head.bias.zero_()  # every class equally likely: nothing can be certified
     folder = bundle.parent / "undecided"
     save_bundle(folder, model, {"training": {"individuals": ["m01"]}})
-    (result,) = Predictor.load(folder, n=100).predict(_frames(125, 1, 1))
+    # Soft scores of tied logits are exactly 1/2 (hard votes would break the tie towards class 0).
+    (result,) = Predictor.load(folder, method="soft_smoothing", n=100).predict(_frames(125, 1, 1))
     assert result.label == ABSTAIN_LABEL and result.class_index == -1 and result.radius == 0.0
     assert result.confidence == pytest.approx(0.5)
 

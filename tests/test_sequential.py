@@ -139,6 +139,54 @@ def test_hard_votes_of_a_constant_model_give_the_attainable_bound() -> None:
     assert result.certificate.radius > 0.25 * (norm.ppf(attainable) - 0.06)
 
 
+def test_fixed_bound_is_clopper_pearson_of_the_whole_budget() -> None:
+    model, x = _pair_and_image(centre=1.0)  # p_A = Phi(1.0 / (0.5 * ||w||)) = 0.79: many draws disagree
+    batches: list[torch.Tensor] = []
+    result = sequential_certify(model, x, 0.5, alpha=0.001, n0=16, max_n=900, scores="hard", bound="fixed",
+                                generator=torch.Generator().manual_seed(0), logits_callback=batches.append)
+    estimation = torch.cat(batches)[16:]  # the selection draws come first
+    assert estimation.shape[0] == 900 and result.stop_reason == "budget" and result.forward_passes == 916
+    votes = int((estimation.argmax(dim=1) == 1).sum())
+    expected = clopper_pearson_lower(votes, 900, 0.001)
+    assert result.certificate.prediction == 1 and result.certificate.bound == expected
+    assert result.certificate.radius == pytest.approx(0.5 * norm.ppf(expected))
+    assert result.method == result.certificate.method == "randomized_smoothing"
+    assert result.point_estimate == pytest.approx(votes / 900)
+
+    constant, x = _pair_and_image(centre=50.0)  # every draw votes 1: Cohen's cap at n = 1000, exactly
+    capped = sequential_certify(constant, x, 0.25, alpha=0.001, n0=8, max_n=1000, scores="hard",
+                                bound="fixed", generator=torch.Generator().manual_seed(0))
+    assert capped.certificate.radius == pytest.approx(0.25 * norm.ppf(0.001 ** (1 / 1000)))
+    anytime = sequential_certify(constant, x, 0.25, alpha=0.001, n0=8, max_n=1000, scores="hard",
+                                 generator=torch.Generator().manual_seed(0))
+    assert anytime.certificate.radius < capped.certificate.radius  # the price of stopping at any time
+
+
+def test_fixed_bound_holds_and_stops_early_only_to_abstain() -> None:
+    alpha, sigma, trials = 0.1, 0.5, 200
+    model, x = _pair_and_image(centre=0.8)
+    weight_norm = float(model.weight.norm())
+    true_radius = sigma * norm.ppf(norm.cdf(0.8 / (sigma * weight_norm)))  # Cohen's g: exact p_A
+    too_large = sum(
+        sequential_certify(model, x, sigma, alpha=alpha, n0=8, max_n=300, scores="hard", bound="fixed",
+                           generator=torch.Generator().manual_seed(seed)).certificate.radius > true_radius
+        for seed in range(trials)
+    )
+    assert too_large <= _allowed_violations(trials, alpha)
+    coin, x = _pair_and_image(centre=0.0)  # p_A = 1/2: nothing can be certified
+    futile = sequential_certify(coin, x, 0.25, alpha=0.001, max_n=100_000, min_radius=0.01, scores="hard",
+                                bound="fixed", generator=torch.Generator().manual_seed(0))
+    assert futile.stop_reason == "futile" and futile.certificate.prediction == ABSTAIN
+    assert futile.certificate.radius == 0.0 and futile.forward_passes < 100_000
+    same_rule = sequential_certify(coin, x, 0.25, alpha=0.001, max_n=100_000, min_radius=0.01, scores="hard",
+                                   generator=torch.Generator().manual_seed(0))
+    assert futile.forward_passes == same_rule.forward_passes  # the anytime bound's futility rule
+    with pytest.raises(ValueError, match="needs scores='hard'"):
+        sequential_certify(model, x, sigma, bound="fixed")
+    with pytest.raises(ValueError, match="bound must be one of"):
+        sequential_certify(model, x, sigma, scores="hard", bound="exact")
+
+
 def test_same_seed_same_certificate() -> None:
     model, x = _pair_and_image(centre=1.0)
     runs = [sequential_certify(model, x, 0.5, alpha=0.01, max_n=800,

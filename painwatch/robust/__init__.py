@@ -78,6 +78,7 @@ from painwatch.robust.moments import (
 )
 from painwatch.robust.sequential import (
     SCORE_KINDS,
+    SEQUENTIAL_BOUNDS,
     SEQUENTIAL_METHODS,
     BettingLowerBound,
     SequentialCertificate,
@@ -119,6 +120,7 @@ __all__ = [
     "LOSS_NAMES",
     "METHODS",
     "SCORE_KINDS",
+    "SEQUENTIAL_BOUNDS",
     "SEQUENTIAL_METHODS",
     "SURROGATE_KINDS",
     "BettingLowerBound",

@@ -39,6 +39,17 @@ the radius reached ``target_radius``; it is within ``rel_tol`` (or ``min_radius`
 budget could give (judged with an upper confidence bound, a heuristic); that best fell below
 ``min_radius`` or the upper bound fell to 1/2 (nothing worth certifying: stop early, abstaining when
 no radius is certified yet); or the budget ``max_n`` is spent.
+
+The fixed-budget bound (``bound="fixed"``, hard votes)
+------------------------------------------------------
+A time-uniform bound pays for its freedom to stop: at a budget of about 1 000 draws it certifies a few
+per cent less than Clopper-Pearson on all draws when every draw agrees, and up to ~10% less below that.
+When sampling rarely stops early at such a budget anyway, ``bound="fixed"`` keeps Cohen's CERTIFY
+exactly: the radius is ``sigma * PhiInv(pA_low)`` with ``pA_low`` the one-sided Clopper-Pearson bound of
+the votes over all ``max_n`` draws. Sampling stops early only to *abstain* (the futility rule above).
+That keeps the ``1 - alpha`` guarantee: a certificate is only ever issued from the full ``max_n`` draws,
+so a wrong one implies that the Clopper-Pearson bound of those ``max_n`` draws exceeds ``p_A``, an event
+of probability at most ``alpha``; stopping early only removes certificates.
 """
 
 from __future__ import annotations
@@ -54,7 +65,7 @@ from torch import Tensor
 
 from painwatch.robust.certificates import ABSTAIN, Certificate
 from painwatch.robust.certificates import METHODS as CERTIFICATE_METHODS
-from painwatch.robust.smoothing import noisy_logits
+from painwatch.robust.smoothing import clopper_pearson_lower, noisy_logits
 from painwatch.robust.validation import (
     check_alpha,
     check_count,
@@ -66,12 +77,17 @@ from painwatch.robust.validation import (
 
 __all__ = [
     "SCORE_KINDS",
+    "SEQUENTIAL_BOUNDS",
     "SEQUENTIAL_METHODS",
     "BettingLowerBound",
     "SequentialCertificate",
     "best_attainable_lower_bound",
     "sequential_certify",
 ]
+
+SEQUENTIAL_BOUNDS: tuple[str, ...] = ("anytime", "fixed")
+"""``anytime``: the betting confidence sequence (any stopping rule); ``fixed``: Clopper-Pearson over the
+whole budget, stopping early only to abstain (hard votes only)."""
 
 SCORE_KINDS: tuple[str, ...] = ("soft", "hard")
 """``soft``: softmax score of the selected class (soft smoothing); ``hard``: 0/1 vote (Cohen)."""
@@ -251,9 +267,11 @@ class SequentialCertificate:
             ``radius = 0.0`` when it abstains). Its ``method`` is the fixed-n method whose classifier
             and radius formula it shares (``soft_smoothing`` / ``randomized_smoothing``) unless the
             Certificate record lists the sequential names.
-        method: ``soft_smoothing_sequential`` or ``randomized_smoothing_sequential``.
+        method: ``soft_smoothing_sequential`` or ``randomized_smoothing_sequential``; with
+            ``bound="fixed"`` ``randomized_smoothing`` (Cohen's CERTIFY over the budget).
         forward_passes: network evaluations spent (selection draws + estimation draws).
-        stop_reason: one of ``target``, ``saturated``, ``futile``, ``budget``.
+        stop_reason: one of ``target``, ``saturated``, ``futile``, ``budget`` (``futile`` or ``budget``
+            with ``bound="fixed"``).
         upper_bound: an upper confidence bound on the same score, used only to decide when to
             stop; it is not part of the guarantee.
         point_estimate: the running mean of the estimation draws.
@@ -298,6 +316,7 @@ def sequential_certify(
     min_radius: float = 0.0,
     scores: str = "soft",
     score_temperature: float = 1.0,
+    bound: str = "anytime",
     generator: torch.Generator | None = None,
     logits_callback: Callable[[Tensor], None] | None = None,
 ) -> SequentialCertificate:
@@ -323,6 +342,9 @@ def sequential_certify(
             is then ``argmax E softmax(f(x + xi) / score_temperature)``. Below 1 the scores sharpen
             towards votes (larger smoothed score, so larger radii, when the network is not saturated)
             while keeping the low variance of soft scores. 1 is the standard soft smoothing.
+        bound: ``"anytime"`` (the betting confidence sequence; every stopping rule applies) or
+            ``"fixed"`` (hard votes only: Cohen's Clopper-Pearson bound over all ``max_n`` draws, and
+            sampling stops early only to abstain; ``target_radius`` and ``rel_tol`` are then unused).
         generator: the source of every noise draw; the same seed gives the same certificate.
         logits_callback: called with every batch of noisy logits (float64 ``(b, K)``, selection draws
             included), e.g. to estimate calibrated smoothed probabilities without extra passes.
@@ -335,6 +357,10 @@ def sequential_certify(
     """
     if scores not in SCORE_KINDS:
         raise ValueError(f"scores must be one of {SCORE_KINDS}, got {scores!r}")
+    if bound not in SEQUENTIAL_BOUNDS:
+        raise ValueError(f"bound must be one of {SEQUENTIAL_BOUNDS}, got {bound!r}")
+    if bound == "fixed" and scores != "hard":
+        raise ValueError("bound='fixed' (Clopper-Pearson) needs scores='hard'; soft scores need 'anytime'")
     check_model(model)
     check_image(x)
     check_generator(generator)
@@ -366,7 +392,11 @@ def sequential_certify(
     lower_bound = BettingLowerBound(alpha, probit_min=0.0)
     # An upper bound on the same score (a lower bound on 1 - score); it only steers stopping.
     upper_tracker = BettingLowerBound(alpha, probit_step=0.02)
-    attainable = sigma * norm.ppf(best_attainable_lower_bound(alpha, max_n, lower_bound.max_bet))
+    fixed = bound == "fixed"
+    attainable = sigma * norm.ppf(
+        alpha ** (1.0 / max_n) if fixed else best_attainable_lower_bound(alpha, max_n, lower_bound.max_bet)
+    )
+    votes = 0  # estimation draws that voted for the selected class (fixed bound)
     used = 0
     batch = min(first_batch, max_batch)
     stop_reason = "budget"
@@ -377,10 +407,17 @@ def sequential_certify(
         if logits_callback is not None:
             logits_callback(logits)
         values = _class_scores(logits, predicted, scores, score_temperature)
-        lower = lower_bound.update(values)
         upper = 1.0 - upper_tracker.update(1.0 - values)
         used += draws
         batch = min(2 * batch, max_batch)
+        if fixed:
+            votes += int(values.sum())
+            best = min(attainable, sigma * float(norm.ppf(upper))) if upper > 0.5 else 0.0
+            if used < max_n and (best <= 0.0 or best < min_radius):
+                stop_reason = "futile"
+                break
+            continue
+        lower = lower_bound.update(values)
         radius = sigma * float(norm.ppf(lower)) if lower > 0.5 else 0.0
         if target_radius is not None and radius >= target_radius:
             stop_reason = "target"
@@ -392,12 +429,17 @@ def sequential_certify(
         if radius > 0.0 and best - radius <= max(rel_tol * best, min_radius):
             stop_reason = "saturated"
             break
-    lower = lower_bound.lower
+    if fixed:
+        # Clopper-Pearson of the whole budget; after an early stop (futile) nothing is certified.
+        lower = clopper_pearson_lower(votes, max_n, alpha) if used == max_n else 0.0
+        radius = sigma * float(norm.ppf(lower)) if lower > 0.5 else 0.0
+    else:
+        lower = lower_bound.lower
     certified = lower > 0.5 and radius > 0.0
     certificate = Certificate(
         prediction=predicted if certified else ABSTAIN,
         radius=radius if certified else 0.0,
-        method=_certificate_method(scores),
+        method=_BASE_METHODS[scores] if fixed else _certificate_method(scores),
         sigma=sigma,
         n=used,
         alpha=alpha,
@@ -406,9 +448,9 @@ def sequential_certify(
     )
     return SequentialCertificate(
         certificate=certificate,
-        method=SEQUENTIAL_METHODS[scores],
+        method=_BASE_METHODS[scores] if fixed else SEQUENTIAL_METHODS[scores],
         forward_passes=n0 + used,
         stop_reason=stop_reason,
         upper_bound=1.0 - upper_tracker.lower,
-        point_estimate=lower_bound.mean,
+        point_estimate=votes / used if fixed else lower_bound.mean,
     )
