@@ -6,7 +6,9 @@ Target (issue 5): median forward passes per certified frame <= 1 000 with a radi
 For every frame it runs, with seeded generators (radii: L2, pixels in [0, 1] at the model's input size):
 
 - ``predictor``: ``Predictor.certify_tensor`` with the bundle's own settings (bundle mode only);
-- ``hard``: the sequential certificate on hard votes (the classifier is Cohen's ``g``), at most
+- ``hard_fixed``: hard votes with the fixed-budget bound: Cohen's Clopper-Pearson bound over all
+  ``--budget`` - ``--n0`` draws, sampling stopped early only to abstain (the default of new bundles);
+- ``hard``: the anytime sequential certificate on hard votes (the classifier is Cohen's ``g``), at most
   ``--budget`` forward passes in all (``--n0`` selection draws included);
 - ``sharp``: the sequential certificate on soft scores sharpened with ``softmax(f / 0.1)``, same budget;
 - ``soft``: the sequential certificate on plain soft scores ``softmax(f)``, same budget;
@@ -258,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     # name -> (generator salt, options of sequential_certify beyond the shared ones).
     budgeted = {"max_n": draws, "n0": args.n0}
     variants: dict[str, tuple[int, dict[str, Any]]] = {
+        "hard_fixed": (8, {**budgeted, "scores": "hard", "bound": "fixed"}),
         "hard": (3, {**budgeted, "scores": "hard"}),
         "sharp": (6, {**budgeted, "score_temperature": 0.1}),
         "soft": (1, budgeted),

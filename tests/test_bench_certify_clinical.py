@@ -28,7 +28,7 @@ def test_toy_run_summary_and_black_box_limit(tmp_path: Path, capsys: pytest.Capt
     limit = norm.ppf(alpha ** (1 / 300)) / norm.ppf(alpha ** (1 / 3000))
     assert summary["black_box_limit_ratio"] == pytest.approx(limit)
     for frame in frames:
-        for name in ("hard", "sharp", "soft", "cohen_budget"):
+        for name in ("hard_fixed", "hard", "sharp", "soft", "cohen_budget"):
             entry = frame[name]
             assert entry["forward_passes"] <= 300
             if frame["cohen_at_cap"]:
@@ -36,7 +36,7 @@ def test_toy_run_summary_and_black_box_limit(tmp_path: Path, capsys: pytest.Capt
                 assert entry["radius"] <= limit * frame["cohen"]["radius"] + 1e-9
         assert frame["cohen"]["forward_passes"] == 3100
     assert any(frame["cohen_at_cap"] for frame in frames)  # the toy's extreme frames saturate
-    for name in ("hard", "sharp", "soft", "cohen_budget"):
+    for name in ("hard_fixed", "hard", "sharp", "soft", "cohen_budget"):
         assert summary[name]["at_cohen_cap"]["frames"] + summary[name]["below_cohen_cap"]["frames"] == 3
         assert isinstance(summary[name]["target_met"], bool)
     printed = capsys.readouterr().out
