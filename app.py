@@ -122,8 +122,9 @@ def sidebar_settings(bundle: Path, certification: dict[str, Any]) -> dict[str, A
         n_choices = _sample_choices(n_lo, n_hi, int(certification["n"]))
         n = st.select_slider(
             "Sample budget n (per frame)", options=n_choices, value=int(certification["n"]), key="n",
-            help="At most this many noisy copies of each frame are used to certify it (sampling stops "
-            "early once the answer is settled). More samples: larger, tighter radii, slower.",
+            help="At most this many noisy copies of each frame are used to certify it, on top of a few "
+            "that pick the answer (sampling stops early when no radius can be certified). More samples: "
+            "larger, tighter radii, slower.",
         )
         fps = st.number_input(
             "Clip sampling rate (frames per second)", min_value=0.1, max_value=30.0, value=1.0, step=0.5,
