@@ -13,7 +13,7 @@
 
 Which classifier answers (``FrameResult.classifier`` says it in words):
 
-- ``soft_smoothing`` (default): the soft smoothed classifier ``argmax_k E_xi softmax(f(x + xi) / T)_k``,
+- ``soft_smoothing``: the soft smoothed classifier ``argmax_k E_xi softmax(f(x + xi) / T)_k``,
   ``xi ~ N(0, sigma^2 I)``, with the score temperature ``T`` of ``model.json`` (``score_temperature``;
   0.1 for new bundles, which sharpens the scores towards votes; 1 when absent). Certified with the
   anytime-valid sequential bound of :mod:`painwatch.robust.sequential`, which stops sampling once the
@@ -341,9 +341,10 @@ class Predictor:
     ) -> Predictor:
         """Load a bundle; ``method``/``sigma``/``alpha``/``n`` override ``model.json`` within its bounds.
 
-        ``sequential`` (default: True for the smoothing methods) picks the anytime-valid early-stopping
-        certificate; ``score_temperature`` overrides the soft scores' temperature (within the bounds);
-        ``seed`` seeds every noise draw (None: fresh randomness each call).
+        ``sequential`` (default: True for the smoothing methods) picks the sampler that stops early (with
+        the bundle's ``bound``: only to abstain when ``"fixed"``); ``score_temperature`` overrides the
+        soft scores' temperature (within the bounds); ``seed`` seeds every noise draw (None: fresh
+        randomness each call).
 
         Raises:
             painwatch.models.BundleError: the folder is not a valid bundle.
