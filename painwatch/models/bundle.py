@@ -99,7 +99,7 @@ class Bundle:
 
 
 def default_certification(sigma: float | None = None, method: str = "randomized_smoothing") -> dict[str, Any]:
-    """Certification settings for a new bundle (DESIGN.md item 5 by default).
+    """Certification settings for a new bundle (DESIGN.md item 4, randomized smoothing, by default).
 
     ``sigma`` is the training noise level when the model was trained with noise (certify at the
     noise it was made robust to), else :data:`DEFAULT_CERTIFICATION_SIGMA`. The sigma bound is
