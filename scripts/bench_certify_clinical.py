@@ -40,9 +40,10 @@ Bundle mode takes frames only from individuals the bundle was not trained on (``
 ``training.individuals``), spread over individuals and classes, unless ``--allow-overlap``. ``--toy``
 builds a tiny timm ResNet (32 px) whose head separates dark from bright frames, so that frames range
 from very confident to borderline. Results go to ``--out`` (JSON, rewritten atomically after every
-frame; ``--resume`` continues a run with the same settings) and stdout. ``--reuse-cohen FILE`` takes the
-n = 100 000 reference from an earlier run on the same frames, network, sigma, alpha and seed (it is seeded
-per frame, so it would come out the same) and reruns only the budgeted methods: minutes, not hours.
+frame; ``--resume`` continues a run with the same settings), the table to the same name with ``.md``,
+and both to stdout. ``--reuse-cohen FILE`` takes the n = 100 000 reference from an earlier run on the
+same frames, network, sigma, alpha and seed (it is seeded per frame, so it would come out the same) and
+reruns only the budgeted methods: minutes, not hours.
 """
 
 from __future__ import annotations
@@ -355,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
             and overall["median_forward_passes_certified"] <= TARGET_PASSES
             and (overall["median_radius_ratio_vs_cohen"] or 0.0) >= TARGET_RATIO,
         }
-    print(_table(summary, methods))
+    table = _table(summary, methods)
+    print(table)
+    atomic_write_text(args.out.with_suffix(".md"), table + "\n")
     everything = {"settings": settings, "summary": summary, "frames": rows}
     atomic_write_text(args.out, json.dumps(everything, indent=2) + "\n")
     return 0

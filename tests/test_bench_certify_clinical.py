@@ -41,6 +41,7 @@ def test_toy_run_summary_and_black_box_limit(tmp_path: Path, capsys: pytest.Capt
         assert isinstance(summary[name]["target_met"], bool)
     printed = capsys.readouterr().out
     assert "| sharp | " in printed and "black-box limit" in printed
+    assert (tmp_path / "bench.md").read_text().strip() in printed
 
 
 def test_resume_keeps_frames_and_refuses_other_settings(
