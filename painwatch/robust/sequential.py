@@ -410,9 +410,9 @@ def sequential_certify(
         upper = 1.0 - upper_tracker.update(1.0 - values)
         used += draws
         batch = min(2 * batch, max_batch)
+        best = min(attainable, sigma * float(norm.ppf(upper))) if upper > 0.5 else 0.0
         if fixed:
             votes += int(values.sum())
-            best = min(attainable, sigma * float(norm.ppf(upper))) if upper > 0.5 else 0.0
             if used < max_n and (best <= 0.0 or best < min_radius):
                 stop_reason = "futile"
                 break
@@ -422,7 +422,6 @@ def sequential_certify(
         if target_radius is not None and radius >= target_radius:
             stop_reason = "target"
             break
-        best = min(attainable, sigma * float(norm.ppf(upper))) if upper > 0.5 else 0.0
         if best <= 0.0 or best < min_radius:
             stop_reason = "futile"
             break
