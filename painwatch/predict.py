@@ -267,9 +267,11 @@ def resolve_settings(
     if sequential and chosen_method not in _SEQUENTIAL_METHODS:
         raise SettingsError(f"sequential certification applies to {' and '.join(_SEQUENTIAL_METHODS)}, "
                             f"not to {chosen_method}")
+    from painwatch.robust import SEQUENTIAL_BOUNDS
+
     bound = certification.get("bound", "anytime")
-    if bound not in ("anytime", "fixed"):
-        raise SettingsError(f"bound={bound!r} is not a bound; choose 'fixed' or 'anytime' ({source})")
+    if bound not in SEQUENTIAL_BOUNDS:
+        raise SettingsError(f"bound={bound!r} is not a bound; choose one of {SEQUENTIAL_BOUNDS} ({source})")
     if chosen_method != "randomized_smoothing" or not sequential:
         bound = "anytime"  # the fixed Clopper-Pearson bound is about votes, in the sequential sampler
     n0 = int(certification.get("n0", 64))

@@ -35,6 +35,7 @@ from painwatch import CLASS_NAMES
 from painwatch import __version__ as painwatch_version
 from painwatch.atomic import atomic_write_text
 from painwatch.models.network import PainNet, create_model
+from painwatch.robust.sequential import SEQUENTIAL_BOUNDS
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -211,8 +212,8 @@ def _check_certification(source: str, certification: Any) -> None:
         if not _is_int(value) or value < 1:
             raise _fail(source, f"certification.{name}", "must be an integer >= 1", value)
     bound = certification.get("bound", "anytime")
-    if bound not in ("anytime", "fixed"):
-        raise _fail(source, "certification.bound", "must be 'fixed' or 'anytime'", bound)
+    if bound not in SEQUENTIAL_BOUNDS:
+        raise _fail(source, "certification.bound", f"must be one of {list(SEQUENTIAL_BOUNDS)}", bound)
     # Optional: bundles written before it existed certify plain soft scores (T = 1).
     temperature = certification.get("score_temperature", 1.0)
     if not _is_number(temperature) or temperature <= 0:
