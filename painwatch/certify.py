@@ -346,15 +346,16 @@ class CertificationRun:
 
 
 def _methods_for(model: Any, metadata: Mapping[str, Any], main_method: str) -> list[str]:
-    """The certification methods that apply to this network: the smoothing ones always; the Lipschitz
-    ones when a sound Lipschitz bound can be computed."""
+    """The certification methods that apply to this network: every base method whose needs can be met
+    (a method that needs a Lipschitz constant only when a sound bound can be computed)."""
     from painwatch.predict import SettingsError, _sound_lipschitz_constant
+    from painwatch.robust import BASE_METHODS, method_spec
 
     methods = [main_method]
-    for method in ("soft_smoothing", "randomized_smoothing", "smoothed_margin", "lipschitz"):
+    for method in BASE_METHODS:
         if method in methods:
             continue
-        if method in ("smoothed_margin", "lipschitz"):
+        if method_spec(method).needs_lipschitz_constant:
             try:
                 _sound_lipschitz_constant(model, metadata, method)
             except SettingsError:
@@ -522,8 +523,8 @@ def run_certification(
             noisy = noisy_logits(
                 model,
                 x.to(main_predictor.device),
-                noise_sigma,
-                noise_draws,
+                sigma=noise_sigma,
+                num=noise_draws,
                 batch_size=main.batch_size,
                 generator=noise_generator,
             )
@@ -685,8 +686,9 @@ def run_certification(
 
 def _lipschitz_or_none(model: Any, metadata: Mapping[str, Any], method: str) -> float | None:
     from painwatch.predict import _sound_lipschitz_constant
+    from painwatch.robust import method_spec
 
-    if method in ("lipschitz", "smoothed_margin"):
+    if method_spec(method).needs_lipschitz_constant:
         return _sound_lipschitz_constant(model, metadata, method)
     return None
 

@@ -74,18 +74,12 @@ KNOWN_LIMITS: tuple[str, ...] = (
     "classifier the app reports, at the model's input resolution.",
 )
 
-_SEQUENTIAL_METHODS = ("soft_smoothing", "randomized_smoothing")
 
+def _sequential_variant(method: str) -> str | None:
+    """The registered method that may stop sampling early and shares ``method``'s classifier."""
+    from painwatch.robust import METHODS
 
-class _ScaledLogits(torch.nn.Module):
-    """``f(x) / T``: soft smoothing of these logits certifies ``argmax E softmax(f(x + xi) / T)``."""
-
-    def __init__(self, model: torch.nn.Module, temperature: float) -> None:
-        super().__init__()
-        self.model, self.temperature = model, float(temperature)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x) / self.temperature
+    return next((spec.name for spec in METHODS.values() if spec.sequential and spec.base == method), None)
 
 
 class SettingsError(ValueError):
@@ -235,6 +229,7 @@ def resolve_settings(
     Raises :class:`SettingsError` naming the setting, the value and the allowed range.
     """
     from painwatch.models import CERTIFICATION_METHODS
+    from painwatch.robust import method_spec
 
     bounds = certification.get("bounds", {}) or {}
     chosen_method = certification["method"] if method is None else method
@@ -256,16 +251,17 @@ def resolve_settings(
         _within(name, value, bounds, source)
     if chosen_temperature <= 0:
         raise SettingsError(f"score_temperature must be > 0, got {chosen_temperature:g}")
-    if chosen_method != "lipschitz" and chosen_sigma <= 0:
+    if method_spec(chosen_method).needs_noise and chosen_sigma <= 0:
         raise SettingsError(f"sigma must be > 0 for {chosen_method}, got {chosen_sigma:g}")
     if not 0 < chosen_alpha < 1:
         raise SettingsError(f"alpha must be strictly between 0 and 1, got {chosen_alpha:g}")
     if chosen_n < 2:
         raise SettingsError(f"n must be at least 2, got {chosen_n}")
     if sequential is None:
-        sequential = chosen_method in _SEQUENTIAL_METHODS
-    if sequential and chosen_method not in _SEQUENTIAL_METHODS:
-        raise SettingsError(f"sequential certification applies to {' and '.join(_SEQUENTIAL_METHODS)}, "
+        sequential = _sequential_variant(chosen_method) is not None
+    if sequential and _sequential_variant(chosen_method) is None:
+        applicable = [name for name in CERTIFICATION_METHODS if _sequential_variant(name) is not None]
+        raise SettingsError(f"sequential certification applies to {' and '.join(applicable)}, "
                             f"not to {chosen_method}")
     from painwatch.robust import SEQUENTIAL_BOUNDS
 
@@ -360,8 +356,10 @@ class Predictor:
         settings = resolve_settings(bundle.metadata["certification"], method=method, sigma=sigma, alpha=alpha,
                                     n=n, sequential=sequential, score_temperature=score_temperature,
                                     source=source)
+        from painwatch.robust import method_spec
+
         lipschitz_constant = None
-        if settings.method in ("lipschitz", "smoothed_margin"):
+        if method_spec(settings.method).needs_lipschitz_constant:
             lipschitz_constant = _sound_lipschitz_constant(bundle.model, bundle.metadata, settings.method)
         return cls(bundle.model, bundle.metadata, bundle.path, settings, seed=seed,
                    lipschitz_constant=lipschitz_constant)
@@ -418,40 +416,29 @@ class Predictor:
         one :mod:`painwatch.robust` returns for these settings and this frame's generator.
         """
         from painwatch import robust
-        from painwatch.robust.sequential import sequential_certify
 
         s = self.settings
         x = x.to(self.device)
-        generator = self.generator_for(x)
+        totals = torch.zeros(len(self.classes), dtype=torch.float64)
+
+        def collect(logits: torch.Tensor) -> None:
+            totals.add_(torch.softmax(logits.cpu() / self.temperature, dim=1).sum(dim=0))
+
+        # A sequential run with the anytime bound is its own registered method; the fixed bound is the
+        # base method's certificate, sampled with early stops (to abstain only).
+        method = s.method
+        if s.sequential and s.bound == "anytime":
+            method = _sequential_variant(s.method) or s.method
+        outcome = robust.certify(
+            method, self.model, x, sigma=s.sigma, alpha=s.alpha, n0=s.n0, n=s.n, batch_size=s.batch_size,
+            generator=self.generator_for(x), lipschitz_constant=self.lipschitz_constant,
+            score_temperature=s.score_temperature, stop_early=s.sequential, rel_tol=s.rel_tol,
+            min_radius=s.min_radius, logits_callback=collect if s.sequential else None,
+        )
+        certificate = outcome.certificate
         if s.sequential:
-            totals = torch.zeros(len(self.classes), dtype=torch.float64)
-
-            def collect(logits: torch.Tensor) -> None:
-                totals.add_(torch.softmax(logits.cpu() / self.temperature, dim=1).sum(dim=0))
-
-            outcome = sequential_certify(
-                self.model, x, s.sigma, alpha=s.alpha, n0=s.n0, max_n=s.n, batch_size=s.batch_size,
-                scores="soft" if s.method == "soft_smoothing" else "hard", rel_tol=s.rel_tol,
-                score_temperature=s.score_temperature if s.method == "soft_smoothing" else 1.0, bound=s.bound,
-                min_radius=s.min_radius, generator=generator, logits_callback=collect,
-            )
-            probabilities = (totals / totals.sum()).numpy()
-            return outcome.certificate, probabilities, outcome.forward_passes, outcome.stop_reason
-        if s.method == "soft_smoothing":
-            scored = (self.model if s.score_temperature == 1.0
-                      else _ScaledLogits(self.model, s.score_temperature))
-            certificate = robust.soft_smoothing_certify(scored, x, s.sigma, n0=s.n0, n=s.n, alpha=s.alpha,
-                                                        batch_size=s.batch_size, generator=generator)
-        elif s.method == "randomized_smoothing":
-            smoothed = robust.SmoothedClassifier(self.model, len(self.classes), s.sigma)
-            certificate = smoothed.certify(x, n0=s.n0, n=s.n, alpha=s.alpha, batch_size=s.batch_size,
-                                           generator=generator)
-        elif s.method == "smoothed_margin":
-            certificate = robust.smoothed_margin_certify(
-                self.model, x, s.sigma, self.lipschitz_constant, n0=s.n0, n=s.n, alpha=s.alpha,
-                batch_size=s.batch_size, generator=generator)
-        else:
-            certificate = robust.lipschitz_certify(self.model, x, self.lipschitz_constant)
+            # The probabilities come from the noisy logits already drawn: no extra forward pass.
+            return certificate, (totals / totals.sum()).numpy(), outcome.forward_passes, outcome.stop_reason
         passes = int(certificate.forward_passes) + 1  # + the clean pass for the probabilities
         return certificate, self._clean_probabilities(x), passes, None
 

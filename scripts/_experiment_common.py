@@ -39,8 +39,11 @@ import torch
 from torch import nn
 
 from painwatch.atomic import atomic_write_bytes, atomic_write_text
-from painwatch.robust import attacks, certificates, losses, smoothing
-from painwatch.robust.lipschitz import export_plain, lipschitz_upper_bound
+from painwatch.robust import attacks, losses, smoothing
+from painwatch.robust.certificate import Certificate
+from painwatch.robust.layers import export_plain
+from painwatch.robust.lipschitz import lipschitz_upper_bound
+from painwatch.robust.margin import lipschitz_certify_batch, smoothed_margin_certify
 
 # Loss name -> the hyper-parameters make_loss receives (filled from the command line).
 LOSS_CHOICES: tuple[str, ...] = ("sce", "sc-sce", "mh", "mcr", "mscr", "zhen")
@@ -227,7 +230,7 @@ def value_at(grid: Sequence[float], curve: Sequence[float], radius: float) -> fl
     raise ValueError(f"radius {radius} is not on the evaluation grid")
 
 
-def _records(certs: Sequence[certificates.Certificate]) -> tuple[np.ndarray, np.ndarray]:
+def _records(certs: Sequence[Certificate]) -> tuple[np.ndarray, np.ndarray]:
     return (
         np.array([c.prediction for c in certs], dtype=np.int64),
         np.array([c.radius for c in certs], dtype=np.float64),
@@ -244,9 +247,10 @@ def randomized_smoothing_certificates(
     alpha: float,
     batch_size: int,
     generator: torch.Generator,
-) -> list[certificates.Certificate]:
+) -> list[Certificate]:
     smoothed = smoothing.SmoothedClassifier(model, num_classes, sigma)
-    return [smoothed.certify(x, n0, n, alpha, batch_size, generator) for x in images]
+    return [smoothed.certify(x, n0=n0, n=n, alpha=alpha, batch_size=batch_size, generator=generator)
+            for x in images]
 
 
 def noise_accuracy(
@@ -313,7 +317,7 @@ def evaluate_model(
     result["num_test_certified"] = count
 
     start = time.perf_counter()
-    lipschitz = certificates.lipschitz_certify_batch(plain, x, lipschitz_constant)
+    lipschitz = lipschitz_certify_batch(plain, x, lipschitz_constant)
     timings["lipschitz"] = time.perf_counter() - start
     lip_pred, lip_radius = _records(lipschitz)
     result["lipschitz"] = {
@@ -330,16 +334,16 @@ def evaluate_model(
     start = time.perf_counter()
     sm_gen = torch.Generator().manual_seed(settings.seed + 101)
     smoothed_margin = [
-        certificates.smoothed_margin_certify(
+        smoothed_margin_certify(
             plain,
             xi,
-            settings.sm_sigma,
-            lipschitz_constant,
-            settings.sm_n0,
-            settings.sm_n,
-            settings.alpha,
-            settings.batch_size,
-            sm_gen,
+            sigma=settings.sm_sigma,
+            lipschitz_constant=lipschitz_constant,
+            n0=settings.sm_n0,
+            n=settings.sm_n,
+            alpha=settings.alpha,
+            batch_size=settings.batch_size,
+            generator=sm_gen,
         )
         for xi in x
     ]
@@ -455,10 +459,12 @@ def _pgd_checks(
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(settings.seed + 505)
         surrogate = attacks.MonteCarloSurrogate(
-            plain, sigma, input_shape, num_draws=settings.pgd_surrogate_draws, kind=kind, generator=generator
+            plain, sigma=sigma, input_shape=input_shape, num_draws=settings.pgd_surrogate_draws, kind=kind,
+            generator=generator,
         )
         classify = attacks.monte_carlo_smoothed_classifier(
-            plain, sigma, kind, settings.pgd_classifier_draws, settings.batch_size, generator, num_classes
+            plain, sigma=sigma, kind=kind, num=settings.pgd_classifier_draws, batch_size=settings.batch_size,
+            generator=generator, num_classes=num_classes,
         )
         report = attacks.attack_certificates(
             surrogate,

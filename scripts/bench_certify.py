@@ -35,7 +35,8 @@ from painwatch.robust import (
     smoothed_margin_certify,
     soft_smoothing_certify,
 )
-from painwatch.robust.lipschitz import MaxMin, OrthogonalLinear, lipschitz_upper_bound
+from painwatch.robust.layers import MaxMin, OrthogonalLinear
+from painwatch.robust.lipschitz import lipschitz_upper_bound
 
 INPUT_SHAPE = (1, 8, 8)
 COHEN_REFERENCE_N = 100_000
@@ -202,13 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     runs = [
         ("lipschitz", 0, 0, lambda image, _: lipschitz_certify(model, image, lipschitz)),
         ("smoothed_margin", args.n0, args.n, lambda image, i: smoothed_margin_certify(
-            model, image, args.sigma, lipschitz, args.n0, args.n, args.alpha, args.batch_size, seeded(i))),
+            model, image, sigma=args.sigma, lipschitz_constant=lipschitz, n0=args.n0, n=args.n,
+            alpha=args.alpha, batch_size=args.batch_size, generator=seeded(i))),
         ("soft_smoothing", args.n0, args.n, lambda image, i: soft_smoothing_certify(
-            model, image, args.sigma, args.n0, args.n, args.alpha, args.batch_size, seeded(i))),
+            model, image, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+            batch_size=args.batch_size, generator=seeded(i))),
         ("randomized_smoothing", args.n0, args.n, lambda image, i: smoothed.certify(
-            image, args.n0, args.n, args.alpha, args.batch_size, seeded(i))),
+            image, n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch_size, generator=seeded(i))),
         ("randomized_smoothing (ref)", args.n0, args.cohen_n, lambda image, i: smoothed.certify(
-            image, args.n0, args.cohen_n, args.alpha, args.batch_size, seeded(i))),
+            image, n0=args.n0, n=args.cohen_n, alpha=args.alpha, batch_size=args.batch_size,
+            generator=seeded(i))),
     ]
     rows = [run_method(name, certify, x, y, n0, n) for name, n0, n, certify in runs]
     reference = rows[-1]

@@ -219,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--n0 must be between 1 and --budget - 1, got {args.n0} with --budget {args.budget}")
     torch.set_num_threads(args.threads)
 
-    from painwatch.robust import SmoothedClassifier
-    from painwatch.robust.sequential import sequential_certify
+    from painwatch.robust import SmoothedClassifier, sequential_certify
 
     predictor = None
     if args.toy or args.bundle is None:
@@ -304,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             outcome = sequential_certify(
                 model,
                 x,
-                sigma,
+                sigma=sigma,
                 alpha=alpha,
                 batch_size=args.batch_size,
                 min_radius=0.01 * sigma,

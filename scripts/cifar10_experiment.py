@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _experiment_common as common
 
-from painwatch.robust.lipschitz import OrthogonalConv2d, OrthogonalLinear
+from painwatch.robust.layers import OrthogonalConv2d, OrthogonalLinear
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)

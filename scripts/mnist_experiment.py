@@ -46,8 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _experiment_common as common
 
-from painwatch.robust import certificates, losses
-from painwatch.robust.lipschitz import OrthogonalLinear, export_plain, lipschitz_upper_bound
+from painwatch.robust import losses
+from painwatch.robust.layers import OrthogonalLinear, export_plain
+from painwatch.robust.lipschitz import lipschitz_upper_bound
+from painwatch.robust.margin import smoothed_margin_certify
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 28, 28)
@@ -248,8 +250,9 @@ def run_benchmark(
     start = time.perf_counter()
     sm_gen = torch.Generator().manual_seed(args.seed + 606)
     sm = [
-        certificates.smoothed_margin_certify(
-            plain, xi, args.sigma, lipschitz_constant, args.n0, args.sm_n, args.alpha, args.batch_eval, sm_gen
+        smoothed_margin_certify(
+            plain, xi, sigma=args.sigma, lipschitz_constant=lipschitz_constant, n0=args.n0, n=args.sm_n,
+            alpha=args.alpha, batch_size=args.batch_eval, generator=sm_gen,
         )
         for xi in x
     ]

@@ -2,7 +2,7 @@
 
 Small networks are trained for a fraction of a second on scikit-learn's 8x8 digits (pixels scaled to
 [0, 1], input (1, 8, 8)). Lipschitz certificates are checked exactly on the bare network, with the
-constant from :func:`painwatch.robust.lipschitz.lipschitz_upper_bound`. Smoothing certificates are
+constant from :func:`painwatch.robust.lipschitz_upper_bound`. Smoothing certificates are
 checked on the smoothed classifier they certify, estimated with many fresh samples at the adversarial
 point, after attacking a differentiable Monte Carlo surrogate (a statistical check at fixed seeds).
 Each check is paired with a control that the same attack *does* flip predictions when the radius is
@@ -19,17 +19,19 @@ from torch import nn
 
 from painwatch.robust import (
     Certificate,
+    MaxMin,
     MonteCarloSurrogate,
+    OrthogonalLinear,
     SmoothedClassifier,
     attack_certificates,
     lipschitz_certify_batch,
+    lipschitz_upper_bound,
     monte_carlo_smoothed_classifier,
     network_classifier,
     pgd_l2,
     smoothed_margin_certify,
     soft_smoothing_certify,
 )
-from painwatch.robust.lipschitz import MaxMin, OrthogonalLinear, lipschitz_upper_bound
 
 SHAPE = (1, 8, 8)
 SIGMA = 0.25
@@ -97,8 +99,8 @@ def test_pgd_l2_stays_in_the_ball_and_the_box(digits, noisy_mlp) -> None:
     x, y = images[1500:1510], labels[1500:1510]
     eps = torch.linspace(0.0, 1.5, 10)
     noisy_mlp.train()
-    first = pgd_l2(noisy_mlp, x, y, eps, steps=20, restarts=1, generator=torch.Generator().manual_seed(0))
-    again = pgd_l2(noisy_mlp, x, y, eps, steps=20, restarts=1, generator=torch.Generator().manual_seed(0))
+    first = pgd_l2(noisy_mlp, x, y, eps=eps, steps=20, restarts=1, generator=torch.Generator().manual_seed(0))
+    again = pgd_l2(noisy_mlp, x, y, eps=eps, steps=20, restarts=1, generator=torch.Generator().manual_seed(0))
     assert noisy_mlp.training  # flags restored
     noisy_mlp.eval()
     assert torch.equal(first, again)  # seeded restarts: reproducible
@@ -109,13 +111,13 @@ def test_pgd_l2_stays_in_the_ball_and_the_box(digits, noisy_mlp) -> None:
     with torch.no_grad():
         assert (noisy_mlp(first[5:]).argmax(1) != y[5:]).float().mean() >= 0.8  # large budgets succeed
     with pytest.raises(ValueError, match=r"eps must be a number or have shape \(10,\)"):
-        pgd_l2(noisy_mlp, x, y, torch.ones(3))
+        pgd_l2(noisy_mlp, x, y, eps=torch.ones(3))
     with pytest.raises(ValueError, match="eps must be finite and >= 0"):
-        pgd_l2(noisy_mlp, x, y, -0.1)
+        pgd_l2(noisy_mlp, x, y, eps=-0.1)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
-        pgd_l2(noisy_mlp, x, y + 10, 0.1)
+        pgd_l2(noisy_mlp, x, y + 10, eps=0.1)
     with pytest.raises(ValueError, match=r"labels must be an integer tensor of shape \(10,\)"):
-        pgd_l2(noisy_mlp, x, y[:3], 0.1)
+        pgd_l2(noisy_mlp, x, y[:3], eps=0.1)
 
 
 def test_attack_finds_the_exact_boundary_of_a_linear_model() -> None:
@@ -179,13 +181,15 @@ def certify_points(method: str, model: nn.Module, x: torch.Tensor) -> list[Certi
         generator = torch.Generator().manual_seed(100 + index)
         if method == "smoothed_margin":
             lipschitz = lipschitz_upper_bound(model, SHAPE)
-            certificates.append(smoothed_margin_certify(model, image, SIGMA, lipschitz, n0=64, n=1000,
-                                                        alpha=0.001, batch_size=1000, generator=generator))
+            certificates.append(smoothed_margin_certify(
+                model, image, sigma=SIGMA, lipschitz_constant=lipschitz, n0=64, n=1000, alpha=0.001,
+                batch_size=1000, generator=generator))
         elif method == "randomized_smoothing":
-            certificates.append(SmoothedClassifier(model, 10, SIGMA).certify(image, 64, 1000, 0.001, 1000,
-                                                                             generator))
+            certificates.append(SmoothedClassifier(model, 10, SIGMA).certify(
+                image, n0=64, n=1000, alpha=0.001, batch_size=1000, generator=generator))
         else:
-            certificates.append(soft_smoothing_certify(model, image, SIGMA, 64, 1000, 0.001, 1000, generator))
+            certificates.append(soft_smoothing_certify(model, image, sigma=SIGMA, n0=64, n=1000, alpha=0.001,
+                                                       batch_size=1000, generator=generator))
     return certificates
 
 
@@ -198,9 +202,9 @@ def test_pgd_does_not_break_smoothing_certificates(digits, noisy_mlp, method) ->
     x = images[1500:1520]
     certificates = certify_points(method, noisy_mlp, x)
     kind = KINDS[method]
-    surrogate = MonteCarloSurrogate(noisy_mlp, SIGMA, SHAPE, num_draws=64, kind=kind,
+    surrogate = MonteCarloSurrogate(noisy_mlp, sigma=SIGMA, input_shape=SHAPE, num_draws=64, kind=kind,
                                     generator=torch.Generator().manual_seed(1))
-    classify = monte_carlo_smoothed_classifier(noisy_mlp, SIGMA, kind, num=2000, num_classes=10,
+    classify = monte_carlo_smoothed_classifier(noisy_mlp, sigma=SIGMA, kind=kind, num=2000, num_classes=10,
                                                generator=torch.Generator().manual_seed(2))
     report = attack_certificates(surrogate, classify, x, certificates, steps=30, restarts=1,
                                  generator=torch.Generator().manual_seed(3))
@@ -224,9 +228,10 @@ def test_pgd_does_not_break_smoothing_certificates_over_many_points(digits, nois
         x = images[1500 + 60 * seed:1560 + 60 * seed]
         certificates = certify_points(method, noisy_mlp, x)
         kind = KINDS[method]
-        surrogate = MonteCarloSurrogate(noisy_mlp, SIGMA, SHAPE, 128, kind,
-                                        torch.Generator().manual_seed(seed))
-        classify = monte_carlo_smoothed_classifier(noisy_mlp, SIGMA, kind, 5000, num_classes=10,
+        surrogate = MonteCarloSurrogate(noisy_mlp, sigma=SIGMA, input_shape=SHAPE, num_draws=128, kind=kind,
+                                        generator=torch.Generator().manual_seed(seed))
+        classify = monte_carlo_smoothed_classifier(noisy_mlp, sigma=SIGMA, kind=kind, num=5000,
+                                                   num_classes=10,
                                                    generator=torch.Generator().manual_seed(10 + seed))
         report = attack_certificates(surrogate, classify, x, certificates, steps=60, restarts=2,
                                      generator=torch.Generator().manual_seed(20 + seed))
@@ -248,10 +253,10 @@ def test_attack_certificates_checks_its_inputs(digits, noisy_mlp) -> None:
     report = attack_certificates(noisy_mlp, network_classifier(noisy_mlp), x, [abstain] * 2)
     assert report.num_attacked == 0 and report.num_flipped == 0 and report.flip_rate == 0.0
     with pytest.raises(ValueError, match="kind must be one of"):
-        MonteCarloSurrogate(noisy_mlp, SIGMA, SHAPE, kind="median")
+        MonteCarloSurrogate(noisy_mlp, sigma=SIGMA, input_shape=SHAPE, kind="median")
     with pytest.raises(ValueError, match="needs num_classes"):
-        monte_carlo_smoothed_classifier(noisy_mlp, SIGMA, "counts", 100)
-    surrogate = MonteCarloSurrogate(noisy_mlp, SIGMA, SHAPE, num_draws=8, kind="softmax",
+        monte_carlo_smoothed_classifier(noisy_mlp, sigma=SIGMA, kind="counts", num=100)
+    surrogate = MonteCarloSurrogate(noisy_mlp, sigma=SIGMA, input_shape=SHAPE, num_draws=8, kind="softmax",
                                     generator=torch.Generator().manual_seed(0))
     log_scores = surrogate(x)
     assert log_scores.shape == (2, 10)

@@ -163,8 +163,9 @@ def test_smoothed_margin_radius_below_distance_and_slack_formula(generator: torc
     lipschitz = spectral_norm(weight)
     for seed in range(15):
         x = torch.rand(SHAPE, generator=generator, dtype=torch.float64)
-        cert = smoothed_margin_certify(model, x, 0.2, lipschitz, n0=20, n=200, alpha=0.01,
-                                       batch_size=64, generator=torch.Generator().manual_seed(seed))
+        cert = smoothed_margin_certify(model, x, sigma=0.2, lipschitz_constant=lipschitz, n0=20, n=200,
+                                       alpha=0.01, batch_size=64,
+                                       generator=torch.Generator().manual_seed(seed))
         label, distance = boundary_distance(weight, bias, x)
         assert cert.forward_passes == 220 and cert.n == 200 and cert.sigma == 0.2
         if not cert.abstained:
@@ -172,7 +173,8 @@ def test_smoothed_margin_radius_below_distance_and_slack_formula(generator: torc
             assert cert.radius <= distance * (1 + 1e-9)
             assert cert.radius == pytest.approx(cert.bound / (math.sqrt(2) * lipschitz))
     expected_slack = 2 * 2.0 * 0.5 * math.sqrt(math.log(100) / 100)
-    assert smoothed_margin_slack(2.0, 0.5, 100, 0.01) == pytest.approx(expected_slack)
+    slack = smoothed_margin_slack(lipschitz_constant=2.0, sigma=0.5, n=100, alpha=0.01)
+    assert slack == pytest.approx(expected_slack)
 
 
 def test_smoothed_margin_lower_bound_fails_at_most_alpha_often() -> None:
@@ -191,7 +193,8 @@ def test_smoothed_margin_lower_bound_fails_at_most_alpha_often() -> None:
     alpha, trials = 0.2, 300
     exceed = 0
     for seed in range(trials):
-        cert = smoothed_margin_certify(model, x, 0.3, lipschitz, n0=10, n=40, alpha=alpha, batch_size=50,
+        cert = smoothed_margin_certify(model, x, sigma=0.3, lipschitz_constant=lipschitz, n0=10, n=40,
+                                       alpha=alpha, batch_size=50,
                                        generator=torch.Generator().manual_seed(seed))
         exceed += cert.bound > float(true_margin[0])
     assert exceed <= binom.ppf(0.999, trials, alpha)
@@ -204,14 +207,15 @@ def test_smoothed_margin_abstains_on_the_boundary_and_is_reproducible() -> None:
     # Bias that puts x exactly on the boundary: SM(x) = 0, nothing may be certified (w.p. >= 1 - alpha).
     bias0 = -float(weight[0] @ x.flatten())
     model = linear_model(weight, torch.tensor([bias0, -bias0], dtype=torch.float64))
-    certs = [smoothed_margin_certify(model, x, 0.25, spectral_norm(weight), n0=10, n=100, alpha=0.05,
-                                     generator=torch.Generator().manual_seed(seed)) for seed in range(40)]
+    certs = [smoothed_margin_certify(model, x, sigma=0.25, lipschitz_constant=spectral_norm(weight), n0=10,
+                                     n=100, alpha=0.05, generator=torch.Generator().manual_seed(seed))
+             for seed in range(40)]
     assert sum(c.abstained for c in certs) >= 40 - binom.ppf(0.999, 40, 0.05)
     assert all(c.radius == 0.0 for c in certs if c.abstained)
     shifted = x + 0.1  # off the boundary, so the certificate has a class and a radius
     first, again, other = (
-        smoothed_margin_certify(model, shifted, 0.25, spectral_norm(weight), n0=10, n=100,
-                                generator=torch.Generator().manual_seed(seed))
+        smoothed_margin_certify(model, shifted, sigma=0.25, lipschitz_constant=spectral_norm(weight), n0=10,
+                                n=100, generator=torch.Generator().manual_seed(seed))
         for seed in (7, 7, 8)
     )
     assert first == again and first.bound != other.bound
@@ -222,19 +226,23 @@ def test_smoothed_margin_abstains_on_the_boundary_and_is_reproducible() -> None:
 def test_smoothed_robustness_limits_and_broadcasting() -> None:
     eps = np.linspace(0.0, 1.0, 5)[:, None]
     sigma = np.array([0.0, 0.1, 0.5, 1.0])[None, :]
-    surface = smoothed_robustness(1.0, 0.5, eps, sigma)
+    surface = smoothed_robustness(1.0, lipschitz_constant=0.5, eps=eps, sigma=sigma)
     assert surface.shape == (5, 4) and surface.dtype == np.float64
     assert ((surface >= 0) & (surface <= 1)).all()
     # sigma = 0: worst case, 1 exactly where the margin exceeds sqrt(2) L eps (here up to eps = 1.41).
     assert surface[:, 0].tolist() == [1.0] * 5
-    assert smoothed_robustness(1.0, 1.0, [0.5, 0.75], 0.0).tolist() == [1.0, 0.0]
+    assert smoothed_robustness(1.0, lipschitz_constant=1.0, eps=[0.5, 0.75], sigma=0.0).tolist() == [1.0, 0.0]
     # Non-increasing in eps and in sigma, 0 where nothing is certified.
     assert (np.diff(surface, axis=0) <= 1e-15).all() and (np.diff(surface, axis=1) <= 1e-15).all()
-    assert smoothed_robustness(-0.3, 1.0, 0.0, 0.5).item() == 0.0
+    assert smoothed_robustness(-0.3, lipschitz_constant=1.0, eps=0.0, sigma=0.5).item() == 0.0
     expected = 1 - math.exp(-((1.0 - math.sqrt(2) * 0.5 * 0.25) ** 2) / (4 * 0.25 * 0.1**2))
-    assert smoothed_robustness(1.0, 0.5, 0.25, 0.1).item() == pytest.approx(expected)
+    assert smoothed_robustness(1.0, lipschitz_constant=0.5, eps=0.25, sigma=0.1).item() == pytest.approx(
+        expected
+    )
     # margin_lower_bound broadcasts too (one bound per sigma).
-    assert smoothed_robustness(np.array([1.0, 0.2]), 1.0, 0.0, np.array([0.3, 0.3])).shape == (2,)
+    per_sigma = smoothed_robustness(np.array([1.0, 0.2]), lipschitz_constant=1.0, eps=0.0,
+                                    sigma=np.array([0.3, 0.3]))
+    assert per_sigma.shape == (2,)
 
 
 def test_smoothed_robustness_is_below_the_exact_probability_for_a_linear_model() -> None:
@@ -245,7 +253,7 @@ def test_smoothed_robustness_is_below_the_exact_probability_for_a_linear_model()
     scale = float(torch.linalg.vector_norm(weight[0] - weight[1]))
     margin = 0.8 * scale  # M_f(x) for some x at distance 0.8 from the boundary
     eps, sigma = np.meshgrid(np.linspace(0, 1, 11), np.linspace(0.01, 2, 12))
-    bound = smoothed_robustness(margin, lipschitz, eps, sigma)
+    bound = smoothed_robustness(margin, lipschitz_constant=lipschitz, eps=eps, sigma=sigma)
     exact = norm.cdf((margin - scale * eps) / (scale * sigma))
     assert (bound <= exact + 1e-12).all()
     assert bound.max() > 0.99  # the bound is not vacuous
@@ -297,13 +305,13 @@ def test_lipschitz_and_robustness_validate_inputs() -> None:
     with pytest.raises(ValueError, match=r"x must have shape \(B, C, H, W\)"):
         lipschitz_certify_batch(model, torch.rand(SHAPE), 1.0)
     with pytest.raises(ValueError, match="eps must be finite and >= 0"):
-        smoothed_robustness(1.0, 1.0, -0.1, 0.1)
+        smoothed_robustness(1.0, lipschitz_constant=1.0, eps=-0.1, sigma=0.1)
     with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
-        smoothed_robustness(1.0, 1.0, 0.1, [0.1, math.nan])
+        smoothed_robustness(1.0, lipschitz_constant=1.0, eps=0.1, sigma=[0.1, math.nan])
     with pytest.raises(ValueError, match="do not broadcast"):
-        smoothed_robustness([1.0, 2.0], 1.0, [0.1, 0.2, 0.3], 0.1)
+        smoothed_robustness([1.0, 2.0], lipschitz_constant=1.0, eps=[0.1, 0.2, 0.3], sigma=0.1)
     with pytest.raises(ValueError, match="margin_lower_bound contains NaN"):
-        smoothed_robustness(math.nan, 1.0, 0.1, 0.1)
+        smoothed_robustness(math.nan, lipschitz_constant=1.0, eps=0.1, sigma=0.1)
 
 
 def test_package_re_exports_every_public_name_of_every_robust_module() -> None:

@@ -177,7 +177,7 @@ def test_cifar10_experiment_end_to_end_on_a_stand_in(tmp_path: Path) -> None:
 
 
 def test_cifar10_thesis_network_shapes_and_bound() -> None:
-    from painwatch.robust.lipschitz import export_plain, lipschitz_upper_bound
+    from painwatch.robust import export_plain, lipschitz_upper_bound
 
     model = cifar10_experiment.cifar_bcop_net(dense_width=32).eval()
     x = torch.rand(2, 3, 32, 32)

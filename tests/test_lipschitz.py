@@ -8,12 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from painwatch.robust.lipschitz import (
-    UnsupportedLayerError,
-    conv_operator_norm_bound,
-    lipschitz_lower_estimate,
-    lipschitz_upper_bound,
-)
+from painwatch.robust.lipschitz import UnsupportedLayerError, lipschitz_lower_estimate, lipschitz_upper_bound
+from painwatch.robust.spectral import conv_operator_norm_bound
 
 
 def exact_operator_norm(layer: nn.Module, shape: tuple[int, ...]) -> float:
@@ -141,9 +137,9 @@ def test_conv1d_and_conv3d_bounds_are_sound():
 def test_conv_operator_norm_bound_validates_its_inputs():
     weight = torch.randn(4, 2, 3, 3)
     with pytest.raises(ValueError, match="groups=3"):
-        conv_operator_norm_bound(weight, (5, 5), [(1, 1), (1, 1)], groups=3)
+        conv_operator_norm_bound(weight, input_size=(5, 5), padding=[(1, 1), (1, 1)], groups=3)
     with pytest.raises(ValueError, match="spatial sizes"):
-        conv_operator_norm_bound(weight, (5,), [(1, 1), (1, 1)])
+        conv_operator_norm_bound(weight, input_size=(5,), padding=[(1, 1), (1, 1)])
 
 
 def test_linear_bound_is_the_largest_singular_value():

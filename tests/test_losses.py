@@ -42,12 +42,14 @@ def test_true_class_margin_rejects_mismatched_labels() -> None:
 def test_mc_loss_without_noise_is_relu_of_target_minus_margin(generator: torch.Generator) -> None:
     x = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.5, 2.0]])
     y = torch.tensor([0, 2])  # margins 2 and -0.5
-    per_input = losses.mc_expected_margin_loss(Identity(), x, y, 0.0, 5, margin=1.0, reduction="none")
+    per_input = losses.mc_expected_margin_loss(Identity(), x, y, sigma=0.0, num_draws=5, margin=1.0,
+                                               reduction="none")
     assert per_input.tolist() == [0.0, 1.5]
-    assert losses.mc_expected_margin_loss(Identity(), x, y, 0.0, 5, margin=4.0).item() == pytest.approx(
-        (2.0 + 4.5) / 2
+    assert losses.mc_expected_margin_loss(Identity(), x, y, sigma=0.0, num_draws=5, margin=4.0).item() == (
+        pytest.approx((2.0 + 4.5) / 2)
     )
-    assert losses.mc_expected_margin_loss(Identity(), x, y, 0.0, 5, reduction="sum").item() == 1.5
+    summed = losses.mc_expected_margin_loss(Identity(), x, y, sigma=0.0, num_draws=5, reduction="sum")
+    assert summed.item() == 1.5
 
 
 def test_mc_loss_matches_exact_expectation_for_two_linear_logits() -> None:
@@ -57,7 +59,8 @@ def test_mc_loss_matches_exact_expectation_for_two_linear_logits() -> None:
     sigma, draws = 0.5, 20_000
     x, y = torch.tensor([[0.4, 0.1]], dtype=torch.float64), torch.tensor([0])
     loss = losses.mc_expected_margin_loss(
-        Identity(), x, y, sigma, draws, margin=10.0, generator=torch.Generator().manual_seed(1)
+        Identity(), x, y, sigma=sigma, num_draws=draws, margin=10.0,
+        generator=torch.Generator().manual_seed(1)
     )
     assert abs((10.0 - loss.item()) - 0.3) < 5 * sigma * math.sqrt(2) / math.sqrt(draws)
 
@@ -68,7 +71,8 @@ def test_mc_loss_sees_the_cost_of_noise_with_three_classes() -> None:
     sigma, draws = 1.0, 40_000
     x, y = torch.tensor([[2.0, 0.0, 0.0]], dtype=torch.float64), torch.tensor([0])
     loss = losses.mc_expected_margin_loss(
-        Identity(), x, y, sigma, draws, margin=10.0, generator=torch.Generator().manual_seed(2)
+        Identity(), x, y, sigma=sigma, num_draws=draws, margin=10.0,
+        generator=torch.Generator().manual_seed(2)
     )
     expected_smoothed_margin = 2.0 - sigma / math.sqrt(math.pi)
     assert (10.0 - loss.item()) == pytest.approx(expected_smoothed_margin, abs=0.03)  # ~4 MC std
@@ -81,7 +85,7 @@ def test_mc_loss_one_batched_forward_and_gradients_flow() -> None:
     x = torch.rand(4, 3, 8, 8, requires_grad=True)
     y = torch.tensor([0, 1, 2, 0])
     loss = losses.mc_expected_margin_loss(
-        model, x, y, 0.25, 6, margin=5.0, generator=torch.Generator().manual_seed(0)
+        model, x, y, sigma=0.25, num_draws=6, margin=5.0, generator=torch.Generator().manual_seed(0)
     )
     assert calls == [24]
     loss.backward()
@@ -95,7 +99,7 @@ def test_mc_loss_is_reproducible_and_chunking_does_not_change_it() -> None:
     def value(seed: int, max_batch: int | None = None) -> float:
         gen = torch.Generator().manual_seed(seed)
         return losses.mc_expected_margin_loss(
-            model, x, y, 0.5, 8, margin=5.0, generator=gen, max_batch=max_batch
+            model, x, y, sigma=0.5, num_draws=8, margin=5.0, generator=gen, max_batch=max_batch
         ).item()
 
     assert value(0) == value(0)
@@ -105,8 +109,8 @@ def test_mc_loss_is_reproducible_and_chunking_does_not_change_it() -> None:
 
 def test_mc_loss_module_form_is_seeded() -> None:
     model, x, y = small_convnet(), torch.rand(2, 3, 8, 8), torch.tensor([1, 2])
-    first = losses.MCExpectedMarginLoss(0.3, 4, margin=2.0, seed=7)(model, x, y)
-    second = losses.MCExpectedMarginLoss(0.3, 4, margin=2.0, seed=7)(model, x, y)
+    first = losses.MCExpectedMarginLoss(sigma=0.3, num_draws=4, margin=2.0, seed=7)(model, x, y)
+    second = losses.MCExpectedMarginLoss(sigma=0.3, num_draws=4, margin=2.0, seed=7)(model, x, y)
     assert first.item() == second.item()
 
 
@@ -206,7 +210,8 @@ def test_mscr_agrees_with_monte_carlo_on_an_orthogonal_linear_model() -> None:
     sigma, draws = 0.4, 50_000
     closed = losses.MarginSmoothedCertifiedRadiusLoss(margin=10.0, input_variance=sigma**2, reduction="none")
     mc = losses.mc_expected_margin_loss(
-        model, x, y, sigma, draws, margin=10.0, generator=torch.Generator().manual_seed(1), reduction="none"
+        model, x, y, sigma=sigma, num_draws=draws, margin=10.0, generator=torch.Generator().manual_seed(1),
+        reduction="none",
     )
     assert (closed(model, x, y) - mc).abs().max().item() < 5 * 2 * sigma / math.sqrt(draws)
 
@@ -224,8 +229,8 @@ def test_mscr_is_close_to_monte_carlo_on_a_relu_network() -> None:
     closed_fn = losses.MarginSmoothedCertifiedRadiusLoss(margin=10.0, input_variance=0.1, reduction="none")
     closed = closed_fn(model, x, y)
     mc = losses.mc_expected_margin_loss(
-        model, x, y, math.sqrt(0.1), 20_000, margin=10.0, generator=torch.Generator().manual_seed(3),
-        reduction="none",
+        model, x, y, sigma=math.sqrt(0.1), num_draws=20_000, margin=10.0,
+        generator=torch.Generator().manual_seed(3), reduction="none",
     )
     assert (closed - mc).abs().max().item() < 0.15
 

@@ -15,7 +15,7 @@ import torch
 from scipy import integrate, stats
 from torch import nn
 
-from painwatch.robust import lipschitz, moments
+from painwatch.robust import layers, moments
 
 
 def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -278,9 +278,9 @@ def test_orthogonal_mlp_moments_are_exact_with_one_hidden_layer() -> None:
     # pre-activations, exact ReLU moments, exact logit moments (5 standard errors of MC).
     gen = torch.Generator().manual_seed(0)
     net = nn.Sequential(
-        lipschitz.OrthogonalLinear(20, 16, generator=gen),
+        layers.OrthogonalLinear(20, 16, generator=gen),
         nn.ReLU(),
-        lipschitz.OrthogonalLinear(16, 4, generator=gen),
+        layers.OrthogonalLinear(16, 4, generator=gen),
     ).double()
     x = torch.rand(3, 20, dtype=torch.float64, generator=gen)
     draws = 50_000
@@ -294,8 +294,8 @@ def test_orthogonal_mlp_moments_are_exact_with_one_hidden_layer() -> None:
 def test_maxmin_and_groupsort_moments_are_exact_after_an_orthogonal_layer(activation: str) -> None:
     # Independent Gaussian pairs: Clark's max and min moments are exact (MC: 5 standard errors).
     gen = torch.Generator().manual_seed(1)
-    layer = lipschitz.MaxMin() if activation == "maxmin" else lipschitz.GroupSort(2)
-    net = nn.Sequential(lipschitz.OrthogonalLinear(8, 8, generator=gen), layer).double()
+    layer = layers.MaxMin() if activation == "maxmin" else layers.GroupSort(2)
+    net = nn.Sequential(layers.OrthogonalLinear(8, 8, generator=gen), layer).double()
     x = torch.rand(2, 8, dtype=torch.float64, generator=gen)
     draws = 50_000
     mean, var = moments.gaussian_logit_moments(net, x, 0.3)
@@ -303,13 +303,13 @@ def test_maxmin_and_groupsort_moments_are_exact_after_an_orthogonal_layer(activa
     assert ((mean - mc_mean).abs() / (mc_var / draws).sqrt()).max() < 5
     assert ((var - mc_var).abs() / mc_var).max() < 5 * math.sqrt(2 / draws)
     with pytest.raises(TypeError, match="group_size=4"):
-        moments.propagate_moments(lipschitz.GroupSort(4), torch.zeros(1, 8), torch.ones(1, 8))
+        moments.propagate_moments(layers.GroupSort(4), torch.zeros(1, 8), torch.ones(1, 8))
 
 
 @pytest.mark.parametrize(("stride", "padding_mode"), [(1, "zeros"), (2, "zeros"), (1, "circular")])
 def test_orthogonal_conv_moments_are_exact(stride: int, padding_mode: str) -> None:
     gen = torch.Generator().manual_seed(2)
-    conv = lipschitz.OrthogonalConv2d(2, 4, 3, stride=stride, padding_mode=padding_mode, generator=gen)
+    conv = layers.OrthogonalConv2d(2, 4, 3, stride=stride, padding_mode=padding_mode, generator=gen)
     net = nn.Sequential(conv, nn.Flatten()).double()
     x = torch.rand(2, 2, 6, 6, dtype=torch.float64, generator=gen)
     draws = 8_000

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from painwatch.robust.lipschitz import (
+from painwatch.robust.layers import (
     GroupSort,
     InvertibleDownsampling,
     MaxMin,
@@ -17,9 +17,8 @@ from painwatch.robust.lipschitz import (
     OrthogonalLinear,
     bjorck_orthonormalize,
     export_plain,
-    lipschitz_lower_estimate,
-    lipschitz_upper_bound,
 )
+from painwatch.robust.lipschitz import lipschitz_lower_estimate, lipschitz_upper_bound
 
 
 def ratios(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

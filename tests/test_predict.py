@@ -13,9 +13,14 @@ import torch
 
 from painwatch.models import BundleError, create_model, save_bundle, update_bundle_metadata
 from painwatch.predict import ABSTAIN_LABEL, FrameResult, Predictor, SettingsError, frame_seed
-from painwatch.robust import SmoothedClassifier, soft_smoothing_certify
-from painwatch.robust.attacks import MonteCarloSurrogate, attack_certificates, monte_carlo_smoothed_classifier
-from painwatch.robust.sequential import sequential_certify
+from painwatch.robust import (
+    MonteCarloSurrogate,
+    SmoothedClassifier,
+    attack_certificates,
+    monte_carlo_smoothed_classifier,
+    sequential_certify,
+    soft_smoothing_certify,
+)
 
 SIZE = 32
 
@@ -68,7 +73,7 @@ def test_sequential_results_equal_the_robust_certificate(bundle: Path, method: s
     for image, result in zip(images, results, strict=True):
         x = predictor.preprocess(image)
         expected = sequential_certify(
-            predictor.model, x, s.sigma, alpha=s.alpha, n0=s.n0, max_n=200, batch_size=s.batch_size,
+            predictor.model, x, sigma=s.sigma, alpha=s.alpha, n0=s.n0, max_n=200, batch_size=s.batch_size,
             rel_tol=s.rel_tol, min_radius=s.min_radius, **options,
             generator=torch.Generator().manual_seed(frame_seed(3, x)),
         )
@@ -94,7 +99,7 @@ def test_fixed_n_results_equal_the_robust_certificate(bundle: Path, method: str)
         def sharpened(z: torch.Tensor) -> torch.Tensor:  # the bundle's score temperature, 0.1
             return predictor.model(z) / 0.1
 
-        expected = soft_smoothing_certify(sharpened, x, s.sigma, n0=s.n0, n=100, alpha=s.alpha,
+        expected = soft_smoothing_certify(sharpened, x, sigma=s.sigma, n0=s.n0, n=100, alpha=s.alpha,
                                           batch_size=s.batch_size, generator=generator)
     else:
         expected = SmoothedClassifier(predictor.model, 2, s.sigma).certify(
@@ -111,8 +116,8 @@ def test_score_temperature_override_and_bundles_without_it(bundle: Path) -> None
     assert plain.settings.score_temperature == 1.0 and "mean softmax over" in plain.classifier_description
     x = plain.preprocess(image)
     expected = sequential_certify(
-        plain.model, x, plain.settings.sigma, alpha=plain.settings.alpha, n0=plain.settings.n0, max_n=200,
-        batch_size=plain.settings.batch_size, rel_tol=plain.settings.rel_tol,
+        plain.model, x, sigma=plain.settings.sigma, alpha=plain.settings.alpha, n0=plain.settings.n0,
+        max_n=200, batch_size=plain.settings.batch_size, rel_tol=plain.settings.rel_tol,
         min_radius=plain.settings.min_radius, generator=torch.Generator().manual_seed(frame_seed(4, x)),
     )
     (result,) = plain.predict([image])
@@ -234,10 +239,10 @@ def test_pgd_does_not_break_certified_smoothed_predictions(bundle: Path) -> None
     assert sum(not c.abstained for c in certificates) >= 4
     sigma = predictor.settings.sigma
     generator = torch.Generator().manual_seed(123)
-    surrogate = MonteCarloSurrogate(predictor.model, sigma, x.shape[1:], num_draws=16, kind="softmax",
-                                    generator=generator)
-    classify = monte_carlo_smoothed_classifier(predictor.model, sigma, "softmax", num=500, batch_size=250,
-                                               generator=generator)
+    surrogate = MonteCarloSurrogate(predictor.model, sigma=sigma, input_shape=x.shape[1:], num_draws=16,
+                                    kind="softmax", generator=generator)
+    classify = monte_carlo_smoothed_classifier(predictor.model, sigma=sigma, kind="softmax", num=500,
+                                               batch_size=250, generator=generator)
     report = attack_certificates(surrogate, classify, x, certificates, fraction=0.99, steps=8,
                                  generator=generator)
     assert report.num_attacked >= 4

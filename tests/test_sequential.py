@@ -9,13 +9,9 @@ import pytest
 import torch
 from scipy.stats import binom, norm
 
-from painwatch.robust.certificates import ABSTAIN
-from painwatch.robust.sequential import (
-    BettingLowerBound,
-    best_attainable_lower_bound,
-    sequential_certify,
-)
-from painwatch.robust.smoothing import clopper_pearson_lower
+from painwatch.robust.bounds import BettingLowerBound, best_attainable_lower_bound, clopper_pearson_lower
+from painwatch.robust.certificate import ABSTAIN
+from painwatch.robust.sequential import sequential_certify
 
 
 class LinearPair(torch.nn.Module):
@@ -97,7 +93,7 @@ def test_soft_certificate_holds_with_probability_one_minus_alpha() -> None:
     true_radius = sigma * norm.ppf(score)  # the radius the soft certificate estimates from below
     too_large, radii = 0, []
     for seed in range(trials):
-        result = sequential_certify(model, x, sigma, alpha=alpha, n0=16, max_n=1000, first_batch=16,
+        result = sequential_certify(model, x, sigma=sigma, alpha=alpha, n0=16, max_n=1000, first_batch=16,
                                     rel_tol=0.02, generator=torch.Generator().manual_seed(seed))
         certificate = result.certificate
         assert certificate.prediction in (1, ABSTAIN)
@@ -116,19 +112,19 @@ def test_sharpened_scores_hold_and_certify_more() -> None:
     assert sharp_radius > plain_radius
     too_large, radii = 0, []
     for seed in range(trials):
-        result = sequential_certify(model, x, sigma, alpha=alpha, n0=16, max_n=1000, first_batch=16,
+        result = sequential_certify(model, x, sigma=sigma, alpha=alpha, n0=16, max_n=1000, first_batch=16,
                                     score_temperature=0.2, generator=torch.Generator().manual_seed(seed))
         too_large += result.certificate.radius > sharp_radius
         radii.append(result.certificate.radius)
     assert too_large <= _allowed_violations(trials, alpha)
     assert np.mean(radii) > plain_radius
     with pytest.raises(ValueError, match="score_temperature"):
-        sequential_certify(model, x, sigma, score_temperature=0.0)
+        sequential_certify(model, x, sigma=sigma, score_temperature=0.0)
 
 
 def test_hard_votes_of_a_constant_model_give_the_attainable_bound() -> None:
     model, x = _pair_and_image(centre=50.0)  # every noisy copy is class 1
-    result = sequential_certify(model, x, 0.25, alpha=0.001, n0=8, max_n=1000, first_batch=1000,
+    result = sequential_certify(model, x, sigma=0.25, alpha=0.001, n0=8, max_n=1000, first_batch=1000,
                                 scores="hard", rel_tol=0.0, generator=torch.Generator().manual_seed(0))
     assert result.certificate.prediction == 1
     assert result.method == "randomized_smoothing_sequential"
@@ -142,8 +138,9 @@ def test_hard_votes_of_a_constant_model_give_the_attainable_bound() -> None:
 def test_fixed_bound_is_clopper_pearson_of_the_whole_budget() -> None:
     model, x = _pair_and_image(centre=1.0)  # p_A = Phi(1.0 / (0.5 * ||w||)) = 0.79: many draws disagree
     batches: list[torch.Tensor] = []
-    result = sequential_certify(model, x, 0.5, alpha=0.001, n0=16, max_n=900, scores="hard", bound="fixed",
-                                generator=torch.Generator().manual_seed(0), logits_callback=batches.append)
+    result = sequential_certify(model, x, sigma=0.5, alpha=0.001, n0=16, max_n=900, scores="hard",
+                                bound="fixed", generator=torch.Generator().manual_seed(0),
+                                logits_callback=batches.append)
     estimation = torch.cat(batches)[16:]  # the selection draws come first
     assert estimation.shape[0] == 900 and result.stop_reason == "budget" and result.forward_passes == 916
     votes = int((estimation.argmax(dim=1) == 1).sum())
@@ -154,10 +151,10 @@ def test_fixed_bound_is_clopper_pearson_of_the_whole_budget() -> None:
     assert result.point_estimate == pytest.approx(votes / 900)
 
     constant, x = _pair_and_image(centre=50.0)  # every draw votes 1: Cohen's cap at n = 1000, exactly
-    capped = sequential_certify(constant, x, 0.25, alpha=0.001, n0=8, max_n=1000, scores="hard",
+    capped = sequential_certify(constant, x, sigma=0.25, alpha=0.001, n0=8, max_n=1000, scores="hard",
                                 bound="fixed", generator=torch.Generator().manual_seed(0))
     assert capped.certificate.radius == pytest.approx(0.25 * norm.ppf(0.001 ** (1 / 1000)))
-    anytime = sequential_certify(constant, x, 0.25, alpha=0.001, n0=8, max_n=1000, scores="hard",
+    anytime = sequential_certify(constant, x, sigma=0.25, alpha=0.001, n0=8, max_n=1000, scores="hard",
                                  generator=torch.Generator().manual_seed(0))
     assert anytime.certificate.radius < capped.certificate.radius  # the price of stopping at any time
 
@@ -168,28 +165,28 @@ def test_fixed_bound_holds_and_stops_early_only_to_abstain() -> None:
     weight_norm = float(model.weight.norm())
     true_radius = sigma * norm.ppf(norm.cdf(0.8 / (sigma * weight_norm)))  # Cohen's g: exact p_A
     too_large = sum(
-        sequential_certify(model, x, sigma, alpha=alpha, n0=8, max_n=300, scores="hard", bound="fixed",
+        sequential_certify(model, x, sigma=sigma, alpha=alpha, n0=8, max_n=300, scores="hard", bound="fixed",
                            generator=torch.Generator().manual_seed(seed)).certificate.radius > true_radius
         for seed in range(trials)
     )
     assert too_large <= _allowed_violations(trials, alpha)
     coin, x = _pair_and_image(centre=0.0)  # p_A = 1/2: nothing can be certified
-    futile = sequential_certify(coin, x, 0.25, alpha=0.001, max_n=100_000, min_radius=0.01, scores="hard",
-                                bound="fixed", generator=torch.Generator().manual_seed(0))
+    futile = sequential_certify(coin, x, sigma=0.25, alpha=0.001, max_n=100_000, min_radius=0.01,
+                                scores="hard", bound="fixed", generator=torch.Generator().manual_seed(0))
     assert futile.stop_reason == "futile" and futile.certificate.prediction == ABSTAIN
     assert futile.certificate.radius == 0.0 and futile.forward_passes < 100_000
-    same_rule = sequential_certify(coin, x, 0.25, alpha=0.001, max_n=100_000, min_radius=0.01, scores="hard",
-                                   generator=torch.Generator().manual_seed(0))
+    same_rule = sequential_certify(coin, x, sigma=0.25, alpha=0.001, max_n=100_000, min_radius=0.01,
+                                   scores="hard", generator=torch.Generator().manual_seed(0))
     assert futile.forward_passes == same_rule.forward_passes  # the anytime bound's futility rule
     with pytest.raises(ValueError, match="needs scores='hard'"):
-        sequential_certify(model, x, sigma, bound="fixed")
+        sequential_certify(model, x, sigma=sigma, bound="fixed")
     with pytest.raises(ValueError, match="bound must be one of"):
-        sequential_certify(model, x, sigma, scores="hard", bound="exact")
+        sequential_certify(model, x, sigma=sigma, scores="hard", bound="exact")
 
 
 def test_same_seed_same_certificate() -> None:
     model, x = _pair_and_image(centre=1.0)
-    runs = [sequential_certify(model, x, 0.5, alpha=0.01, max_n=800,
+    runs = [sequential_certify(model, x, sigma=0.5, alpha=0.01, max_n=800,
                                generator=torch.Generator().manual_seed(seed)) for seed in (7, 7, 8)]
     assert runs[0] == runs[1]
     other = runs[2]
@@ -198,25 +195,25 @@ def test_same_seed_same_certificate() -> None:
 
 def test_stops_early_when_target_is_met_or_no_radius_is_possible() -> None:
     confident, x = _pair_and_image(centre=6.0)
-    result = sequential_certify(confident, x, 0.25, alpha=0.001, max_n=100_000, target_radius=0.25,
+    result = sequential_certify(confident, x, sigma=0.25, alpha=0.001, max_n=100_000, target_radius=0.25,
                                 generator=torch.Generator().manual_seed(0))
     assert result.stop_reason == "target"
     assert result.certificate.radius >= 0.25
     assert result.forward_passes < 2_000
 
-    saturated = sequential_certify(confident, x, 0.25, alpha=0.001, max_n=100_000, rel_tol=0.05,
+    saturated = sequential_certify(confident, x, sigma=0.25, alpha=0.001, max_n=100_000, rel_tol=0.05,
                                    generator=torch.Generator().manual_seed(0))
     assert saturated.stop_reason in ("saturated", "budget")
     assert saturated.certificate.radius > 0.25 * 1.5
 
     coin, x = _pair_and_image(centre=0.0)  # expected score exactly 1/2: nothing can be certified
-    futile = sequential_certify(coin, x, 0.25, alpha=0.001, max_n=100_000, min_radius=0.01,
+    futile = sequential_certify(coin, x, sigma=0.25, alpha=0.001, max_n=100_000, min_radius=0.01,
                                 generator=torch.Generator().manual_seed(0))
     assert futile.certificate.prediction == ABSTAIN and futile.certificate.radius == 0.0
     assert futile.stop_reason == "futile"
     assert futile.forward_passes < 20_000
     wrong_side, x = _pair_and_image(centre=-0.3)  # class 0 wins, but only just
-    narrow = sequential_certify(wrong_side, x, 0.25, alpha=0.001, max_n=100_000, min_radius=0.1,
+    narrow = sequential_certify(wrong_side, x, sigma=0.25, alpha=0.001, max_n=100_000, min_radius=0.1,
                                 generator=torch.Generator().manual_seed(0))
     assert narrow.stop_reason == "futile" and narrow.forward_passes < 5_000
 
@@ -224,10 +221,10 @@ def test_stops_early_when_target_is_met_or_no_radius_is_possible() -> None:
 def test_bad_arguments_are_named() -> None:
     model, x = _pair_and_image(centre=1.0)
     with pytest.raises(ValueError, match="scores"):
-        sequential_certify(model, x, 0.5, scores="votes")
+        sequential_certify(model, x, sigma=0.5, scores="votes")
     with pytest.raises(ValueError, match="rel_tol"):
-        sequential_certify(model, x, 0.5, rel_tol=1.5)
+        sequential_certify(model, x, sigma=0.5, rel_tol=1.5)
     with pytest.raises(ValueError, match=r"shape \(C, H, W\)"):
-        sequential_certify(model, x.unsqueeze(0), 0.5)
+        sequential_certify(model, x.unsqueeze(0), sigma=0.5)
     with pytest.raises(ValueError, match="sigma"):
-        sequential_certify(model, x, -0.1)
+        sequential_certify(model, x, sigma=-0.1)

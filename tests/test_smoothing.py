@@ -81,9 +81,11 @@ X = torch.full(SHAPE, 0.5)
 
 def test_noisy_logits_shape_dtype_and_reproducibility() -> None:
     model = BinaryLinear(0)
-    first = noisy_logits(model, X, 0.3, 250, batch_size=64, generator=torch.Generator().manual_seed(1))
-    again = noisy_logits(model, X, 0.3, 250, batch_size=64, generator=torch.Generator().manual_seed(1))
-    other = noisy_logits(model, X, 0.3, 250, batch_size=64, generator=torch.Generator().manual_seed(2))
+    first, again, other = (
+        noisy_logits(model, X, sigma=0.3, num=250, batch_size=64,
+                     generator=torch.Generator().manual_seed(seed))
+        for seed in (1, 1, 2)
+    )
     assert first.shape == (250, 2) and first.dtype == torch.float64 and not first.requires_grad
     assert torch.equal(first, again) and not torch.equal(first, other)
     # The logit of a unit-norm linear map under N(0, sigma^2) noise has std sigma.
@@ -107,7 +109,7 @@ def test_noise_is_gaussian_unclipped_and_model_runs_in_eval_mode() -> None:
     model = Recorder()
     model.dropout.train()
     model.train()
-    noisy_logits(model, torch.zeros(SHAPE), 0.5, 300, batch_size=128,
+    noisy_logits(model, torch.zeros(SHAPE), sigma=0.5, num=300, batch_size=128,
                  generator=torch.Generator().manual_seed(0))
     assert model.training and model.dropout.training  # flags restored
     noisy = torch.cat(seen)
@@ -131,9 +133,9 @@ def test_expected_scores_match_closed_form() -> None:
     model = BinaryLinear(1, scale=2.0)
     model.place(X, 0.2)
     generator = torch.Generator().manual_seed(0)
-    logits = expected_logits(model, X, 0.4, 20000, batch_size=5000, generator=generator)
+    logits = expected_logits(model, X, sigma=0.4, num=20000, batch_size=5000, generator=generator)
     assert float(logits[0]) == pytest.approx(2.0 * 0.2, abs=0.03)  # E[f] = f for a linear model
-    scores = expected_softmax(model, X, 0.4, 20000, batch_size=5000, generator=generator)
+    scores = expected_softmax(model, X, sigma=0.4, num=20000, batch_size=5000, generator=generator)
     assert float(scores[0]) == pytest.approx(exact_soft_score(0.2, 0.4, 2.0), abs=0.01)
 
 
@@ -172,11 +174,13 @@ def test_cohen_abstains_on_the_boundary() -> None:
     smoothed = SmoothedClassifier(model, 2, 0.25)
     alpha, trials = 0.1, 100
     certify_abstained = sum(
-        smoothed.certify(X, 10, 100, alpha, 200, torch.Generator().manual_seed(seed)).abstained
+        smoothed.certify(X, n0=10, n=100, alpha=alpha, batch_size=200,
+                         generator=torch.Generator().manual_seed(seed)).abstained
         for seed in range(trials)
     )
     predict_abstained = sum(
-        smoothed.predict(X, 100, alpha, 200, torch.Generator().manual_seed(seed)) == ABSTAIN
+        smoothed.predict(X, n=100, alpha=alpha, batch_size=200,
+                         generator=torch.Generator().manual_seed(seed)) == ABSTAIN
         for seed in range(trials)
     )
     assert certify_abstained >= trials - tolerance(trials, alpha)
@@ -201,12 +205,14 @@ def test_cohen_abstains_when_pa_is_below_one_half_but_predict_finds_the_pluralit
     model = Buckets([0.4, 0.3, 0.3], sigma=0.3)
     smoothed = SmoothedClassifier(model, 3, 0.3)
     alpha, trials = 0.1, 60
-    certificates = [smoothed.certify(X, 50, 200, alpha, 250, torch.Generator().manual_seed(s))
+    certificates = [smoothed.certify(X, n0=50, n=200, alpha=alpha, batch_size=250,
+                                    generator=torch.Generator().manual_seed(s))
                     for s in range(trials)]
     assert sum(c.abstained for c in certificates) >= trials - tolerance(trials, alpha)
-    counts = smoothed.class_counts(X, 20000, 5000, torch.Generator().manual_seed(0))
+    counts = smoothed.class_counts(X, num=20000, batch_size=5000, generator=torch.Generator().manual_seed(0))
     assert counts.sum() == 20000 and counts / 20000 == pytest.approx([0.4, 0.3, 0.3], abs=0.015)
-    predictions = [smoothed.predict(X, 2000, alpha, 2000, torch.Generator().manual_seed(s))
+    predictions = [smoothed.predict(X, n=2000, alpha=alpha, batch_size=2000,
+                                    generator=torch.Generator().manual_seed(s))
                    for s in range(20)]
     # PREDICT returns a class other than g(x) = 0 with probability <= alpha; it may abstain.
     assert sum(p not in (0, ABSTAIN) for p in predictions) <= tolerance(20, alpha)
@@ -217,14 +223,16 @@ def test_cohen_radius_cap_and_reproducibility() -> None:
     model = Buckets([1.0], sigma=0.3)  # one bucket: every vote is class 0
     model.num_classes = 2
     smoothed = SmoothedClassifier(model, 2, 0.3)
-    cert = smoothed.certify(X, 10, 1000, 0.001, 500, torch.Generator().manual_seed(0))
+    cert = smoothed.certify(X, n0=10, n=1000, alpha=0.001, batch_size=500,
+                            generator=torch.Generator().manual_seed(0))
     assert cert.prediction == 0
     assert cert.bound == pytest.approx(0.001 ** (1 / 1000))
     assert cert.radius == pytest.approx(0.3 * norm.ppf(0.001 ** (1 / 1000)))
     far = BinaryLinear(4)
     far.place(X, 0.3)
     smoothed = SmoothedClassifier(far, 2, 0.25)
-    first, again = (smoothed.certify(X, 20, 500, 0.01, 128, torch.Generator().manual_seed(9))
+    first, again = (smoothed.certify(X, n0=20, n=500, alpha=0.01, batch_size=128,
+                                                    generator=torch.Generator().manual_seed(9))
                     for _ in range(2))
     assert first == again and not first.abstained
 
@@ -260,8 +268,8 @@ def test_soft_radius_exceeds_the_exact_one_at_most_alpha_often(concentration: st
     exact_radius = sigma * norm.ppf(exact)
     assert exact_radius <= distance  # argmax G flips exactly at the boundary (symmetric sigmoid)
     certificates = [
-        soft_smoothing_certify(model, X, sigma, 10, 100, alpha, 110, torch.Generator().manual_seed(seed),
-                               concentration=concentration)
+        soft_smoothing_certify(model, X, sigma=sigma, n0=10, n=100, alpha=alpha, batch_size=110,
+                               generator=torch.Generator().manual_seed(seed), concentration=concentration)
         for seed in range(trials)
     ]
     assert sum(c.bound > exact for c in certificates) <= tolerance(trials, alpha)
@@ -280,8 +288,8 @@ def test_soft_smoothing_union_bound_for_more_classes() -> None:
         return logits.expand(batch.shape[0], 3)
 
     sigma, n, alpha = 0.5, 500, 0.01
-    cert = soft_smoothing_certify(constant, X, sigma, 20, n, alpha, 256, torch.Generator().manual_seed(0),
-                                  concentration="bernstein")
+    cert = soft_smoothing_certify(constant, X, sigma=sigma, n0=20, n=n, alpha=alpha, batch_size=256,
+                                  generator=torch.Generator().manual_seed(0), concentration="bernstein")
     slack = 7 * math.log(2 * 3 / alpha) / (3 * (n - 1))
     low, up = 0.7 - slack, min(1 - (0.7 - slack), 0.2 + slack)
     assert cert.prediction == 1 and cert.bound == pytest.approx(low)
@@ -292,11 +300,13 @@ def test_soft_smoothing_abstains_on_the_boundary_and_is_reproducible() -> None:
     model = BinaryLinear(6, scale=2.0)
     model.place(X, 0.0)
     alpha, trials = 0.1, 60
-    abstained = sum(soft_smoothing_certify(model, X, 0.3, 10, 100, alpha, 128,
-                                           torch.Generator().manual_seed(s)).abstained for s in range(trials))
+    abstained = sum(soft_smoothing_certify(model, X, sigma=0.3, n0=10, n=100, alpha=alpha, batch_size=128,
+                                           generator=torch.Generator().manual_seed(s)).abstained
+                    for s in range(trials))
     assert abstained >= trials - tolerance(trials, alpha)
     model.place(X, 0.3)
-    first, again = (soft_smoothing_certify(model, X, 0.3, 10, 200, 0.01, 64, torch.Generator().manual_seed(3))
+    first, again = (soft_smoothing_certify(model, X, sigma=0.3, n0=10, n=200, alpha=0.01, batch_size=64,
+                                           generator=torch.Generator().manual_seed(3))
                     for _ in range(2))
     assert first == again and first.forward_passes == 210
 
@@ -310,26 +320,26 @@ def test_smoothing_validates_inputs() -> None:
     with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
         SmoothedClassifier(model, 2, 0.0)
     with pytest.raises(ValueError, match="has 2 logits per image but num_classes is 3"):
-        SmoothedClassifier(model, 3, 0.1).certify(X, 5, 10, 0.01)
+        SmoothedClassifier(model, 3, 0.1).certify(X, n0=5, n=10, alpha=0.01)
     smoothed = SmoothedClassifier(model, 2, 0.1)
     with pytest.raises(ValueError, match="n0 must be >= 1"):
-        smoothed.certify(X, 0, 10, 0.01)
+        smoothed.certify(X, n0=0, n=10, alpha=0.01)
     with pytest.raises(ValueError, match="alpha must be strictly between 0 and 1"):
-        smoothed.predict(X, 10, 1.2)
+        smoothed.predict(X, n=10, alpha=1.2)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        smoothed.predict(X, 10, 0.1, batch_size=0)
+        smoothed.predict(X, n=10, alpha=0.1, batch_size=0)
     with pytest.raises(ValueError, match=r"pixels in \[0, 1\]"):
-        smoothed.certify(X - 1.0, 5, 10, 0.01)
+        smoothed.certify(X - 1.0, n0=5, n=10, alpha=0.01)
     with pytest.raises(ValueError, match="concentration must be one of"):
-        soft_smoothing_certify(model, X, 0.1, 5, 10, 0.01, concentration="chernoff")
+        soft_smoothing_certify(model, X, sigma=0.1, n0=5, n=10, alpha=0.01, concentration="chernoff")
     with pytest.raises(ValueError, match="n must be >= 2"):
-        soft_smoothing_certify(model, X, 0.1, 5, 1, 0.01)
+        soft_smoothing_certify(model, X, sigma=0.1, n0=5, n=1, alpha=0.01)
     with pytest.raises(ValueError, match="num must be >= 1"):
-        noisy_logits(model, X, 0.1, 0)
+        noisy_logits(model, X, sigma=0.1, num=0)
     with pytest.raises(TypeError, match=r"generator must be a torch\.Generator"):
-        noisy_logits(model, X, 0.1, 5, generator=np.random.default_rng(0))
+        noisy_logits(model, X, sigma=0.1, num=5, generator=np.random.default_rng(0))
     on_meta = nn.Sequential(nn.Flatten(), nn.Linear(DIM, 2, device="meta"))
     with pytest.raises(ValueError, match="x is on cpu but the model's weights are on meta"):
-        noisy_logits(on_meta, X, 0.1, 5)
+        noisy_logits(on_meta, X, sigma=0.1, num=5)
     with pytest.raises(ValueError, match=r"scores must lie in \[0, 1\]"):
         mean_confidence_bounds(np.array([[1.5]]), 0.1)

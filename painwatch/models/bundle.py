@@ -35,6 +35,7 @@ from painwatch import CLASS_NAMES
 from painwatch import __version__ as painwatch_version
 from painwatch.atomic import atomic_write_text
 from painwatch.models.network import PainNet, create_model
+from painwatch.robust.certificate import BASE_METHODS
 from painwatch.robust.sequential import SEQUENTIAL_BOUNDS
 
 FORMAT_VERSION = 1
@@ -42,7 +43,8 @@ WEIGHTS_FILE = "weights.safetensors"
 METADATA_FILE = "model.json"
 BUNDLE_FILES = (WEIGHTS_FILE, METADATA_FILE)
 
-CERTIFICATION_METHODS = ("lipschitz", "smoothed_margin", "randomized_smoothing", "soft_smoothing")
+CERTIFICATION_METHODS = BASE_METHODS
+"""The methods a bundle may configure (an alias of :data:`painwatch.robust.BASE_METHODS`)."""
 DEFAULT_CERTIFICATION_SIGMA = 0.12
 """L2 noise level per pixel in [0, 1] pixel space used when the model was not trained with noise."""
 

@@ -1,15 +1,27 @@
-"""painwatch.robust: the model-agnostic certification core (DESIGN "The certificates").
+"""painwatch.robust: the model-agnostic certification core (docs/design.md, "The certificates").
 
 A *model* is any callable mapping a float tensor ``(B, C, H, W)`` with pixels in [0, 1] to logits
 ``(B, K)``; ``x`` is one image ``(C, H, W)``. Noise levels and radii are L2 norms in that pixel space.
-Every certificate is a :class:`Certificate`; abstention is ``prediction == -1`` with radius 0.
-This package imports torch, numpy, scipy (and ART for attacks, lazily) only, never the rest of painwatch.
+Every certificate is a :class:`Certificate`; abstention is ``prediction == -1`` with radius 0. Certify
+through :func:`certify` with a method name of :data:`METHODS` (the registry says what each method
+needs and which classifier it certifies). This package imports torch, numpy, scipy (and ART for
+attacks, when one runs) only, never the rest of painwatch.
 
-Modules: ``certificates`` (Certificate, Lipschitz and smoothed-margin certificates, smoothed
-robustness), ``smoothing`` (the noise sampler, Cohen et al. 2019, soft smoothing), ``sequential``
-(anytime-valid smoothing certificates), ``lipschitz`` (sound Lipschitz bounds, orthogonal layers),
-``moments`` (Gaussian moment propagation), ``losses`` (margin losses), ``attacks`` (PGD-L2 checks),
-``validation`` (input checks). Everything public is re-exported here.
+Modules (arrows point to what a module imports; there are no cycles):
+
+- ``validation`` input checks; ``certificate`` the Certificate, the method registry, certify();
+- ``noise`` the one seeded Gaussian sampler; ``bounds`` Clopper-Pearson, Hoeffding, empirical
+  Bernstein and the betting confidence sequence;
+- ``margin`` (-> certificate, noise) the Lipschitz margin [Tsuzuku18], the smoothed margin and
+  smoothed robustness [RC]; ``sequential`` (-> certificate, noise, bounds) anytime-valid and
+  fixed-budget certificates [WSR23]; ``smoothing`` (-> certificate, noise, bounds, sequential)
+  randomized smoothing [Cohen19] and soft smoothing [Salman19];
+- ``spectral`` dense and convolution operator norms [Sedghi19]; ``lipschitz`` (-> spectral) sound
+  network bounds; ``layers`` (-> spectral) orthogonal layers [Li19; Anil19];
+- ``moments`` (-> layers) Gaussian moment propagation; ``losses`` (-> moments) margin losses;
+  ``attacks`` (-> margin, noise, smoothing) PGD-L2 checks [Madry18].
+
+Everything public is re-exported here.
 """
 
 from painwatch.robust.attacks import (
@@ -21,29 +33,38 @@ from painwatch.robust.attacks import (
     network_classifier,
     pgd_l2,
 )
-from painwatch.robust.certificates import (
+from painwatch.robust.bounds import (
+    CONCENTRATION_BOUNDS,
+    BettingLowerBound,
+    best_attainable_lower_bound,
+    clopper_pearson_lower,
+    empirical_bernstein_radius,
+    hoeffding_radius,
+    mean_confidence_bounds,
+)
+from painwatch.robust.certificate import (
     ABSTAIN,
+    BASE_METHODS,
     METHODS,
     Certificate,
-    lipschitz_certify,
-    lipschitz_certify_batch,
-    logit_margin,
-    margin_for_class,
-    smoothed_margin_certify,
-    smoothed_margin_slack,
-    smoothed_robustness,
+    CertificationOutcome,
+    CertificationSettings,
+    MethodSpec,
+    certify,
+    method_spec,
+    register_method,
 )
-from painwatch.robust.lipschitz import (
-    FLOAT_SAFETY,
+from painwatch.robust.layers import (
     GroupSort,
     InvertibleDownsampling,
     MaxMin,
     OrthogonalConv2d,
     OrthogonalLinear,
-    UnsupportedLayerError,
     bjorck_orthonormalize,
-    conv_operator_norm_bound,
     export_plain,
+)
+from painwatch.robust.lipschitz import (
+    UnsupportedLayerError,
     lipschitz_lower_estimate,
     lipschitz_upper_bound,
 )
@@ -66,6 +87,15 @@ from painwatch.robust.losses import (
     true_class_margin,
     zhen_loss,
 )
+from painwatch.robust.margin import (
+    lipschitz_certify,
+    lipschitz_certify_batch,
+    logit_margin,
+    margin_for_class,
+    smoothed_margin_certify,
+    smoothed_margin_slack,
+    smoothed_robustness,
+)
 from painwatch.robust.moments import (
     MomentRule,
     clark_max_moments,
@@ -76,27 +106,31 @@ from painwatch.robust.moments import (
     register_moment_rule,
     relu_moments,
 )
+from painwatch.robust.noise import (
+    evaluation_mode,
+    expected_logits,
+    expected_softmax,
+    noisy_logit_batches,
+    noisy_logits,
+    resolve_generator,
+)
 from painwatch.robust.sequential import (
     SCORE_KINDS,
     SEQUENTIAL_BOUNDS,
     SEQUENTIAL_METHODS,
-    BettingLowerBound,
+    STOP_REASONS,
     SequentialCertificate,
-    best_attainable_lower_bound,
     sequential_certify,
 )
 from painwatch.robust.smoothing import (
-    CONCENTRATION_BOUNDS,
     SmoothedClassifier,
-    clopper_pearson_lower,
-    empirical_bernstein_radius,
-    evaluation_mode,
-    expected_logits,
-    expected_softmax,
-    hoeffding_radius,
-    mean_confidence_bounds,
-    noisy_logits,
     soft_smoothing_certify,
+)
+from painwatch.robust.spectral import (
+    FLOAT_SAFETY,
+    conv_layer_norm_bound,
+    conv_operator_norm_bound,
+    dense_operator_norm,
 )
 from painwatch.robust.validation import (
     Model,
@@ -105,6 +139,7 @@ from painwatch.robust.validation import (
     check_count,
     check_generator,
     check_image,
+    check_input_shape,
     check_lipschitz_constant,
     check_logits,
     check_model,
@@ -115,6 +150,7 @@ from painwatch.robust.validation import (
 
 __all__ = [
     "ABSTAIN",
+    "BASE_METHODS",
     "CONCENTRATION_BOUNDS",
     "FLOAT_SAFETY",
     "LOSS_NAMES",
@@ -122,16 +158,20 @@ __all__ = [
     "SCORE_KINDS",
     "SEQUENTIAL_BOUNDS",
     "SEQUENTIAL_METHODS",
+    "STOP_REASONS",
     "SURROGATE_KINDS",
     "BettingLowerBound",
     "Certificate",
     "CertificateAttackReport",
+    "CertificationOutcome",
+    "CertificationSettings",
     "GroupSort",
     "InvertibleDownsampling",
     "MCExpectedMarginLoss",
     "MarginCertifiedRadiusLoss",
     "MarginSmoothedCertifiedRadiusLoss",
     "MaxMin",
+    "MethodSpec",
     "Model",
     "MomentRule",
     "MonteCarloSurrogate",
@@ -147,11 +187,13 @@ __all__ = [
     "attack_certificates",
     "best_attainable_lower_bound",
     "bjorck_orthonormalize",
+    "certify",
     "check_alpha",
     "check_batch",
     "check_count",
     "check_generator",
     "check_image",
+    "check_input_shape",
     "check_lipschitz_constant",
     "check_logits",
     "check_model",
@@ -160,7 +202,9 @@ __all__ = [
     "check_sigma",
     "clark_max_moments",
     "clopper_pearson_lower",
+    "conv_layer_norm_bound",
     "conv_operator_norm_bound",
+    "dense_operator_norm",
     "empirical_bernstein_radius",
     "evaluation_mode",
     "expected_logits",
@@ -180,15 +224,19 @@ __all__ = [
     "mc_expected_margin_loss",
     "mcr_loss",
     "mean_confidence_bounds",
+    "method_spec",
     "monte_carlo_smoothed_classifier",
     "mscr_loss",
     "multiclass_hinge_loss",
     "network_classifier",
+    "noisy_logit_batches",
     "noisy_logits",
     "pgd_l2",
     "propagate_moments",
+    "register_method",
     "register_moment_rule",
     "relu_moments",
+    "resolve_generator",
     "sc_sce_loss",
     "sce_loss",
     "sequential_certify",

@@ -1,4 +1,4 @@
-"""PGD-L2 attacks that try to break certificates (a certificate is only as good as its check).
+"""PGD-L2 attacks [Madry18] that try to break certificates (a certificate is only as good as its check).
 
 The attack itself is the adversarial-robustness-toolbox's ``ProjectedGradientDescent`` (ART, maintained,
 norm 2) on a ``PyTorchClassifier``; this module adds what a certificate check needs around it:
@@ -7,7 +7,7 @@ projection onto the ball and the [0, 1] box, and the bookkeeping of
 :func:`attack_certificates`: attack each certified image at ``0.99 * radius`` and count how many
 predictions *of the classifier that was certified* changed.
 
-Which classifier to check (DESIGN "The certificates"):
+Which classifier to check (docs/design.md, "The certificates"):
 
 - ``"lipschitz"``: the bare network; attack it and classify with :func:`network_classifier`. Any flip
   disproves the certificate (or the Lipschitz bound).
@@ -30,14 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from painwatch.robust.certificates import Certificate, margin_for_class
-from painwatch.robust.smoothing import (
-    SmoothedClassifier,
-    _resolve_generator,
-    evaluation_mode,
-    expected_logits,
-    expected_softmax,
-)
+from painwatch.robust.certificate import Certificate
+from painwatch.robust.margin import margin_for_class
+from painwatch.robust.noise import evaluation_mode, expected_logits, expected_softmax, resolve_generator
+from painwatch.robust.smoothing import SmoothedClassifier
 from painwatch.robust.validation import (
     check_batch,
     check_count,
@@ -79,13 +75,13 @@ class MonteCarloSurrogate(nn.Module):
 
     ``forward(batch)`` returns ``(B, K)``: for ``kind="logits"`` the mean of ``f(x + sigma Z_k)`` over
     ``num_draws`` fixed draws ``Z_k`` (a Monte Carlo estimate of the expected logits); for ``"softmax"`` and
-    ``"counts"`` the log of the mean softmax (Salman et al. 2019), whose argmax estimates ``argmax G``
+    ``"counts"`` the log of the mean softmax [Salman19], whose argmax estimates ``argmax G``
     and approximates Cohen's ``g``. The draws are taken once, from ``generator``, at construction, so the
     surrogate is a fixed deterministic function an attack can follow. One forward pass runs the base
     model on ``B * num_draws`` images: size the attack's ``batch_size`` for that.
     """
 
-    def __init__(self, model: nn.Module | Callable[[torch.Tensor], torch.Tensor], sigma: float,
+    def __init__(self, model: nn.Module | Callable[[torch.Tensor], torch.Tensor], *, sigma: float,
                  input_shape: tuple[int, int, int], num_draws: int = 64, kind: str = "logits",
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -98,7 +94,7 @@ class MonteCarloSurrogate(nn.Module):
         self.sigma = check_sigma(sigma)
         self.kind = kind
         self.num_draws = check_count(num_draws, "num_draws")
-        generator = _resolve_generator(generator)
+        generator = resolve_generator(generator)
         noise = torch.randn((self.num_draws, *(int(d) for d in input_shape)), generator=generator,
                             device=generator.device)
         self.register_buffer("noise", self.sigma * noise)
@@ -129,8 +125,8 @@ def network_classifier(model: Callable[[torch.Tensor], torch.Tensor]) -> LabelFu
 
 
 def monte_carlo_smoothed_classifier(
-    model, sigma: float, kind: str, num: int, batch_size: int = 1000,
-    generator: torch.Generator | None = None, num_classes: int | None = None,
+    model: Callable[[torch.Tensor], torch.Tensor], *, sigma: float, kind: str, num: int,
+    batch_size: int = 1000, generator: torch.Generator | None = None, num_classes: int | None = None,
 ) -> LabelFunction:
     """A smoothed classifier estimated with ``num`` fresh noise draws per image, as a label function.
 
@@ -146,18 +142,20 @@ def monte_carlo_smoothed_classifier(
         raise ValueError(f"kind must be one of {SURROGATE_KINDS}, got {kind!r}")
     if kind == "counts" and num_classes is None:
         raise ValueError("kind='counts' needs num_classes")
-    generator = _resolve_generator(generator)
+    generator = resolve_generator(generator)
     smoothed = SmoothedClassifier(model, num_classes, sigma) if kind == "counts" else None
 
     def classify(batch: torch.Tensor) -> torch.Tensor:
         labels = []
         for image in batch:
             if smoothed is not None:
-                labels.append(int(np.argmax(smoothed.class_counts(image, num, batch_size, generator))))
-            elif kind == "logits":
-                labels.append(int(expected_logits(model, image, sigma, num, batch_size, generator).argmax()))
+                counts = smoothed.class_counts(image, num=num, batch_size=batch_size, generator=generator)
+                labels.append(int(np.argmax(counts)))
             else:
-                labels.append(int(expected_softmax(model, image, sigma, num, batch_size, generator).argmax()))
+                estimate = expected_logits if kind == "logits" else expected_softmax
+                scores = estimate(model, image, sigma=sigma, num=num, batch_size=batch_size,
+                                  generator=generator)
+                labels.append(int(scores.argmax()))
         return torch.tensor(labels, dtype=torch.long)
 
     return classify
@@ -205,6 +203,7 @@ def pgd_l2(
     model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     labels: torch.Tensor,
+    *,
     eps: float | torch.Tensor | np.ndarray,
     steps: int = 50,
     restarts: int = 1,
@@ -212,7 +211,7 @@ def pgd_l2(
     batch_size: int = 64,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Untargeted PGD-L2 (ART ``ProjectedGradientDescent``, cross-entropy loss) against ``labels``.
+    """Untargeted PGD-L2 [Madry18] (ART ``ProjectedGradientDescent``, cross-entropy loss) against ``labels``.
 
     Args:
         model: maps ``(B, C, H, W)`` in [0, 1] to logits ``(B, K)``; must be differentiable.
@@ -223,7 +222,7 @@ def pgd_l2(
         steps: PGD iterations per start.
         restarts: random starts (uniform in the ball) on top of the start at ``x``.
         step_size: step length relative to the budget: each step moves ``step_size * eps / steps``
-            (2.5 as in Madry et al. 2018, so a start can cross the ball and come back).
+            (2.5 as in [Madry18], so a start can cross the ball and come back).
         batch_size: images per ART batch.
         generator: seeds the random starts (ART draws them from numpy's global generator: its state is
             set from this generator for the call and restored afterwards).
@@ -245,7 +244,7 @@ def pgd_l2(
     batch_size = check_count(batch_size, "batch_size")
     if not (math.isfinite(step_size) and step_size > 0):
         raise ValueError(f"step_size must be a finite number > 0, got {step_size!r}")
-    generator = _resolve_generator(generator)
+    generator = resolve_generator(generator)
 
     module = model if isinstance(model, nn.Module) else _CallableModule(model)
     with evaluation_mode(module), warnings.catch_warnings():
@@ -308,7 +307,7 @@ def pgd_l2(
     return best
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CertificateAttackReport:
     """What PGD did to a set of certificates.
 
@@ -345,6 +344,7 @@ def attack_certificates(
     classify: LabelFunction,
     x: torch.Tensor,
     certificates: Sequence[Certificate],
+    *,
     fraction: float = 0.99,
     steps: int = 50,
     restarts: int = 1,
@@ -368,7 +368,8 @@ def attack_certificates(
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     attacked = [i for i, c in enumerate(certificates) if not c.abstained and c.radius > 0.0]
     if not attacked:
-        return CertificateAttackReport(len(certificates), 0, 0, (), fraction, 0.0, 0)
+        return CertificateAttackReport(num_points=len(certificates), num_attacked=0, num_flipped=0,
+                                       fraction=fraction)
     for i in attacked:
         check_image(x[i], f"x[{i}]")
     index = torch.as_tensor(attacked, device=x.device)
@@ -377,7 +378,7 @@ def attack_certificates(
     budgets = np.array([fraction * certificates[i].radius for i in attacked], dtype=np.float64)
     # Radii can be unbounded in principle (e.g. a saturated bound); the box [0, 1]^d caps any attack anyway.
     budgets = np.minimum(budgets, math.sqrt(x[0].numel()))
-    x_adv = pgd_l2(attack_model, x_attacked, predictions.to(x.device), budgets, steps=steps,
+    x_adv = pgd_l2(attack_model, x_attacked, predictions.to(x.device), eps=budgets, steps=steps,
                    restarts=restarts, batch_size=batch_size, generator=generator)
     used = (x_adv.double() - x_attacked.double()).flatten(1).norm(dim=1).cpu().numpy()
     radii = np.array([certificates[i].radius for i in attacked])

@@ -1,9 +1,9 @@
-"""Margin losses for certifiable training (thesis Ch. 3; DESIGN.md "Training").
+"""Margin losses for certifiable training [RC, Ch. 3] (docs/design.md, "Training").
 
 Notation: ``f(x)`` is the logit vector (K entries) of a network, ``y`` the true class and
 ``M_f(x) = f_y(x) - max_{j != y} f_j(x)`` the *true-class margin* (positive exactly when the network
 classifies ``x`` correctly). With an L2 Lipschitz bound ``L`` of ``f``, ``M_f(x) / (sqrt(2) L)`` is the
-certified L2 radius (Tsuzuku et al. 2018), so losses that push ``M_f`` (or its Gaussian expectation,
+certified L2 radius [Tsuzuku18], so losses that push ``M_f`` (or its Gaussian expectation,
 the smoothed margin ``SM(x) = E_xi[M_f(x + xi)]``) above a target ``d`` buy certified radius.
 
 Losses (each a function on tensors and an ``nn.Module`` called as ``loss(model, x, y)``):
@@ -21,12 +21,12 @@ mcr       relu(d - M_f(x))                        the margin M_f, hence the Lips
 mscr      relu(d - SM(x)), SM in closed form      the smoothed margin, hence the smoothed-margin
           by moment propagation                   certified radius, up to d
 zhen      relu(d - sigma (mu_y - mu_r) /          a Gaussian approximation of the randomized
-          sqrt(v_y + v_r))                        smoothing radius (Zhen et al. 2021), up to d
+          sqrt(v_y + v_r))                        smoothing radius [Zhen21], up to d
 mc-margin relu(d - mean_k M_f(x + xi_k))          an unbiased estimate of SM, any network
 ========= ======================================= ============================================
 
 ``sc-sce``, ``mscr`` and ``zhen`` propagate moments with :mod:`painwatch.robust.moments`, so they
-need networks made of the layers it supports (the thesis's orthogonal MLPs and conv nets);
+need networks made of the layers it supports (the orthogonal MLPs and conv nets of [RC]);
 ``mc-margin`` is the route for ResNet50 and other networks.
 """
 
@@ -139,6 +139,7 @@ def mc_expected_margin_loss(
     model: Callable[[Tensor], Tensor],
     x: Tensor,
     y: Tensor,
+    *,
     sigma: float,
     num_draws: int,
     margin: float = 1.0,
@@ -219,6 +220,7 @@ class MCExpectedMarginLoss(torch.nn.Module):
 
     def __init__(
         self,
+        *,
         sigma: float,
         num_draws: int,
         margin: float = 1.0,
@@ -236,8 +238,8 @@ class MCExpectedMarginLoss(torch.nn.Module):
 
     def forward(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
         return mc_expected_margin_loss(
-            model, x, y, self.sigma, self.num_draws, margin=self.margin, generator=self.generator,
-            reduction=self.reduction, max_batch=self.max_batch,
+            model, x, y, sigma=self.sigma, num_draws=self.num_draws, margin=self.margin,
+            generator=self.generator, reduction=self.reduction, max_batch=self.max_batch,
         )
 
     def extra_repr(self) -> str:
@@ -268,7 +270,9 @@ def sce_loss(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
     return F.cross_entropy(logits, y, reduction=_check_reduction(reduction))
 
 
-def multiclass_hinge_loss(logits: Tensor, y: Tensor, margin: float = 1.0, reduction: str = "mean") -> Tensor:
+def multiclass_hinge_loss(
+    logits: Tensor, y: Tensor, *, margin: float = 1.0, reduction: str = "mean"
+) -> Tensor:
     """Multiclass hinge ``(1/K) sum_{j != y} relu(d - (f_y - f_j))`` (``torch.nn.MultiMarginLoss``).
 
     Pushes every pairwise logit gap ``f_y - f_j`` up to the target ``d = margin``; zero once all are.
@@ -280,7 +284,7 @@ def multiclass_hinge_loss(logits: Tensor, y: Tensor, margin: float = 1.0, reduct
     return _reduce(hinge.sum(dim=1) / logits.shape[1], _check_reduction(reduction))
 
 
-def mcr_loss(logits: Tensor, y: Tensor, margin: float = 1.0, reduction: str = "mean") -> Tensor:
+def mcr_loss(logits: Tensor, y: Tensor, *, margin: float = 1.0, reduction: str = "mean") -> Tensor:
     """Margin certified radius loss ``relu(d - M_f(x))``.
 
     Maximises the true-class margin ``M_f`` up to ``d``; for an ``L``-Lipschitz network the certified
@@ -304,6 +308,7 @@ def mscr_loss(
     mean_logits: Tensor,
     var_logits: Tensor,
     y: Tensor,
+    *,
     margin: float = 1.0,
     mode: str = "top2",
     reduction: str = "mean",
@@ -325,12 +330,13 @@ def zhen_loss(
     mean_logits: Tensor,
     var_logits: Tensor,
     y: Tensor,
+    *,
     sigma: float,
     margin: float = 1.0,
     reduction: str = "mean",
     eps: float = 1e-12,
 ) -> Tensor:
-    """Zhen et al. (2021) radius loss ``relu(d - sigma (mu_y - mu_r) / sqrt(v_y + v_r))``.
+    """[Zhen21] radius loss ``relu(d - sigma (mu_y - mu_r) / sqrt(v_y + v_r))``.
 
     ``r`` is the incorrect class with the largest mean logit. Treating ``f_y - f_r`` as Gaussian,
     ``(mu_y - mu_r) / sqrt(v_y + v_r)`` approximates ``PhiInv(P[f_y > f_r])`` and ``sigma`` times it the
@@ -379,7 +385,7 @@ class MulticlassHingeLoss(_ModelLoss):
         self.margin = _check_finite_number("margin", margin)
 
     def forward(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return multiclass_hinge_loss(model(x), y, self.margin, self.reduction)
+        return multiclass_hinge_loss(model(x), y, margin=self.margin, reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}"
@@ -391,7 +397,7 @@ class MarginCertifiedRadiusLoss(MulticlassHingeLoss):
     name = "mcr"
 
     def forward(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return mcr_loss(model(x), y, self.margin, self.reduction)
+        return mcr_loss(model(x), y, margin=self.margin, reduction=self.reduction)
 
 
 class _MomentLoss(_ModelLoss):
@@ -422,13 +428,13 @@ class SmoothedCrossEntropyLoss(_MomentLoss):
 class MarginSmoothedCertifiedRadiusLoss(_MomentLoss):
     """MSCR: :func:`mscr_loss` ``relu(d - SM(x))`` with SM from moments at input variance ``sigma_x^2``.
 
-    Thesis defaults: ``d = 1``, ``sigma_x^2 = 0.1``.
+    Defaults of [RC, Ch. 3]: ``d = 1``, ``sigma_x^2 = 0.1``.
     """
 
     name = "mscr"
 
     def __init__(
-        self, margin: float = 1.0, input_variance: float = 0.1, mode: str = "top2", reduction: str = "mean"
+        self, *, margin: float = 1.0, input_variance: float = 0.1, mode: str = "top2", reduction: str = "mean"
     ) -> None:
         super().__init__(input_variance, reduction)
         self.margin = _check_finite_number("margin", margin)
@@ -438,7 +444,7 @@ class MarginSmoothedCertifiedRadiusLoss(_MomentLoss):
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         mean, var = self.moments(model, x)
-        return mscr_loss(mean, var, y, self.margin, self.mode, self.reduction)
+        return mscr_loss(mean, var, y, margin=self.margin, mode=self.mode, reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, input_variance={self.input_variance}, mode={self.mode!r}"
@@ -458,7 +464,8 @@ class ZhenLoss(_MomentLoss):
 
     def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         mean, var = self.moments(model, x)
-        return zhen_loss(mean, var, y, math.sqrt(self.input_variance), self.margin, self.reduction)
+        return zhen_loss(mean, var, y, sigma=math.sqrt(self.input_variance), margin=self.margin,
+                         reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, input_variance={self.input_variance}"

@@ -1,14 +1,14 @@
-"""Gaussian moment propagation through a network (thesis Ch. 3; DESIGN.md "Training").
+"""Gaussian moment propagation through a network [RC, Ch. 3] (docs/design.md, "Training").
 
 Given an input ``X ~ N(x, diag(v))`` (for training: ``v = sigma_x^2`` everywhere), this module
 propagates a mean and a **diagonal** variance through a network layer by layer:
 
 * affine layers (``nn.Linear``, ``nn.Conv2d``, the orthogonal layers of
-  :mod:`painwatch.robust.lipschitz`): the mean goes through the layer, the variance through the
+  :mod:`painwatch.robust.layers`): the mean goes through the layer, the variance through the
   element-wise squared weights without bias (``Var[sum_j W_ij X_j] = sum_j W_ij^2 v_j`` for
   independent ``X_j``);
 * ``ReLU``: the exact mean and variance of a rectified Gaussian;
-* ``MaxMin``: Clark's (1961) exact first two moments of the max (and min) of two Gaussians;
+* ``MaxMin``: Clark's [Clark61] exact first two moments of the max (and min) of two Gaussians;
 * pixel permutations (``Flatten``, ``Unflatten``, ``PixelUnshuffle``, invertible downsampling,
   ``Identity``): the same permutation for the mean and the variance.
 
@@ -19,7 +19,8 @@ compare against Monte Carlo with stated tolerances.
 
 :func:`expected_margin` turns the logit moments into the closed-form smoothed margin
 ``SM(x) ~ mu_y - E[max of the top two incorrect logits]`` (Clark's formula for the max), the
-quantity the MSCR loss maximises.
+quantity the MSCR loss maximises. All means are in the units of the layer they describe (logits at
+the output), variances in their squares.
 
 All formulas are evaluated in float64 and returned in the dtype of the input; they are
 differentiable (no NaN gradients at zero variance).
@@ -33,6 +34,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from painwatch.robust.layers import (
+    GroupSort,
+    InvertibleDownsampling,
+    MaxMin,
+    OrthogonalConv2d,
+    OrthogonalLinear,
+)
 
 __all__ = [
     "MomentRule",
@@ -100,9 +109,9 @@ def relu_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def clark_max_moments(
-    mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor, correlation: float | Tensor = 0.0
+    mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor, *, correlation: float | Tensor = 0.0
 ) -> tuple[Tensor, Tensor]:
-    """Clark's (1961) mean and variance of ``max(X1, X2)`` for jointly Gaussian ``X1, X2``.
+    """Clark's [Clark61] mean and variance of ``max(X1, X2)`` for jointly Gaussian ``X1, X2``.
 
     With ``theta^2 = var1 + var2 - 2 rho sqrt(var1 var2)`` and ``alpha = (mean1 - mean2) / theta``:
     ``E[max] = mean1 Phi(alpha) + mean2 Phi(-alpha) + theta phi(alpha)`` and
@@ -224,38 +233,6 @@ for _type, _rule in (
 ):
     register_moment_rule(_type, _rule)
 
-_LIPSCHITZ_RULES_LOADED = False
-
-
-def _load_lipschitz_rules() -> None:
-    """Register the rules of :mod:`painwatch.robust.lipschitz` layers on first use."""
-    global _LIPSCHITZ_RULES_LOADED
-    if _LIPSCHITZ_RULES_LOADED:
-        return
-    _LIPSCHITZ_RULES_LOADED = True
-    try:
-        from painwatch.robust import lipschitz
-    except ImportError:  # a trimmed install without the layers: plain torch layers still work
-        return
-
-    _register_lipschitz_rules(lipschitz)
-
-
-def _register_lipschitz_rules(lipschitz) -> None:
-    """Rules for the 1-Lipschitz layers (kept here so moments.py owns every propagation rule)."""
-    layers = {
-        "OrthogonalLinear": _linear_rule,
-        "OrthogonalConv2d": _orthogonal_conv_rule,
-        "InvertibleDownsampling": _permutation_rule,
-        "MaxMin": _maxmin_rule,
-        "GroupSort": _groupsort_rule,
-    }
-    for name, rule in layers.items():
-        layer_type = getattr(lipschitz, name, None)
-        if isinstance(layer_type, type):
-            register_moment_rule(layer_type, rule)
-
-
 def _orthogonal_conv_rule(module: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     """BCOP convolution: optional pixel-unshuffle (a permutation), then a stride-1 'same' convolution."""
     if module.downsample is not None:
@@ -314,6 +291,17 @@ def _groupsort_rule(module: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tenso
     return _join_pairs(low_mean, high_mean, mean.shape), _join_pairs(low_var, high_var, var.shape)
 
 
+# The 1-Lipschitz layers of painwatch.robust.layers (kept here so that this module owns every rule).
+for _type, _rule in (
+    (OrthogonalLinear, _linear_rule),
+    (OrthogonalConv2d, _orthogonal_conv_rule),
+    (InvertibleDownsampling, _permutation_rule),
+    (MaxMin, _maxmin_rule),
+    (GroupSort, _groupsort_rule),
+):
+    register_moment_rule(_type, _rule)
+
+
 def _find_rule(module: nn.Module) -> MomentRule | None:
     for klass in type(module).__mro__:
         if klass in _RULES:
@@ -341,9 +329,6 @@ def propagate_moments(module: nn.Module, mean: Tensor, var: Tensor) -> tuple[Ten
     """
     _check_moments(mean, var)
     rule = _find_rule(module)
-    if rule is None:
-        _load_lipschitz_rules()
-        rule = _find_rule(module)
     if rule is None:
         raise TypeError(
             f"no moment-propagation rule for layer {type(module).__name__} ({module!r}); supported: "
@@ -386,10 +371,12 @@ def _check_logit_moments(mean: Tensor, var: Tensor, y: Tensor) -> None:
         raise ValueError(f"label {bad} is outside [0, {mean.shape[1]})")
 
 
-def incorrect_max_moments(mean: Tensor, var: Tensor, y: Tensor, mode: str = "top2") -> tuple[Tensor, Tensor]:
+def incorrect_max_moments(
+    mean: Tensor, var: Tensor, y: Tensor, *, mode: str = "top2"
+) -> tuple[Tensor, Tensor]:
     """Approximate mean and variance of ``max_{j != y} Z_j`` for independent ``Z_j ~ N(mean_j, var_j)``.
 
-    ``mode="top2"`` (the thesis): Clark's formula on the two incorrect classes with the largest means
+    ``mode="top2"`` (as in [RC, Ch. 3]): Clark's formula on the two incorrect classes with the largest means
     (exact for K = 3, and for K = 2 it is the single incorrect logit). ``mode="all"``: Clark's
     recursion over every incorrect class in decreasing order of mean (each step treats the running max
     as Gaussian).
@@ -410,12 +397,12 @@ def incorrect_max_moments(mean: Tensor, var: Tensor, y: Tensor, mode: str = "top
     return run_mean, run_var
 
 
-def expected_margin(mean: Tensor, var: Tensor, y: Tensor, mode: str = "top2") -> Tensor:
+def expected_margin(mean: Tensor, var: Tensor, y: Tensor, *, mode: str = "top2") -> Tensor:
     """Closed-form smoothed margin ``SM ~ mu_y - E[max_{j != y} Z_j]`` from logit moments ``(B, K)``.
 
-    ``E[max]`` comes from :func:`incorrect_max_moments` (Clark; ``mode="top2"`` as in the thesis).
+    ``E[max]`` comes from :func:`incorrect_max_moments` ([Clark61]; ``mode="top2"`` as in [RC, Ch. 3]).
     Since ``E[max] >= max_j mu_j``, ``SM <= mu_y - max_{j != y} mu_j``: noise can only cost margin.
     Returns a ``(B,)`` tensor, differentiable in ``mean`` and ``var``.
     """
-    max_mean, _ = incorrect_max_moments(mean, var, y, mode)
+    max_mean, _ = incorrect_max_moments(mean, var, y, mode=mode)
     return mean.gather(1, y.long().unsqueeze(1)).squeeze(1) - max_mean

@@ -1,27 +1,14 @@
 """Anytime-valid sequential smoothing certificates: stop sampling as soon as the answer is decided.
 
-Randomized smoothing (Cohen et al. 2019) and soft smoothing (DESIGN.md items 4 and 5) draw a fixed
-number ``n`` of noisy copies of the input, typically ``n = 100 000``. Most frames a person uploads are
-either clearly decided after a few hundred draws or clearly undecidable; a fixed ``n`` wastes the
-difference. This module samples in growing batches and, after every draw, updates a lower confidence
-bound on the smoothed score of the selected class that holds **uniformly over time**, so that the
-certificate is valid at whatever moment the sampler decides to stop (the stopping rule may look at
-everything seen so far).
-
-The confidence sequence
------------------------
-For i.i.d. draws ``X_1, X_2, ... in [0, 1]`` with mean ``mu`` and a candidate value ``m in (0, 1)``, the
-betting capital (Waudby-Smith and Ramdas 2023, "Estimating means of bounded random variables by
-betting") ``K_t(m) = prod_{i <= t} (1 - nu_i + nu_i X_i / m)`` with bets ``nu_i in [0, 1)`` that depend
-only on ``X_1 .. X_{i-1}`` is a non-negative supermartingale whenever ``mu <= m`` (each factor has
-conditional mean ``1 - nu_i + nu_i mu / m <= 1``). Ville's inequality gives
-``P(exists t: K_t(m) >= 1 / alpha) <= alpha``. Because the bets ``nu_i`` do not depend on ``m``, every
-factor, hence ``K_t(m)``, is non-increasing in ``m``; so if any ``m' >= mu`` is ever rejected then
-``K_t(mu) >= K_t(m') >= 1 / alpha`` at that time, and the running bound
-``L_t = max {m' in grid : K_s(m') >= 1 / alpha for some s <= t}`` satisfies
-``P(exists t: L_t > mu) <= alpha``. This holds for any grid and any stopping time. The bets are the
-approximate Kelly bets for a point between the current bound and the running mean, which makes the
-bound close to Clopper-Pearson on Bernoulli data and much tighter on low-variance soft scores.
+Randomized smoothing [Cohen19] and soft smoothing [Salman19] (docs/design.md, "The certificates",
+items 4 and 5) draw a fixed number ``n`` of noisy copies of the input, typically ``n = 100 000``. Most
+frames a person uploads are either clearly decided after a few hundred draws or clearly undecidable; a
+fixed ``n`` wastes the difference. This module samples in growing batches and, after every draw,
+updates a lower confidence bound on the smoothed score of the selected class that holds **uniformly
+over time**, so that the certificate is valid at whatever moment the sampler decides to stop (the
+stopping rule may look at everything seen so far): the betting confidence sequence [WSR23] of
+:class:`painwatch.robust.bounds.BettingLowerBound`, whose validity argument (Ville's inequality) is
+written out in :mod:`painwatch.robust.bounds`. These are item 6 of "The certificates".
 
 The certificate
 ---------------
@@ -54,19 +41,27 @@ of probability at most ``alpha``; stopping early only removes certificates.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 import torch
 from scipy.stats import norm
 from torch import Tensor
 
-from painwatch.robust.certificates import ABSTAIN, Certificate
-from painwatch.robust.certificates import METHODS as CERTIFICATE_METHODS
-from painwatch.robust.smoothing import clopper_pearson_lower, noisy_logits
+from painwatch.robust.bounds import BettingLowerBound, best_attainable_lower_bound, clopper_pearson_lower
+from painwatch.robust.certificate import (
+    ABSTAIN,
+    Certificate,
+    CertificationOutcome,
+    CertificationSettings,
+    MethodSpec,
+    register_method,
+)
+from painwatch.robust.noise import noisy_logits
 from painwatch.robust.validation import (
+    Model,
     check_alpha,
     check_count,
     check_generator,
@@ -79,9 +74,8 @@ __all__ = [
     "SCORE_KINDS",
     "SEQUENTIAL_BOUNDS",
     "SEQUENTIAL_METHODS",
-    "BettingLowerBound",
+    "STOP_REASONS",
     "SequentialCertificate",
-    "best_attainable_lower_bound",
     "sequential_certify",
 ]
 
@@ -90,25 +84,10 @@ SEQUENTIAL_BOUNDS: tuple[str, ...] = ("anytime", "fixed")
 whole budget, stopping early only to abstain (hard votes only)."""
 
 SCORE_KINDS: tuple[str, ...] = ("soft", "hard")
-"""``soft``: softmax score of the selected class (soft smoothing); ``hard``: 0/1 vote (Cohen)."""
-
-SEQUENTIAL_METHODS: dict[str, str] = {
-    "soft": "soft_smoothing_sequential",
-    "hard": "randomized_smoothing_sequential",
-}
-"""How a sequential certificate is named to people (reports, the app)."""
-
-_BASE_METHODS: dict[str, str] = {"soft": "soft_smoothing", "hard": "randomized_smoothing"}
-
-
-def _certificate_method(scores: str) -> str:
-    # The certified classifier and the radius formula are those of the fixed-n method; only the
-    # confidence bound differs. Use the sequential name where the Certificate record knows it.
-    sequential = SEQUENTIAL_METHODS[scores]
-    return sequential if sequential in CERTIFICATE_METHODS else _BASE_METHODS[scores]
-
+"""``soft``: softmax score of the selected class (soft smoothing); ``hard``: 0/1 vote [Cohen19]."""
 
 STOP_REASONS: tuple[str, ...] = ("target", "saturated", "futile", "budget")
+"""Why a sequential run stopped sampling (see :class:`SequentialCertificate`)."""
 
 
 def _check_fraction(value: object, name: str) -> float:
@@ -118,157 +97,17 @@ def _check_fraction(value: object, name: str) -> float:
     return float(value)
 
 
-class BettingLowerBound:
-    """Anytime-valid lower confidence bound for the mean of i.i.d. draws in [0, 1].
-
-    Feed draws with :meth:`update` in any batch sizes; :attr:`lower` is then a number with
-    ``P(exists t: lower_t > mean) <= alpha`` (time-uniform coverage, so it stays valid under any
-    data-dependent stopping rule). The bound is non-decreasing in time and lies on a grid that is
-    uniform in probit space (``Phi(z)`` for ``z`` from ``probit_min`` to ``probit_max`` in steps of
-    ``probit_step``; 0.0 until the lowest grid point is rejected), so the certified radius
-    ``sigma * PhiInv(lower)`` loses at most ``sigma * probit_step`` to the grid.
-
-    Args:
-        alpha: error probability in (0, 1).
-        probit_step: grid step in probit units (> 0).
-        probit_min, probit_max: the grid covers ``Phi(probit_min) .. Phi(probit_max)``; a
-            certificate only needs bounds above 1/2 (``probit_min = 0``).
-        max_bet: the largest bet fraction ``nu`` in (0, 1); closer to 1 is tighter on saturated
-            scores, further from 1 loses less capital on a draw near 0.
-    """
-
-    _HISTOGRAM_BINS = 2048
-
-    def __init__(
-        self,
-        alpha: float,
-        *,
-        probit_step: float = 0.002,
-        probit_min: float = -7.0,
-        probit_max: float = 7.0,
-        max_bet: float = 0.98,
-    ) -> None:
-        self.alpha = check_alpha(alpha)
-        probit_step = check_sigma(probit_step, "probit_step")
-        if not (math.isfinite(probit_min) and math.isfinite(probit_max) and probit_min < probit_max):
-            raise ValueError(f"need finite probit_min < probit_max, got {probit_min!r} and {probit_max!r}")
-        self.max_bet = check_alpha(max_bet, "max_bet")
-        z = np.arange(probit_min, probit_max + probit_step / 2, probit_step)
-        self.grid = norm.cdf(z)
-        self._log_threshold = math.log(1.0 / self.alpha)
-        self._log_capital = np.zeros_like(self.grid)
-        self._highest_rejected = -1
-        self.count = 0
-        self._sum = 0.0
-        # Past draws, binned: the bet only has to depend on the past, not be exactly optimal.
-        self._histogram = np.zeros(self._HISTOGRAM_BINS + 1)
-        self._bin_values = np.linspace(0.0, 1.0, self._HISTOGRAM_BINS + 1)
-
-    @property
-    def lower(self) -> float:
-        """The current lower confidence bound (0.0 before anything is rejected)."""
-        return float(self.grid[self._highest_rejected]) if self._highest_rejected >= 0 else 0.0
-
-    @property
-    def mean(self) -> float:
-        """The mean of the draws so far (NaN before the first draw)."""
-        return self._sum / self.count if self.count else math.nan
-
-    def _next_bet(self) -> float:
-        """The next bet: empirical Kelly against a point halfway between the bound and the mean.
-
-        It maximises the average log growth ``mean log(1 - nu + nu X / m)`` over the draws seen so
-        far (plus a prior of half a draw at 0 and half a draw at 1, which keeps the first bets small).
-        It only uses past draws, which is all that validity needs.
-        """
-        mean = (0.5 + self._sum) / (1 + self.count)
-        reference = 0.5 * (max(self.lower, self.grid[0]) + mean)
-        if mean <= reference:
-            return 0.0
-        weights = self._histogram.copy()
-        weights[0] += 0.5
-        weights[-1] += 0.5
-        used = weights > 0
-        weights, excess = weights[used], self._bin_values[used] / reference - 1.0
-
-        def slope(bet: float) -> float:
-            return float(np.sum(weights * excess / (1.0 + bet * excess)))
-
-        if slope(self.max_bet) >= 0.0:
-            return self.max_bet
-        low, high = 0.0, self.max_bet  # the growth is concave in the bet: bisect its slope
-        for _ in range(30):
-            middle = 0.5 * (low + high)
-            if slope(middle) > 0.0:
-                low = middle
-            else:
-                high = middle
-        return low
-
-    def _bet_on(self, values: np.ndarray, bet: float, chunk: int = 256) -> None:
-        start = self._highest_rejected + 1  # grid points below are rejected for good
-        if bet <= 0.0 or start >= self.grid.size:
-            return
-        grid = self.grid[start:]
-        capital = self._log_capital[start:]
-        for offset in range(0, values.size, chunk):
-            part = values[offset : offset + chunk]
-            path = capital[None, :] + np.cumsum(np.log1p(bet * (part[:, None] / grid[None, :] - 1.0)), axis=0)
-            rejected = np.flatnonzero(path.max(axis=0) >= self._log_threshold)
-            if rejected.size:
-                self._highest_rejected = max(self._highest_rejected, start + int(rejected.max()))
-            capital = path[-1]
-        self._log_capital[start:] = capital
-
-    def update(self, values: np.ndarray | Tensor) -> float:
-        """Add draws (any 1-D array of numbers in [0, 1]) and return the updated lower bound.
-
-        The draws are processed in order, in short runs (an eighth of the draws seen so far, 8 to
-        512) that share one bet computed from all earlier draws. Rejection is checked after every
-        single draw.
-        """
-        if isinstance(values, Tensor):
-            values = values.detach().cpu().numpy()
-        values = np.asarray(values, dtype=np.float64).reshape(-1)
-        invalid = ~np.isfinite(values) | (values < 0.0) | (values > 1.0)
-        if invalid.any():
-            raise ValueError(f"draws must lie in [0, 1], got {values[invalid][0]!r}")
-        offset = 0
-        while offset < values.size:
-            run = values[offset : offset + int(np.clip(self.count // 8, 8, 512))]
-            self._bet_on(run, self._next_bet())
-            np.add.at(self._histogram, np.rint(run * self._HISTOGRAM_BINS).astype(np.int64), 1.0)
-            self.count += run.size
-            self._sum += float(run.sum())
-            offset += run.size
-        return self.lower
-
-
-def best_attainable_lower_bound(alpha: float, num_draws: int, max_bet: float = 0.98) -> float:
-    """The lower bound :class:`BettingLowerBound` reaches after ``num_draws`` draws that all equal 1.
-
-    Solves ``num_draws * log(1 - nu + nu / m) = log(1 / alpha)`` for ``m`` at the largest bet
-    ``nu = max_bet``; no number of draws below ``num_draws`` can certify a larger score, so
-    ``sigma * PhiInv`` of it is the largest radius a budget of ``num_draws`` can give.
-    """
-    alpha = check_alpha(alpha)
-    num_draws = check_count(num_draws, "num_draws")
-    growth = math.expm1(math.log(1.0 / alpha) / num_draws)
-    return max_bet / (growth + max_bet)
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SequentialCertificate:
     """A sequential certificate and what it cost.
 
     Attributes:
         certificate: the :class:`Certificate` (``n`` = estimation draws, ``bound`` = the lower
             confidence bound on the selected class's smoothed score; ``prediction = -1`` and
-            ``radius = 0.0`` when it abstains). Its ``method`` is the fixed-n method whose classifier
-            and radius formula it shares (``soft_smoothing`` / ``randomized_smoothing``) unless the
-            Certificate record lists the sequential names.
-        method: ``soft_smoothing_sequential`` or ``randomized_smoothing_sequential``; with
-            ``bound="fixed"`` ``randomized_smoothing`` (Cohen's CERTIFY over the budget).
+            ``radius = 0.0`` when it abstains).
+        method: the certificate's method: ``soft_smoothing_sequential`` or
+            ``randomized_smoothing_sequential``; with ``bound="fixed"`` ``randomized_smoothing``
+            (Cohen's CERTIFY over the budget).
         forward_passes: network evaluations spent (selection draws + estimation draws).
         stop_reason: one of ``target``, ``saturated``, ``futile``, ``budget`` (``futile`` or ``budget``
             with ``bound="fixed"``).
@@ -303,8 +142,8 @@ def _class_scores(logits: Tensor, predicted: int, scores: str, score_temperature
 def sequential_certify(
     model: Callable[[Tensor], Tensor],
     x: Tensor,
-    sigma: float,
     *,
+    sigma: float,
     alpha: float = 0.001,
     n0: int = 64,
     max_n: int = 100_000,
@@ -384,7 +223,7 @@ def sequential_certify(
 
     if logits_callback is not None and not callable(logits_callback):
         raise TypeError(f"logits_callback must be callable or None, got {type(logits_callback).__name__}")
-    selection = noisy_logits(model, x, sigma, n0, batch_size, generator)
+    selection = noisy_logits(model, x, sigma=sigma, num=n0, batch_size=batch_size, generator=generator)
     if logits_callback is not None:
         logits_callback(selection)
     predicted = _selection_class(selection, scores, score_temperature)
@@ -403,7 +242,7 @@ def sequential_certify(
     radius = 0.0
     while used < max_n:
         draws = min(batch, max_n - used)
-        logits = noisy_logits(model, x, sigma, draws, batch_size, generator)
+        logits = noisy_logits(model, x, sigma=sigma, num=draws, batch_size=batch_size, generator=generator)
         if logits_callback is not None:
             logits_callback(logits)
         values = _class_scores(logits, predicted, scores, score_temperature)
@@ -435,10 +274,12 @@ def sequential_certify(
     else:
         lower = lower_bound.lower
     certified = lower > 0.5 and radius > 0.0
+    # The fixed bound is Cohen's CERTIFY over the whole budget: the base method's certificate.
+    method = _SEQUENTIAL_SPECS[scores].base if fixed else _SEQUENTIAL_SPECS[scores].name
     certificate = Certificate(
         prediction=predicted if certified else ABSTAIN,
         radius=radius if certified else 0.0,
-        method=_BASE_METHODS[scores] if fixed else _certificate_method(scores),
+        method=method,
         sigma=sigma,
         n=used,
         alpha=alpha,
@@ -447,9 +288,51 @@ def sequential_certify(
     )
     return SequentialCertificate(
         certificate=certificate,
-        method=_BASE_METHODS[scores] if fixed else SEQUENTIAL_METHODS[scores],
+        method=method,
         forward_passes=n0 + used,
         stop_reason=stop_reason,
         upper_bound=1.0 - upper_tracker.lower,
         point_estimate=votes / used if fixed else lower_bound.mean,
     )
+
+
+def _sequential_runner(scores: str) -> Callable[[Model, Tensor, CertificationSettings], CertificationOutcome]:
+    def run(model: Model, x: Tensor, settings: CertificationSettings) -> CertificationOutcome:
+        result = sequential_certify(
+            model, x, sigma=settings.sigma, alpha=settings.alpha, n0=settings.n0, max_n=settings.n,
+            batch_size=settings.batch_size, rel_tol=settings.rel_tol, min_radius=settings.min_radius,
+            scores=scores, score_temperature=settings.score_temperature if scores == "soft" else 1.0,
+            bound="anytime", generator=settings.generator, logits_callback=settings.logits_callback,
+        )
+        return CertificationOutcome(result.certificate, result.stop_reason)
+
+    return run
+
+
+_SEQUENTIAL_SPECS: dict[str, MethodSpec] = {
+    "hard": register_method(MethodSpec(
+        name="randomized_smoothing_sequential",
+        certifies="the majority vote under Gaussian noise",
+        needs_lipschitz_constant=False,
+        needs_noise=True,
+        deterministic=False,
+        sequential=True,
+        base="randomized_smoothing",
+        runner=_sequential_runner("hard"),
+    )),
+    "soft": register_method(MethodSpec(
+        name="soft_smoothing_sequential",
+        certifies="argmax of the expected softmax scores under Gaussian noise",
+        needs_lipschitz_constant=False,
+        needs_noise=True,
+        deterministic=False,
+        sequential=True,
+        base="soft_smoothing",
+        runner=_sequential_runner("soft"),
+    )),
+}
+
+SEQUENTIAL_METHODS: MappingProxyType[str, str] = MappingProxyType(
+    {scores: spec.name for scores, spec in _SEQUENTIAL_SPECS.items()}
+)
+"""The registered name of the sequential certificate of each score kind."""

@@ -4,7 +4,7 @@ Each check either returns the value in a normalised form (a Python ``float`` / `
 or raises ``TypeError`` (wrong kind of object) / ``ValueError`` (right kind, wrong value) with a message
 that names the argument and the offending value, so a caller can tell at once what to fix.
 
-Conventions checked here (DESIGN "Units and conventions"): one image is a float tensor ``(C, H, W)``
+Conventions checked here (docs/design.md, "Units and conventions"): one image is a float tensor ``(C, H, W)``
 with pixels in ``[0, 1]``; a batch is ``(B, C, H, W)``; a model maps a batch to logits ``(B, K)``.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,6 +23,7 @@ __all__ = [
     "check_count",
     "check_generator",
     "check_image",
+    "check_input_shape",
     "check_lipschitz_constant",
     "check_logits",
     "check_model",
@@ -162,8 +163,25 @@ def check_generator(generator: object, name: str = "generator") -> torch.Generat
     return generator
 
 
+def check_input_shape(input_shape: Sequence[int], name: str = "input_shape") -> tuple[int, ...]:
+    """Check the shape of one sample (no batch dimension), e.g. ``(C, H, W)``: positive ints.
+
+    Returns it as a tuple of Python ints (a ``torch.Size`` or a list are accepted).
+    """
+    if isinstance(input_shape, torch.Size):
+        input_shape = tuple(input_shape)
+    if not isinstance(input_shape, (tuple, list)) or len(input_shape) == 0:
+        raise ValueError(
+            f"{name} must be a non-empty tuple of positive ints like (C, H, W), got {input_shape!r}"
+        )
+    for size in input_shape:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must contain positive ints, got {tuple(input_shape)!r}")
+    return tuple(int(size) for size in input_shape)
+
+
 def check_logits(
-    logits: object, batch: int, num_classes: int | None = None, name: str = "model output"
+    logits: object, batch: int, *, num_classes: int | None = None, name: str = "model output"
 ) -> torch.Tensor:
     """Check what a model returned for a batch of ``batch`` images: finite logits of shape ``(batch, K)``.
 

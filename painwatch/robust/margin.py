@@ -1,4 +1,4 @@
-"""Certificates: the ``Certificate`` record, Lipschitz margin certificates and the smoothed margin.
+"""Margin certificates: the Lipschitz margin [Tsuzuku18], the smoothed margin and smoothed robustness [RC].
 
 Units: ``x`` is one image ``(C, H, W)`` with pixels in ``[0, 1]``; every radius and every noise level
 ``sigma`` is an L2 norm in that pixel space, at the model's input resolution. Margins are computed in
@@ -6,26 +6,37 @@ float64. ``L`` (``lipschitz_constant``) must be a *sound upper bound* of the L2 
 logit map ``f`` (see :func:`painwatch.robust.lipschitz_upper_bound`); with an estimate that is too small
 the radii below are not guaranteed.
 
-Methods (DESIGN "The certificates"):
+Methods (docs/design.md, "The certificates"), registered in :data:`painwatch.robust.METHODS`:
 
-- ``"lipschitz"`` (Tsuzuku et al. 2018): ``r = M_f(x) / (sqrt(2) L)``, deterministic, one forward pass.
-- ``"smoothed_margin"`` (thesis Ch. 3): ``SM(x) = E[M_c(x + xi)]``, ``xi ~ N(0, sigma^2 I)``, lower confidence
-  bound by Gaussian concentration, ``r = SM_low / (sqrt(2) L)``; certifies the expected-logit classifier.
-- :func:`smoothed_robustness`: the probability bound of the thesis's framework (Ch. 2) over (eps, sigma).
+- ``"lipschitz"`` [Tsuzuku18] (item 1): ``r = M_f(x) / (sqrt(2) L)``, deterministic, one forward pass;
+  certifies the bare network.
+- ``"smoothed_margin"`` [RC, Ch. 3] (item 2): ``SM(x) = E[M_c(x + xi)]``, ``xi ~ N(0, sigma^2 I)``, lower
+  confidence bound by Gaussian concentration, ``r = SM_low / (sqrt(2) L)``; certifies the expected-logit
+  classifier.
+- :func:`smoothed_robustness` [RC, Ch. 2] (item 3): the probability bound over (eps, sigma).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from painwatch.robust.certificate import (
+    ABSTAIN,
+    Certificate,
+    CertificationOutcome,
+    CertificationSettings,
+    MethodSpec,
+    register_method,
+)
+from painwatch.robust.noise import evaluation_mode, noisy_logit_batches
 from painwatch.robust.validation import (
     Model,
     check_alpha,
+    check_batch,
     check_count,
     check_generator,
     check_image,
@@ -37,9 +48,6 @@ from painwatch.robust.validation import (
 )
 
 __all__ = [
-    "ABSTAIN",
-    "METHODS",
-    "Certificate",
     "lipschitz_certify",
     "lipschitz_certify_batch",
     "logit_margin",
@@ -49,112 +57,7 @@ __all__ = [
     "smoothed_robustness",
 ]
 
-ABSTAIN: int = -1
-"""The prediction of a certificate that abstains (its radius is 0)."""
-
-METHODS: tuple[str, ...] = (
-    "lipschitz",
-    "smoothed_margin",
-    "randomized_smoothing",
-    "soft_smoothing",
-    # Anytime-valid variants of the two smoothing methods (painwatch.robust.sequential).
-    "randomized_smoothing_sequential",
-    "soft_smoothing_sequential",
-)
-"""Every certification method, by the name stored in ``Certificate.method``."""
-
 _SQRT2 = math.sqrt(2.0)
-
-
-@dataclass(frozen=True)
-class Certificate:
-    """The answer of one certification of one image.
-
-    Attributes:
-        prediction: the certified class index, or ``ABSTAIN`` (-1) when nothing could be certified.
-        radius: certified L2 radius in [0, 1] pixel units (0.0 when abstaining). For every perturbation
-            ``delta`` with ``||delta||_2 < radius`` the certified classifier (see ``method``) predicts
-            ``prediction`` at ``x + delta``; for the statistical methods this holds with probability at
-            least ``1 - alpha`` over the sampling noise.
-        method: one of :data:`METHODS`.
-        sigma: the Gaussian noise std of the smoothing (0.0 for ``"lipschitz"``).
-        n: the number of noise samples that estimated the bound (0 for ``"lipschitz"``).
-        alpha: the failure probability of the bound (0.0 for the deterministic ``"lipschitz"``).
-        bound: the statistic the radius came from: the logit margin (``"lipschitz"``), the lower
-            confidence bound ``SM_low`` of the smoothed margin, the Clopper-Pearson bound ``pA_low``
-            (``"randomized_smoothing"``), or the lower bound of the expected top-class softmax score
-            (``"soft_smoothing"``). May be NaN when a method abstained before estimating it.
-        forward_passes: how many images went through the model to produce this certificate
-            (1 for ``"lipschitz"``, ``n0 + n`` for the two-stage statistical methods).
-    """
-
-    prediction: int
-    radius: float
-    method: str
-    sigma: float
-    n: int
-    alpha: float
-    bound: float
-    forward_passes: int = 0
-
-    def __post_init__(self) -> None:
-        # Normalise numpy / torch scalars to Python numbers so records compare and serialise cleanly.
-        for name in ("prediction", "n", "forward_passes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"Certificate.{name} must be an integer, got {value!r}")
-            object.__setattr__(self, name, int(value))
-        for name in ("radius", "sigma", "alpha", "bound"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"Certificate.{name} must be a real number, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if self.method not in METHODS:
-            raise ValueError(f"unknown certificate method {self.method!r}; expected one of {METHODS}")
-        if self.prediction < ABSTAIN:
-            raise ValueError(
-                f"prediction must be a class index >= 0 or ABSTAIN (-1), got {self.prediction!r}"
-            )
-        if not (self.radius >= 0.0):
-            raise ValueError(f"radius must be >= 0, got {self.radius!r}")
-        if self.prediction == ABSTAIN and self.radius != 0.0:
-            raise ValueError(f"an abstaining certificate must have radius 0.0, got {self.radius!r}")
-        if not (self.sigma >= 0.0 and math.isfinite(self.sigma)):
-            raise ValueError(f"sigma must be finite and >= 0, got {self.sigma!r}")
-        if not (0.0 <= self.alpha < 1.0):
-            raise ValueError(f"alpha must be in [0, 1), got {self.alpha!r}")
-        if self.n < 0 or self.forward_passes < 0:
-            raise ValueError(
-                f"n and forward_passes must be >= 0, got n={self.n}, forward_passes={self.forward_passes}"
-            )
-
-    @property
-    def abstained(self) -> bool:
-        """True when no class could be certified (``prediction == ABSTAIN``)."""
-        return self.prediction == ABSTAIN
-
-    def radius_rms(self, input_shape: tuple[int, int, int]) -> float:
-        """The radius as a per-pixel RMS change: ``radius / sqrt(C * H * W)`` (pixel values in [0, 1])."""
-        return self.radius / math.sqrt(_numel(input_shape))
-
-    def radius_grey_levels(self, input_shape: tuple[int, int, int]) -> float:
-        """The radius as an RMS change in 8-bit grey levels: ``255 * radius / sqrt(C * H * W)``."""
-        return 255.0 * self.radius_rms(input_shape)
-
-    def to_dict(self) -> dict[str, object]:
-        """A JSON-ready dict (NaN bounds become ``None``; ``abstained`` is included)."""
-        record = asdict(self)
-        for key in ("radius", "bound", "sigma", "alpha"):
-            value = float(record[key])
-            record[key] = None if math.isnan(value) else value
-        record["abstained"] = self.abstained
-        return record
-
-
-def _numel(input_shape: tuple[int, ...]) -> int:
-    if len(input_shape) != 3 or any(int(d) < 1 for d in input_shape):
-        raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {tuple(input_shape)}")
-    return int(np.prod([int(d) for d in input_shape]))
 
 
 def logit_margin(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,15 +93,14 @@ def margin_for_class(logits: torch.Tensor, label: int | torch.Tensor) -> torch.T
 
 def _model_logits(model: Model, batch: torch.Tensor) -> torch.Tensor:
     """Logits of ``model`` on ``batch`` in eval mode without autograd, checked for shape and finiteness."""
-    from painwatch.robust.smoothing import evaluation_mode
-
     with evaluation_mode(model), torch.no_grad():
         logits = model(batch)
     return check_logits(logits, batch.shape[0])
 
 
 def lipschitz_certify(model: Model, x: torch.Tensor, lipschitz_constant: float) -> Certificate:
-    """Lipschitz margin certificate (Tsuzuku et al. 2018) of the bare network at one image.
+    """Lipschitz margin certificate [Tsuzuku18] of the bare network at one image (docs/design.md,
+    "The certificates", item 1).
 
     Guarantee: if ``lipschitz_constant >= Lip_2(f)``, then ``argmax f(x + delta) = prediction`` for every
     ``||delta||_2 < radius = M_f(x) / (sqrt(2) L)`` (deterministic: ``alpha = 0``). One forward pass in
@@ -210,8 +112,6 @@ def lipschitz_certify(model: Model, x: torch.Tensor, lipschitz_constant: float) 
 
 def lipschitz_certify_batch(model: Model, x: torch.Tensor, lipschitz_constant: float) -> list[Certificate]:
     """:func:`lipschitz_certify` for a batch ``(B, C, H, W)``: one forward pass for all images."""
-    from painwatch.robust.validation import check_batch
-
     check_model(model)
     check_batch(x)
     check_same_device(model, x)
@@ -219,14 +119,16 @@ def lipschitz_certify_batch(model: Model, x: torch.Tensor, lipschitz_constant: f
     prediction, margin = logit_margin(_model_logits(model, x))
     radii = (margin / (_SQRT2 * constant)).tolist()
     return [
-        Certificate(int(c), float(r), "lipschitz", 0.0, 0, 0.0, float(m), forward_passes=1)
+        Certificate(prediction=int(c), radius=float(r), method=_LIPSCHITZ.name, sigma=0.0, n=0, alpha=0.0,
+                    bound=float(m), forward_passes=1)
         for c, r, m in zip(prediction.tolist(), radii, margin.tolist(), strict=True)
     ]
 
 
-def smoothed_margin_slack(lipschitz_constant: float, sigma: float, n: int, alpha: float) -> float:
-    """Gaussian-concentration slack ``2 L sigma sqrt(ln(1/alpha) / n)`` of the smoothed-margin bound.
+def smoothed_margin_slack(*, lipschitz_constant: float, sigma: float, n: int, alpha: float) -> float:
+    """Gaussian-concentration slack ``2 L sigma sqrt(ln(1/alpha) / n)`` of the smoothed margin [RC, Ch. 3].
 
+    In logit units (it is subtracted from a mean margin).
     ``M_c(x + sigma Z)`` is ``sqrt(2) L sigma``-Lipschitz in a standard Gaussian ``Z``, so the mean of ``n``
     independent draws is ``sqrt(2) L sigma / sqrt(n)``-Lipschitz in ``(Z_1..Z_n)`` and falls below its
     expectation by more than this slack with probability at most ``alpha``.
@@ -239,6 +141,7 @@ def smoothed_margin_slack(lipschitz_constant: float, sigma: float, n: int, alpha
 def smoothed_margin_certify(
     model: Model,
     x: torch.Tensor,
+    *,
     sigma: float,
     lipschitz_constant: float,
     n0: int = 100,
@@ -246,8 +149,10 @@ def smoothed_margin_certify(
     alpha: float = 0.001,
     batch_size: int = 1000,
     generator: torch.Generator | None = None,
+    logits_callback: Callable[[torch.Tensor], None] | None = None,
 ) -> Certificate:
-    """Smoothed (expected) margin certificate (thesis Ch. 3; DESIGN item 2), two-stage like Cohen et al.
+    """Smoothed (expected) margin certificate [RC, Ch. 3] (docs/design.md, "The certificates", item 2),
+    two-stage like [Cohen19].
 
     What it certifies is the expected-logit classifier ``h(x) = argmax_c E_xi[f_c(x + xi)]``,
     ``xi ~ N(0, sigma^2 I)``, *not* the bare network ``f``.
@@ -258,12 +163,11 @@ def smoothed_margin_certify(
 
     Guarantee: with probability at least ``1 - alpha`` over the fresh samples, ``SM(x) >= SM_low``; then,
     since ``SM`` is ``sqrt(2) L``-Lipschitz and ``SM(x') > 0`` implies ``h(x') = c``, ``h(x + delta) = c`` for
-    every ``||delta||_2 < r = SM_low / (sqrt(2) L)``. Abstains (prediction -1, radius 0) when
-    ``SM_low <= 0``. Requires ``lipschitz_constant`` to be a sound upper bound of ``Lip_2(f)``.
-    Deterministic given the generator's seed.
+    every ``||delta||_2 < r = SM_low / (sqrt(2) L)`` (L2, [0, 1] pixel units). Abstains (prediction -1,
+    radius 0) when ``SM_low <= 0``. Requires ``lipschitz_constant`` to be a sound upper bound of
+    ``Lip_2(f)``. Deterministic given the generator's seed; ``logits_callback`` sees every batch of noisy
+    logits (float64), selection draws first.
     """
-    from painwatch.robust.smoothing import noisy_logits
-
     check_model(model)
     check_image(x)
     sigma = check_sigma(sigma)
@@ -274,25 +178,34 @@ def smoothed_margin_certify(
     batch_size = check_count(batch_size, "batch_size")
     check_generator(generator)
 
-    selection = noisy_logits(model, x, sigma, n0, batch_size, generator)
-    candidate = int(torch.argmax(selection.mean(dim=0)))
-    estimation = noisy_logits(model, x, sigma, n, batch_size, generator)
-    margin_hat = float(margin_for_class(estimation, candidate).mean())
-    margin_low = margin_hat - smoothed_margin_slack(constant, sigma, n, alpha)
-    if margin_low <= 0.0:
-        return Certificate(ABSTAIN, 0.0, "smoothed_margin", sigma, n, alpha, margin_low,
-                           forward_passes=n0 + n)
-    return Certificate(candidate, margin_low / (_SQRT2 * constant), "smoothed_margin", sigma, n, alpha,
-                       margin_low, forward_passes=n0 + n)
+    def draw(num: int) -> torch.Tensor:
+        # Each stage resolves the generator anew: with None, the two stages draw independent seeds.
+        batches = noisy_logit_batches(model, x, sigma=sigma, num=num, batch_size=batch_size,
+                                      generator=generator, logits_callback=logits_callback)
+        return torch.cat(list(batches), dim=0)
+
+    candidate = int(torch.argmax(draw(n0).mean(dim=0)))
+    margin_hat = float(margin_for_class(draw(n), candidate).mean())
+    slack = smoothed_margin_slack(lipschitz_constant=constant, sigma=sigma, n=n, alpha=alpha)
+    margin_low = margin_hat - slack
+    certified = margin_low > 0.0
+    return Certificate(
+        prediction=candidate if certified else ABSTAIN,
+        radius=margin_low / (_SQRT2 * constant) if certified else 0.0,
+        method=_SMOOTHED_MARGIN.name, sigma=sigma, n=n, alpha=alpha, bound=margin_low,
+        forward_passes=n0 + n,
+    )
 
 
 def smoothed_robustness(
     margin_lower_bound: float | np.ndarray,
+    *,
     lipschitz_constant: float,
     eps: float | np.ndarray,
     sigma: float | np.ndarray,
 ) -> np.ndarray:
-    """Smoothed robustness bound (thesis Ch. 2; DESIGN item 3) over adversary ``eps`` and noise ``sigma``.
+    """Smoothed robustness bound [RC, Ch. 2] (docs/design.md, "The certificates", item 3) over adversary
+    ``eps`` and noise ``sigma`` (both L2, [0, 1] pixel units).
 
     For every ``||delta||_2 <= eps``::
 
@@ -305,9 +218,10 @@ def smoothed_robustness(
     Why: ``M_c(x + delta + sigma Z)`` is ``sqrt(2) L sigma``-Lipschitz in ``Z`` with mean at least
     ``SM_low - sqrt(2) L eps``; Gaussian concentration bounds the chance it drops to 0.
 
-    Limits: ``sigma = 0`` is the worst case (DESIGN item 1): 1 where ``SM_low > sqrt(2) L eps``, else 0;
-    ``eps = 0`` is the average case (accuracy under noise). All arguments broadcast (numpy rules); the
-    result is a float64 array of the broadcast shape with values in ``[0, 1]``.
+    Limits: ``sigma = 0`` is the worst case (the Lipschitz margin, item 1): 1 where
+    ``SM_low > sqrt(2) L eps``, else 0; ``eps = 0`` is the average case (accuracy under noise). All
+    arguments broadcast (numpy rules); the result is a float64 array of the broadcast shape with values
+    in ``[0, 1]``.
     """
     constant = check_lipschitz_constant(lipschitz_constant)
     margin = np.asarray(margin_lower_bound, dtype=np.float64)
@@ -337,3 +251,40 @@ def smoothed_robustness(
         # sigma = 0 with a positive slack: exponent is -inf, the bound is exactly 1.
         bound = -np.expm1(np.where(sigma_arr > 0, exponent, -np.inf))
     return np.where(certified, bound, 0.0).astype(np.float64)
+
+
+def _run_lipschitz(model: Model, x: torch.Tensor, settings: CertificationSettings) -> CertificationOutcome:
+    return CertificationOutcome(lipschitz_certify(model, x, settings.lipschitz_constant))
+
+
+def _run_smoothed_margin(
+    model: Model, x: torch.Tensor, settings: CertificationSettings
+) -> CertificationOutcome:
+    certificate = smoothed_margin_certify(
+        model, x, sigma=settings.sigma, lipschitz_constant=settings.lipschitz_constant, n0=settings.n0,
+        n=settings.n, alpha=settings.alpha, batch_size=settings.batch_size, generator=settings.generator,
+        logits_callback=settings.logits_callback,
+    )
+    return CertificationOutcome(certificate)
+
+
+_LIPSCHITZ = register_method(MethodSpec(
+    name="lipschitz",
+    certifies="the network itself",
+    needs_lipschitz_constant=True,
+    needs_noise=False,
+    deterministic=True,
+    sequential=False,
+    base="lipschitz",
+    runner=_run_lipschitz,
+))
+_SMOOTHED_MARGIN = register_method(MethodSpec(
+    name="smoothed_margin",
+    certifies="the expected-logit classifier argmax E[f(x + xi)]",
+    needs_lipschitz_constant=True,
+    needs_noise=True,
+    deterministic=False,
+    sequential=False,
+    base="smoothed_margin",
+    runner=_run_smoothed_margin,
+))
