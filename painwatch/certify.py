@@ -181,6 +181,8 @@ def evaluate_gate(gate: Gate, measured: Mapping[str, Any]) -> list[dict[str, Any
     Returns one record per check: ``{name, value, threshold, passed, detail}``. A quantity that could
     not be measured (e.g. pain precision with no frame predicted pain) fails its check.
     """
+    from painwatch.robust import certified_accuracy_at
+
     results = []
     for key, threshold in gate.scalars.items():
         quantity, direction = _SCALAR_THRESHOLDS[key]
@@ -205,7 +207,8 @@ def evaluate_gate(gate: Gate, measured: Mapping[str, Any]) -> list[dict[str, Any
         radius = entry.get("radius")
         if radius is None:
             radius = entry["grey_levels"] / 255.0 * math.sqrt(input_numel)
-        value = certified_accuracy_at(measured["main_certified"], radius)
+        correct, radii = _correct_and_radii(measured["main_certified"])
+        value = certified_accuracy_at(correct, radii, radius)
         size = (
             f"radius {radius:.4g} L2"
             if "radius" in entry
@@ -223,14 +226,9 @@ def evaluate_gate(gate: Gate, measured: Mapping[str, Any]) -> list[dict[str, Any
     return results
 
 
-def certified_accuracy_at(records: Sequence[tuple[bool, float]], radius: float) -> float:
-    """Fraction of frames that are correct *and* certified at ``>= radius`` (records: (correct, radius)).
-
-    ``correct`` is False for abstentions, so at radius 0 this is the accuracy of the deployed answers.
-    """
-    if not records:
-        return 0.0
-    return sum(1 for correct, r in records if correct and r >= radius) / len(records)
+def _correct_and_radii(records: Sequence[tuple[bool, float]]) -> tuple[list[bool], list[float]]:
+    """Split ``(correct, radius)`` records (correct is False for abstentions) into two lists."""
+    return [bool(correct) for correct, _ in records], [float(radius) for _, radius in records]
 
 
 # --------------------------------------------------------------------------------------- measuring
@@ -401,7 +399,7 @@ def run_certification(
     from painwatch.metrics import evaluate
     from painwatch.models import load_bundle, update_bundle_metadata
     from painwatch.predict import Predictor, model_card_dict, resolve_settings
-    from painwatch.robust import clopper_pearson_lower, noisy_logits
+    from painwatch.robust import certified_accuracy_curve, clopper_pearson_lower, noisy_logits
 
     started = time.monotonic()
     bundle_dir, data, out_dir = Path(bundle_dir), Path(data), Path(out_dir)
@@ -554,7 +552,7 @@ def run_certification(
     certified_curves = {}
     for name, entries in per_method.items():
         pairs = [(e["correct"], e["radius"]) for e in entries]
-        curve = [certified_accuracy_at(pairs, float(r)) for r in radius_grid]
+        curve = certified_accuracy_curve(*_correct_and_radii(pairs), radius_grid).tolist()
         passes_used = [e["forward_passes"] for e in entries]
         certified_curves[name] = {
             "radius": radius_grid.tolist(),

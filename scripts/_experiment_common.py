@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from painwatch.atomic import atomic_write_bytes, atomic_write_text
-from painwatch.robust import attacks, losses, smoothing
+from painwatch.robust import attacks, evaluation, losses, smoothing
 from painwatch.robust.certificate import Certificate
 from painwatch.robust.layers import export_plain
 from painwatch.robust.lipschitz import lipschitz_upper_bound
@@ -218,8 +218,7 @@ def certified_accuracy_curve(
 ) -> list[float]:
     """Fraction of points with ``prediction == label`` (abstentions never count) and ``radius >= r``."""
     correct = (np.asarray(predictions) == np.asarray(labels)) & (np.asarray(predictions) >= 0)
-    radii = np.asarray(radii, dtype=np.float64)
-    return [float(np.mean(correct & (radii >= r))) for r in grid]
+    return evaluation.certified_accuracy_curve(correct, radii, grid).tolist()
 
 
 def value_at(grid: Sequence[float], curve: Sequence[float], radius: float) -> float:

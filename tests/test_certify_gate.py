@@ -10,7 +10,6 @@ import pytest
 from painwatch.certify import (
     DEFAULT_GATE,
     UsageError,
-    certified_accuracy_at,
     evaluate_gate,
     load_gate,
     select_frames,
@@ -18,6 +17,7 @@ from painwatch.certify import (
 from painwatch.cli import main
 from painwatch.data import load_records, make_demo_dataset
 from painwatch.models import create_model, read_metadata, save_bundle
+from painwatch.robust import certified_accuracy_at
 
 TRAINED_ON = ["syn-m01", "syn-m02"]
 FAST = ["--n", "100", "--noise-sigmas", "0.1", "--noise-draws", "2", "--bootstrap-reps", "20", "--quiet"]
@@ -249,8 +249,9 @@ def test_default_gate_is_valid_and_gate_logic() -> None:
     checks = evaluate_gate(strict, measured)
     assert [c["passed"] for c in checks] == [False, False, True]  # 0.55 < 0.6; 0.35 > 0.3; radius 0.5 -> 1/4
     assert checks[2]["value"] == pytest.approx(0.25)
-    assert certified_accuracy_at(measured["main_certified"], 0.0) == pytest.approx(0.75)
-    assert certified_accuracy_at(measured["main_certified"], 0.5) == pytest.approx(0.25)
+    correct, radii = zip(*measured["main_certified"], strict=True)
+    assert certified_accuracy_at(correct, radii, 0.0) == pytest.approx(0.75)
+    assert certified_accuracy_at(correct, radii, 0.5) == pytest.approx(0.25)
 
 
 def test_packaged_strict_gate_judges_interval_ends() -> None:

@@ -19,7 +19,7 @@ Modules (arrows point to what a module imports; there are no cycles):
 - ``spectral`` dense and convolution operator norms [Sedghi19]; ``lipschitz`` (-> spectral) sound
   network bounds; ``layers`` (-> spectral) orthogonal layers [Li19; Anil19];
 - ``moments`` (-> layers) Gaussian moment propagation; ``losses`` (-> moments) margin losses;
-  ``attacks`` (-> margin, noise, smoothing) PGD-L2 checks [Madry18].
+  ``attacks`` (-> margin, noise, smoothing) PGD-L2 checks [Madry18]; ``evaluation`` certified accuracy.
 
 Everything public is re-exported here.
 """
@@ -53,6 +53,11 @@ from painwatch.robust.certificate import (
     certify,
     method_spec,
     register_method,
+)
+from painwatch.robust.evaluation import (
+    certified_accuracy_at,
+    certified_accuracy_curve,
+    certified_accuracy_interval,
 )
 from painwatch.robust.layers import (
     GroupSort,
@@ -187,6 +192,9 @@ __all__ = [
     "attack_certificates",
     "best_attainable_lower_bound",
     "bjorck_orthonormalize",
+    "certified_accuracy_at",
+    "certified_accuracy_curve",
+    "certified_accuracy_interval",
     "certify",
     "check_alpha",
     "check_batch",
