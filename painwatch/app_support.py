@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from painwatch import __version__
+from painwatch.io import to_json_text
 
 IMAGE_SUFFIXES: tuple[str, ...] = ("jpg", "jpeg", "png", "bmp", "tif", "tiff")
 """Frame formats the page accepts (lower case, without the dot)."""
@@ -587,15 +588,7 @@ def results_json(
         "frames": records,
         "problems": [dataclasses.asdict(problem) for problem in problems],
     }
-    return json.dumps(document, indent=2, allow_nan=False, default=_json_default).encode("utf-8")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+    return to_json_text(document).encode("utf-8")
 
 
 # --------------------------------------------------------------------------- pictures

@@ -772,8 +772,9 @@ def _interval(entry: Mapping[str, Any]) -> str:
 
 def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write report.json, report.html, report.md and the PNG plots into ``out_dir``, atomically."""
+    from painwatch.io import atomic_write_json
     from painwatch.predict import model_card_markdown
-    from painwatch.report import Report, atomic_write_json
+    from painwatch.report import Report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,7 @@ from typing import Any
 import numpy as np
 
 from painwatch import CLASS_NAMES
-from painwatch.atomic import atomic_write_text
-from painwatch.report import atomic_write_json
+from painwatch.io import atomic_write_json, atomic_write_text
 from painwatch.train import TrainConfig, add_training_arguments, train_config_from_args
 
 CONFIG_FILE = "config.json"

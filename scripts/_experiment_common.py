@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from painwatch.atomic import atomic_write_bytes, atomic_write_text
+from painwatch.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from painwatch.robust import attacks, certificates, losses, smoothing
 from painwatch.robust.lipschitz import export_plain, lipschitz_upper_bound
 
@@ -47,10 +47,6 @@ LOSS_CHOICES: tuple[str, ...] = ("sce", "sc-sce", "mh", "mcr", "mscr", "zhen")
 
 
 # --------------------------------------------------------------------------------------------- files
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n")
-
-
 def atomic_save_figure(figure: Any, path: Path) -> None:
     """Save a matplotlib figure as PNG atomically."""
     import io

@@ -24,7 +24,6 @@ import functools
 import io
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from painwatch import CLASS_NAMES
-from painwatch.atomic import atomic_write_text
+from painwatch.io import atomic_write_text
 
 DEMO_IMAGE_SIZE: int = 160
 """Default frame size (pixels, square): the face occupies roughly 55-80% of it."""
