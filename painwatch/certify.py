@@ -970,11 +970,8 @@ def _split_names(text: str | None) -> list[str] | None:
 
 
 def _command(args: argparse.Namespace) -> int:
-    device = args.device
-    if device == "auto":
-        import torch
+    from painwatch.runtime import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         run = run_certification(
             args.bundle,
@@ -992,7 +989,7 @@ def _command(args: argparse.Namespace) -> int:
             noise_draws=args.noise_draws,
             bootstrap_reps=args.bootstrap_reps,
             seed=args.seed,
-            device=device,
+            device=str(resolve_device(args.device)),
             progress=not args.quiet,
             main_method_only=args.main_method_only,
         )

@@ -29,7 +29,6 @@ import io
 import json
 import math
 import os
-import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -396,6 +395,7 @@ def cached_features(
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from painwatch.runtime import seed_everything
     from painwatch.train import extract_features
 
     path = run_dir / FEATURES_FILE
@@ -413,7 +413,7 @@ def cached_features(
             raise LoioError(f"{path} holds {features.shape[0]} rows for {len(records)} frames; delete it")
         return features, 0.0, True
     started = time.perf_counter()
-    _seed_everything(settings.seed)
+    seed_everything(settings.seed)
     model = _create_model(settings, settings.seed)
     features, _ = extract_features(
         model,
@@ -437,15 +437,6 @@ def cached_features(
 # ----------------------------------------------------------------------------------------------
 # Training one fold
 # ----------------------------------------------------------------------------------------------
-def _seed_everything(seed: int) -> None:
-    """Seed the global generators that third-party code (timm init, dropout) may still draw from."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 def _create_model(settings: LoioSettings, seed: int):
     from painwatch.models import create_model
 
@@ -471,9 +462,10 @@ def _train_fold_finetune(
 ) -> tuple[np.ndarray, np.ndarray, Any, str]:
     """Fine-tune a whole model; returns (validation logits, test logits, FitResult, checkpoint path)."""
     from painwatch.models import save_bundle
+    from painwatch.runtime import seed_everything
     from painwatch.train import fit, predict_logits
 
-    _seed_everything(seed)
+    seed_everything(seed)
     model = _create_model(settings, seed)
     config = settings.train_config(seed, device)
     val_records = [records[i] for i in fold.validation]
@@ -543,9 +535,10 @@ def _train_fold_head(
     import torch
     from safetensors.torch import save_file
 
+    from painwatch.runtime import seed_everything
     from painwatch.train import fit_head
 
-    _seed_everything(seed)
+    seed_everything(seed)
     config = settings.train_config(seed, "cpu")
     result = fit_head(
         features[fold.train],
@@ -695,7 +688,7 @@ def run_loio(
     from tqdm.auto import tqdm
 
     from painwatch.data import dataset_hash, load_records
-    from painwatch.train import resolve_device
+    from painwatch.runtime import resolve_device
 
     settings.validate()
     started = time.perf_counter()

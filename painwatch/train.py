@@ -187,31 +187,6 @@ class FitResult:
 # --------------------------------------------------------------------------------------- utilities
 
 
-def resolve_device(device: str | None = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU. A requested but missing CUDA is an error."""
-    import torch
-
-    name = "auto" if device is None else str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(name)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was requested but CUDA is not available on this machine")
-    if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} was requested but MPS is not available on this machine")
-    return resolved
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch's global generators (dropout, weight init, albumentations)."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 def _worker_init(worker_id: int) -> None:
     # Each DataLoader worker gets a distinct seed derived from the loader's generator.
     import numpy as np
@@ -393,6 +368,8 @@ def predict_logits(
     """
     import torch
 
+    from painwatch.runtime import resolve_device
+
     if not math.isfinite(noise_sigma) or noise_sigma < 0:
         raise ValueError(f"noise_sigma must be a finite number >= 0, got {noise_sigma!r}")
     noise_generator = torch.Generator().manual_seed(int(noise_seed))
@@ -440,6 +417,8 @@ def extract_features(
     :func:`predict_logits` (up to float rounding). The model's train/eval mode is restored.
     """
     import torch
+
+    from painwatch.runtime import resolve_device
 
     loader = _as_loader(records_or_loader, model.input_size, batch_size, num_workers, detector)
     target = resolve_device(device) if device is not None else next(model.parameters()).device
@@ -555,6 +534,8 @@ def fit(
     import numpy as np
     import torch
     from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    from painwatch.runtime import resolve_device, seed_everything
 
     config.validate()
     started = time.perf_counter()

@@ -57,16 +57,6 @@ def atomic_save_figure(figure: Any, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- set-up
-def choose_device(name: str | None) -> torch.device:
-    """``None`` or ``"auto"``: CUDA when available, else CPU; otherwise the named device, checked."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for but CUDA is not available on this machine")
-    return device
-
-
 def machine_description(device: torch.device) -> dict[str, Any]:
     """What ran the experiment (for the results' provenance)."""
     info: dict[str, Any] = {

@@ -48,6 +48,7 @@ import _experiment_common as common
 
 from painwatch.robust import certificates, losses
 from painwatch.robust.lipschitz import OrthogonalLinear, export_plain, lipschitz_upper_bound
+from painwatch.runtime import resolve_device
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 28, 28)
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = common.choose_device(args.device)
+    device = resolve_device(args.device)
     log = print
     started = (time.perf_counter(), time.process_time())
 
