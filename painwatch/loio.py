@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from painwatch import CLASS_NAMES
+from painwatch.data.hashing import records_digest
 from painwatch.io import atomic_write_json, atomic_write_text
 from painwatch.train import TrainConfig, add_training_arguments, train_config_from_args
 
@@ -263,19 +263,6 @@ TRAINING_FIELDS: tuple[str, ...] = tuple(
     for f in dataclasses.fields(LoioSettings)
     if f.name in {g.name for g in dataclasses.fields(TrainConfig)}
 )
-
-
-def _records_digest(records: Sequence[Any]) -> str:
-    """SHA-256 over the ordered (file content, individual, label, time) entries: fixes which index is
-    which frame, wherever the data folder lives (file contents, not paths, identify frames)."""
-    from painwatch.data import file_sha256
-
-    hasher = hashlib.sha256(b"painwatch-loio-records-v2\n")
-    for record in records:
-        hasher.update(
-            f"{file_sha256(record.path)}\t{record.individual}\t{record.label}\t{record.time_s}\n".encode()
-        )
-    return hasher.hexdigest()
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -700,7 +687,7 @@ def run_loio(
     folds = loio_folds(groups, settings.inner_val_individuals, settings.inner_val_fraction, settings.seed)
     class_counts = np.bincount(labels, minlength=len(CLASS_NAMES)).tolist()
     data_hash = dataset_hash(records)
-    digest = _records_digest(records)
+    digest = records_digest(records)
     config = {
         "format": RUN_FORMAT,
         "settings": settings.checked(),

@@ -1,4 +1,5 @@
-"""Frames, manifests, validation, transforms, face crops, video sampling and the synthetic demo set.
+"""Frames, manifests, validation, hashes, transforms, face crops, video sampling and the synthetic
+demo set.
 
 The public names below are loaded lazily (on first use), so that ``painwatch --help`` and the
 ``painwatch.data.commands`` module do not pay for importing torch, OpenCV or albumentations.
@@ -33,15 +34,18 @@ _EXPORTS: dict[str, str] = {
     "VideoInfo": "painwatch.data.video",
     # records
     "FrameRecord": "painwatch.data.records",
-    "ValidationReport": "painwatch.data.records",
     "load_records": "painwatch.data.records",
-    "validate_source": "painwatch.data.records",
     "load_frame": "painwatch.data.records",
-    "dataset_hash": "painwatch.data.records",
-    "file_sha256": "painwatch.data.records",
     "parse_label": "painwatch.data.records",
     "records_from_video": "painwatch.data.records",
     "MANIFEST_NAME": "painwatch.data.records",
+    # validation
+    "ValidationReport": "painwatch.data.validation",
+    "validate_source": "painwatch.data.validation",
+    # hashing
+    "dataset_hash": "painwatch.data.hashing",
+    "file_sha256": "painwatch.data.hashing",
+    "records_digest": "painwatch.data.hashing",
     # transforms and dataset
     "train_transform": "painwatch.data.transforms",
     "eval_transform": "painwatch.data.transforms",
@@ -86,6 +90,7 @@ __all__ = [
     "probe_image",
     "read_image",
     "read_video_frame",
+    "records_digest",
     "records_from_video",
     "render_face",
     "sample_times",
@@ -112,6 +117,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from painwatch.data.dataset import FrameDataset
     from painwatch.data.errors import PROBLEM_KINDS, DataValidationError, ImageReadError, Problem
+    from painwatch.data.hashing import dataset_hash, file_sha256, records_digest
     from painwatch.data.images import (
         DEFAULT_MAX_PIXELS,
         IMAGE_EXTENSIONS,
@@ -126,14 +132,10 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from painwatch.data.records import (
         MANIFEST_NAME,
         FrameRecord,
-        ValidationReport,
-        dataset_hash,
-        file_sha256,
         load_frame,
         load_records,
         parse_label,
         records_from_video,
-        validate_source,
     )
     from painwatch.data.synthetic import (
         DEMO_FRAMES_PER_CLASS,
@@ -142,4 +144,5 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         render_face,
     )
     from painwatch.data.transforms import DEFAULT_SIZE, ImageTransform, eval_transform, train_transform
+    from painwatch.data.validation import ValidationReport, validate_source
     from painwatch.data.video import VideoInfo, read_video_frame, sample_times, sample_video, video_info
