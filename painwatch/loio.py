@@ -26,7 +26,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import sys
 import time
@@ -39,6 +38,7 @@ import numpy as np
 
 from painwatch import CLASS_NAMES
 from painwatch.data.hashing import records_digest
+from painwatch.data.splits import Fold, fold_seed, loio_folds
 from painwatch.io import atomic_write_json, atomic_write_text
 from painwatch.train import TrainConfig, add_training_arguments, train_config_from_args
 
@@ -79,93 +79,6 @@ _TRAIN = TrainConfig()  # the defaults of the training fields
 
 class LoioError(RuntimeError):
     """A LOIO run cannot start or continue (bad settings, a mismatching run folder, ...)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Splits
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Fold:
-    """One outer fold: frame indices of the training, inner-validation and test (left-out) sets."""
-
-    index: int
-    test_individual: str
-    train: np.ndarray
-    validation: np.ndarray
-    test: np.ndarray
-
-    def individuals(self, groups: Sequence[str], part: str) -> list[str]:
-        """Sorted individuals of ``part`` (``"train"``, ``"validation"`` or ``"test"``)."""
-        indices = getattr(self, part)
-        return sorted({str(groups[i]) for i in indices})
-
-
-def fold_seed(seed: int, fold_index: int) -> int:
-    """A 31-bit seed for fold ``fold_index`` derived from the run seed (independent of other folds)."""
-    return int(np.random.SeedSequence([int(seed), int(fold_index)]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def loio_folds(
-    groups: Sequence[str],
-    inner_val_individuals: int | None = None,
-    inner_val_fraction: float = 0.2,
-    seed: int = 0,
-) -> list[Fold]:
-    """Leave-one-individual-out folds with an inner validation split by individual.
-
-    Outer folds follow ``sklearn.model_selection.LeaveOneGroupOut`` (one fold per individual, in
-    sorted order of the names). In fold ``k`` the remaining individuals are split by
-    ``GroupShuffleSplit(random_state=fold_seed(seed, k))`` into training and validation individuals:
-    ``inner_val_individuals`` of them when given, else ``inner_val_fraction`` of them (rounded up),
-    always at least one and leaving at least one for training.
-
-    Guarantees: the three index sets of a fold are disjoint, cover every frame, and no individual
-    appears in two of them; every frame is in exactly one test set over all folds.
-
-    Raises:
-        ValueError: fewer than 3 individuals, or a split size that leaves no training individual.
-    """
-    from sklearn.model_selection import GroupShuffleSplit, LeaveOneGroupOut
-
-    group_array = np.asarray([str(g) for g in groups], dtype=object)
-    unique = sorted(set(group_array.tolist()))
-    if len(unique) < 3:
-        raise ValueError(
-            f"leave-one-individual-out needs at least 3 individuals (1 left out, 1 for training, 1 for "
-            f"validation); got {len(unique)}: {unique}"
-        )
-    remaining = len(unique) - 1
-    if inner_val_individuals is not None:
-        if isinstance(inner_val_individuals, bool) or int(inner_val_individuals) != inner_val_individuals:
-            raise ValueError(f"inner_val_individuals must be an integer; got {inner_val_individuals!r}")
-        num_val = int(inner_val_individuals)
-        if not 1 <= num_val < remaining:
-            raise ValueError(
-                f"inner_val_individuals must be in [1, {remaining - 1}] with {len(unique)} individuals "
-                f"(one is left out, at least one must train); got {num_val}"
-            )
-    else:
-        if not 0.0 < float(inner_val_fraction) < 1.0:
-            raise ValueError(f"inner_val_fraction must be in (0, 1); got {inner_val_fraction!r}")
-        num_val = min(remaining - 1, max(1, math.ceil(float(inner_val_fraction) * remaining)))
-
-    # Integer codes in sorted-name order make LeaveOneGroupOut's fold order the sorted order.
-    codes = np.searchsorted(np.asarray(unique, dtype=object), group_array)
-    folds = []
-    positions = np.arange(len(group_array))
-    for index, (rest, test) in enumerate(LeaveOneGroupOut().split(positions, groups=codes)):
-        splitter = GroupShuffleSplit(n_splits=1, test_size=num_val, random_state=fold_seed(seed, index))
-        inner_train, inner_val = next(splitter.split(rest, groups=codes[rest]))
-        folds.append(
-            Fold(
-                index=index,
-                test_individual=str(group_array[test[0]]),
-                train=np.sort(rest[inner_train]),
-                validation=np.sort(rest[inner_val]),
-                test=np.sort(test),
-            )
-        )
-    return folds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -684,7 +597,12 @@ def run_loio(
     groups = [r.individual for r in records]
     labels = np.asarray([r.label for r in records], dtype=np.int64)
     individuals = sorted(set(groups))
-    folds = loio_folds(groups, settings.inner_val_individuals, settings.inner_val_fraction, settings.seed)
+    folds = loio_folds(
+        groups,
+        inner_val_individuals=settings.inner_val_individuals,
+        inner_val_fraction=settings.inner_val_fraction,
+        seed=settings.seed,
+    )
     class_counts = np.bincount(labels, minlength=len(CLASS_NAMES)).tolist()
     data_hash = dataset_hash(records)
     digest = records_digest(records)

@@ -861,35 +861,6 @@ def fit_head(
 # ---------------------------------------------------------------------------------- painwatch train
 
 
-def split_by_individual(
-    records: Sequence[Any], val_fraction: float, seed: int
-) -> tuple[list[Any], list[Any]]:
-    """Split records into (train, validation) by individual with scikit-learn's GroupShuffleSplit.
-
-    No individual is on both sides. ``val_fraction`` is the fraction of individuals held out
-    (at least one, at most all but one); ``0`` returns ``(records, [])``.
-    """
-    import numpy as np
-    from sklearn.model_selection import GroupShuffleSplit
-
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    records = list(records)
-    if val_fraction == 0:
-        return records, []
-    groups = np.asarray([r.individual for r in records])
-    individuals = np.unique(groups)
-    if individuals.size < 2:
-        raise ValueError(
-            f"an inner validation split by individual needs at least 2 individuals, "
-            f"got {individuals.tolist()}; use --val-fraction 0 to train without validation"
-        )
-    n_val = min(individuals.size - 1, max(1, round(val_fraction * individuals.size)))
-    splitter = GroupShuffleSplit(n_splits=1, test_size=int(n_val), random_state=seed)
-    train_index, val_index = next(splitter.split(np.zeros(len(records)), groups=groups))
-    return [records[i] for i in train_index], [records[i] for i in val_index]
-
-
 def is_synthetic_source(source: str | Path) -> bool:
     """Whether a data source holds synthetic frames: its manifest (the CSV itself, or the folder's
     ``manifest.csv``) has a ``synthetic`` column that is true for any row (the demo set writes one)."""
@@ -1184,7 +1155,7 @@ def _run_train(args: argparse.Namespace) -> int:
     import numpy as np
 
     from painwatch.calibration import fit_temperature
-    from painwatch.data import dataset_hash, load_records
+    from painwatch.data import dataset_hash, load_records, split_by_individual
     from painwatch.models import create_model, default_certification, save_bundle
 
     config = train_config_from_args(args)

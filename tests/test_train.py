@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import TensorDataset
 
 from painwatch.cli import main
-from painwatch.data import load_records, make_demo_dataset
+from painwatch.data import load_records, make_demo_dataset, split_by_individual
 from painwatch.models import create_model, load_bundle
 from painwatch.train import (
     TrainConfig,
@@ -30,7 +30,6 @@ from painwatch.train import (
     make_scheduler,
     parameter_groups,
     predict_logits,
-    split_by_individual,
 )
 
 ARCH = "test_resnet"

@@ -1,5 +1,5 @@
-"""Frames, manifests, validation, hashes, transforms, face crops, video sampling and the synthetic
-demo set.
+"""Frames, manifests, validation, hashes, splits by individual, transforms, face crops, video
+sampling and the synthetic demo set.
 
 The public names below are loaded lazily (on first use), so that ``painwatch --help`` and the
 ``painwatch.data.commands`` module do not pay for importing torch, OpenCV or albumentations.
@@ -46,6 +46,12 @@ _EXPORTS: dict[str, str] = {
     "dataset_hash": "painwatch.data.hashing",
     "file_sha256": "painwatch.data.hashing",
     "records_digest": "painwatch.data.hashing",
+    # splits by individual
+    "Fold": "painwatch.data.splits",
+    "fold_seed": "painwatch.data.splits",
+    "held_out_individuals": "painwatch.data.splits",
+    "loio_folds": "painwatch.data.splits",
+    "split_by_individual": "painwatch.data.splits",
     # transforms and dataset
     "train_transform": "painwatch.data.transforms",
     "eval_transform": "painwatch.data.transforms",
@@ -71,6 +77,7 @@ __all__ = [
     "Box",
     "DataValidationError",
     "Detector",
+    "Fold",
     "FrameDataset",
     "FrameRecord",
     "ImageReadError",
@@ -83,8 +90,11 @@ __all__ = [
     "dataset_hash",
     "eval_transform",
     "file_sha256",
+    "fold_seed",
+    "held_out_individuals",
     "load_frame",
     "load_records",
+    "loio_folds",
     "make_demo_dataset",
     "parse_label",
     "probe_image",
@@ -95,6 +105,7 @@ __all__ = [
     "render_face",
     "sample_times",
     "sample_video",
+    "split_by_individual",
     "train_transform",
     "validate_source",
     "video_info",
@@ -137,6 +148,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         parse_label,
         records_from_video,
     )
+    from painwatch.data.splits import Fold, fold_seed, held_out_individuals, loio_folds, split_by_individual
     from painwatch.data.synthetic import (
         DEMO_FRAMES_PER_CLASS,
         DEMO_IMAGE_SIZE,
