@@ -396,7 +396,7 @@ def run_certification(
     from tqdm.auto import tqdm
 
     from painwatch.calibration import calibrated_probabilities
-    from painwatch.data import dataset_hash, load_frame, load_records
+    from painwatch.data import dataset_hash, is_synthetic, load_frame, load_records
     from painwatch.metrics import evaluate
     from painwatch.models import load_bundle, update_bundle_metadata
     from painwatch.predict import Predictor, model_card_dict, resolve_settings
@@ -622,6 +622,7 @@ def run_certification(
             "frames_used": len(chosen),
             "individuals": sorted(set(groups)),
             "data_hash": dataset_hash(chosen),
+            "synthetic": is_synthetic(data),
         },
         "settings": {
             "main": main.to_dict(),
@@ -774,7 +775,7 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Pa
     """Write report.json, report.html, report.md and the PNG plots into ``out_dir``, atomically."""
     from painwatch.io import atomic_write_json
     from painwatch.predict import model_card_markdown
-    from painwatch.report import Report
+    from painwatch.report import SYNTHETIC_NOTE, Report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -790,6 +791,8 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Pa
             note=True,
         )
     data = report["data"]
+    if data.get("synthetic"):
+        doc.paragraph(SYNTHETIC_NOTE, note=True)
     doc.paragraph(
         f"Bundle {report['bundle']['path']} ({report['bundle']['architecture']}, input "
         f"{'x'.join(map(str, report['bundle']['input_shape']))}); data {data['source']}: "

@@ -548,26 +548,6 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _is_synthetic(source: str | os.PathLike[str]) -> bool:
-    """Whether the data are painwatch's synthetic demo set: its README carries the generator's marker or
-    its manifest has a ``synthetic`` column set to true."""
-    root = Path(source)
-    manifest = root if root.is_file() else root / "manifest.csv"
-    readme = manifest.parent / "README.md"
-    try:
-        from painwatch.data.synthetic import README_MARKER
-
-        if readme.is_file() and README_MARKER in readme.read_text(encoding="utf-8", errors="replace"):
-            return True
-    except ImportError:  # an installation without the demo generator
-        pass
-    if manifest.is_file():
-        with open(manifest, newline="", encoding="utf-8", errors="replace") as handle:
-            for row in csv.DictReader(handle):
-                return str(row.get("synthetic", "")).strip().lower() in {"true", "1", "yes"}
-    return False
-
-
 def run_loio(
     settings: LoioSettings,
     resume: bool = False,
@@ -712,6 +692,7 @@ def write_outputs(
     """Pool the fold results: ``predictions.csv``, ``metrics.json`` and the report. Deterministic in
     the fold results and the settings (the bootstrap is seeded with ``settings.seed``)."""
     from painwatch.calibration import calibrated_probabilities
+    from painwatch.data import is_synthetic
     from painwatch.metrics import evaluate
     from painwatch.report import PUBLISHED_REFERENCE, write_loio_report
 
@@ -794,7 +775,7 @@ def write_outputs(
                 "seconds": result["seconds"],
             }
         )
-    synthetic = _is_synthetic(settings.data)
+    synthetic = is_synthetic(settings.data)
     metrics = {
         "format": RUN_FORMAT,
         "frames_used": num_frames,

@@ -43,6 +43,12 @@ PUBLISHED_REFERENCE: dict[str, Any] = {
     "description": "fine-tuned ResNet50, leave-one-individual-out, 21 Japanese macaques",
 }
 
+#: The note every report on synthetic frames (:func:`painwatch.data.is_synthetic`) carries first.
+SYNTHETIC_NOTE = (
+    "These frames are SYNTHETIC (painwatch demo data): the numbers show that the pipeline works, "
+    "not how well pain is detected in real macaques."
+)
+
 
 # ----------------------------------------------------------------------------------------------
 # Figures
@@ -495,11 +501,7 @@ def write_loio_report(
 
     report = Report("painwatch: leave-one-individual-out evaluation")
     if run_info.get("synthetic"):
-        report.paragraph(
-            "These frames are SYNTHETIC (painwatch demo data): the numbers show that the pipeline works, "
-            "not how well pain is detected in real macaques.",
-            note=True,
-        )
+        report.paragraph(SYNTHETIC_NOTE, note=True)
     for note in notes:
         report.paragraph(note, note=True)
     report.paragraph(

@@ -861,27 +861,6 @@ def fit_head(
 # ---------------------------------------------------------------------------------- painwatch train
 
 
-def is_synthetic_source(source: str | Path) -> bool:
-    """Whether a data source holds synthetic frames: its manifest (the CSV itself, or the folder's
-    ``manifest.csv``) has a ``synthetic`` column that is true for any row (the demo set writes one)."""
-    import csv
-
-    path = Path(source)
-    manifest = path / "manifest.csv" if path.is_dir() else path
-    if not manifest.is_file() or manifest.suffix.lower() != ".csv":
-        return False
-    try:
-        with open(manifest, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            if "synthetic" not in (reader.fieldnames or []):
-                return False
-            return any(
-                str(row.get("synthetic") or "").strip().lower() in {"true", "1", "yes"} for row in reader
-            )
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return False
-
-
 def add_training_arguments(
     parser: argparse.ArgumentParser, defaults: TrainConfig | None = None, *, head: bool = False
 ) -> argparse._ArgumentGroup:
@@ -1155,7 +1134,7 @@ def _run_train(args: argparse.Namespace) -> int:
     import numpy as np
 
     from painwatch.calibration import fit_temperature
-    from painwatch.data import dataset_hash, load_records, split_by_individual
+    from painwatch.data import dataset_hash, is_synthetic, load_records, split_by_individual
     from painwatch.models import create_model, default_certification, save_bundle
 
     config = train_config_from_args(args)
@@ -1175,7 +1154,7 @@ def _run_train(args: argparse.Namespace) -> int:
     train_records, val_records = split_by_individual(records, args.val_fraction, config.seed)
     individuals = sorted({r.individual for r in records})
     counts = np.bincount([r.label for r in records], minlength=2).tolist()
-    synthetic = is_synthetic_source(args.data)
+    synthetic = is_synthetic(args.data)
     kind = "SYNTHETIC " if synthetic else ""
     print(
         f"training on {len(records)} {kind}frames from {len(individuals)} individuals "

@@ -1,5 +1,5 @@
-"""Frames, manifests, validation, hashes, splits by individual, transforms, face crops, video
-sampling and the synthetic demo set.
+"""Frames, manifests, validation, hashes, splits by individual, provenance, transforms, face crops,
+video sampling and the synthetic demo set.
 
 The public names below are loaded lazily (on first use), so that ``painwatch --help`` and the
 ``painwatch.data.commands`` module do not pay for importing torch, OpenCV or albumentations.
@@ -52,6 +52,8 @@ _EXPORTS: dict[str, str] = {
     "held_out_individuals": "painwatch.data.splits",
     "loio_folds": "painwatch.data.splits",
     "split_by_individual": "painwatch.data.splits",
+    # provenance
+    "is_synthetic": "painwatch.data.provenance",
     # transforms and dataset
     "train_transform": "painwatch.data.transforms",
     "eval_transform": "painwatch.data.transforms",
@@ -92,6 +94,7 @@ __all__ = [
     "file_sha256",
     "fold_seed",
     "held_out_individuals",
+    "is_synthetic",
     "load_frame",
     "load_records",
     "loio_folds",
@@ -140,6 +143,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         probe_image,
         read_image,
     )
+    from painwatch.data.provenance import is_synthetic
     from painwatch.data.records import (
         MANIFEST_NAME,
         FrameRecord,

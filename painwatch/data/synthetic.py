@@ -45,7 +45,7 @@ DEMO_INDIVIDUALS: int = 21
 
 README_MARKER = "<!-- painwatch synthetic demo set -->"
 """First line of the README that :func:`make_demo_dataset` writes; ``overwrite`` only ever removes a
-folder that carries it."""
+folder that carries it, and :func:`painwatch.data.is_synthetic` recognises the set by it."""
 
 CUES: tuple[str, ...] = ("orbital", "brow", "lip", "ears", "cheek")
 """The grimace cues, in manifest column order (each 0 = relaxed ... 1 = strongest)."""
