@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "IMAGE_EXTENSIONS": "painwatch.data.images",
     "VIDEO_EXTENSIONS": "painwatch.data.images",
     "DEFAULT_MAX_PIXELS": "painwatch.data.images",
+    "centre_square": "painwatch.data.images",
     # video
     "sample_video": "painwatch.data.video",
     "sample_times": "painwatch.data.video",
@@ -87,6 +88,7 @@ __all__ = [
     "Problem",
     "ValidationReport",
     "VideoInfo",
+    "centre_square",
     "check_box",
     "crop_face",
     "dataset_hash",
@@ -138,6 +140,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         VIDEO_EXTENSIONS,
         Box,
         Detector,
+        centre_square,
         check_box,
         crop_face,
         probe_image,
