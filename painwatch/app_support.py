@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from painwatch import __version__
+from painwatch.data.images import centre_square
+from painwatch.io import to_json_text
 
 IMAGE_SUFFIXES: tuple[str, ...] = ("jpg", "jpeg", "png", "bmp", "tif", "tiff")
 """Frame formats the page accepts (lower case, without the dot)."""
@@ -587,15 +589,7 @@ def results_json(
         "frames": records,
         "problems": [dataclasses.asdict(problem) for problem in problems],
     }
-    return json.dumps(document, indent=2, allow_nan=False, default=_json_default).encode("utf-8")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+    return to_json_text(document).encode("utf-8")
 
 
 # --------------------------------------------------------------------------- pictures
@@ -640,16 +634,6 @@ def tensor_to_image(x: Any) -> np.ndarray:
 
 THUMBNAIL_SIDE = 480
 """Longest side, in pixels, of the copy of each uploaded frame the page keeps for display."""
-
-
-def centre_square(height: int, width: int) -> tuple[int, int, int]:
-    """``(top, left, side)`` of the centre square of an ``height x width`` frame.
-
-    That square is the part of a frame the model sees (``painwatch.data.eval_transform`` resizes the
-    shorter side and keeps the centre square; ``Predictor.saliency`` places its map there too).
-    """
-    side = min(height, width)
-    return (height - side) // 2, (width - side) // 2, side
 
 
 def thumbnail_with_crop(image: np.ndarray, max_side: int = THUMBNAIL_SIDE) -> np.ndarray:

@@ -395,7 +395,7 @@ def run_certification(
     from tqdm.auto import tqdm
 
     from painwatch.calibration import calibrated_probabilities
-    from painwatch.data import dataset_hash, load_frame, load_records
+    from painwatch.data import dataset_hash, is_synthetic, load_frame, load_records
     from painwatch.metrics import evaluate
     from painwatch.models import load_bundle, update_bundle_metadata
     from painwatch.predict import Predictor, model_card_dict, resolve_settings
@@ -621,6 +621,7 @@ def run_certification(
             "frames_used": len(chosen),
             "individuals": sorted(set(groups)),
             "data_hash": dataset_hash(chosen),
+            "synthetic": is_synthetic(data),
         },
         "settings": {
             "main": main.to_dict(),
@@ -772,8 +773,9 @@ def _interval(entry: Mapping[str, Any]) -> str:
 
 def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write report.json, report.html, report.md and the PNG plots into ``out_dir``, atomically."""
+    from painwatch.io import atomic_write_json
     from painwatch.predict import model_card_markdown
-    from painwatch.report import Report, atomic_write_json
+    from painwatch.report import SYNTHETIC_NOTE, Report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -789,6 +791,8 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Pa
             note=True,
         )
     data = report["data"]
+    if data.get("synthetic"):
+        doc.paragraph(SYNTHETIC_NOTE, note=True)
     doc.paragraph(
         f"Bundle {report['bundle']['path']} ({report['bundle']['architecture']}, input "
         f"{'x'.join(map(str, report['bundle']['input_shape']))}); data {data['source']}: "
@@ -969,11 +973,8 @@ def _split_names(text: str | None) -> list[str] | None:
 
 
 def _command(args: argparse.Namespace) -> int:
-    device = args.device
-    if device == "auto":
-        import torch
+    from painwatch.runtime import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         run = run_certification(
             args.bundle,
@@ -991,7 +992,7 @@ def _command(args: argparse.Namespace) -> int:
             noise_draws=args.noise_draws,
             bootstrap_reps=args.bootstrap_reps,
             seed=args.seed,
-            device=device,
+            device=str(resolve_device(args.device)),
             progress=not args.quiet,
             main_method_only=args.main_method_only,
         )

@@ -36,23 +36,6 @@ DEMO_HELD_OUT = 5
 DEMO_CERTIFY_N: int | None = None
 
 
-def held_out_individuals(individuals: list[str], count: int, seed: int) -> list[str]:
-    """``count`` individuals chosen reproducibly (by ``seed``) to certify on; the rest train.
-
-    Raises ``ValueError`` unless at least 2 individuals are left for training and 1 held out.
-    """
-    import numpy as np
-
-    names = sorted(set(individuals))
-    if count < 1 or count > len(names) - 2:
-        raise ValueError(
-            f"--held-out must be between 1 and {len(names) - 2} for {len(names)} individuals "
-            f"(training needs at least 2, one of them for validation), got {count}"
-        )
-    chosen = np.random.default_rng(seed).choice(len(names), size=count, replace=False)
-    return sorted(names[i] for i in chosen)
-
-
 def build_demo_bundle(
     data: str | Path,
     out: str | Path,
@@ -71,7 +54,7 @@ def build_demo_bundle(
     """Train, certify, record the verdict; returns the exit code (see the module docstring)."""
     from painwatch.certify import UsageError, run_certification
     from painwatch.cli import main as cli_main
-    from painwatch.data import load_records
+    from painwatch.data import held_out_individuals, load_records
 
     data, out = Path(data), Path(out)
     records = load_records(data)

@@ -24,12 +24,9 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import io
 import json
-import math
 import os
-import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,8 +37,9 @@ from typing import Any
 import numpy as np
 
 from painwatch import CLASS_NAMES
-from painwatch.atomic import atomic_write_text
-from painwatch.report import atomic_write_json
+from painwatch.data.hashing import records_digest
+from painwatch.data.splits import Fold, fold_seed, loio_folds
+from painwatch.io import atomic_write_json, atomic_write_text
 from painwatch.train import TrainConfig, add_training_arguments, train_config_from_args
 
 CONFIG_FILE = "config.json"
@@ -81,93 +79,6 @@ _TRAIN = TrainConfig()  # the defaults of the training fields
 
 class LoioError(RuntimeError):
     """A LOIO run cannot start or continue (bad settings, a mismatching run folder, ...)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Splits
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Fold:
-    """One outer fold: frame indices of the training, inner-validation and test (left-out) sets."""
-
-    index: int
-    test_individual: str
-    train: np.ndarray
-    validation: np.ndarray
-    test: np.ndarray
-
-    def individuals(self, groups: Sequence[str], part: str) -> list[str]:
-        """Sorted individuals of ``part`` (``"train"``, ``"validation"`` or ``"test"``)."""
-        indices = getattr(self, part)
-        return sorted({str(groups[i]) for i in indices})
-
-
-def fold_seed(seed: int, fold_index: int) -> int:
-    """A 31-bit seed for fold ``fold_index`` derived from the run seed (independent of other folds)."""
-    return int(np.random.SeedSequence([int(seed), int(fold_index)]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def loio_folds(
-    groups: Sequence[str],
-    inner_val_individuals: int | None = None,
-    inner_val_fraction: float = 0.2,
-    seed: int = 0,
-) -> list[Fold]:
-    """Leave-one-individual-out folds with an inner validation split by individual.
-
-    Outer folds follow ``sklearn.model_selection.LeaveOneGroupOut`` (one fold per individual, in
-    sorted order of the names). In fold ``k`` the remaining individuals are split by
-    ``GroupShuffleSplit(random_state=fold_seed(seed, k))`` into training and validation individuals:
-    ``inner_val_individuals`` of them when given, else ``inner_val_fraction`` of them (rounded up),
-    always at least one and leaving at least one for training.
-
-    Guarantees: the three index sets of a fold are disjoint, cover every frame, and no individual
-    appears in two of them; every frame is in exactly one test set over all folds.
-
-    Raises:
-        ValueError: fewer than 3 individuals, or a split size that leaves no training individual.
-    """
-    from sklearn.model_selection import GroupShuffleSplit, LeaveOneGroupOut
-
-    group_array = np.asarray([str(g) for g in groups], dtype=object)
-    unique = sorted(set(group_array.tolist()))
-    if len(unique) < 3:
-        raise ValueError(
-            f"leave-one-individual-out needs at least 3 individuals (1 left out, 1 for training, 1 for "
-            f"validation); got {len(unique)}: {unique}"
-        )
-    remaining = len(unique) - 1
-    if inner_val_individuals is not None:
-        if isinstance(inner_val_individuals, bool) or int(inner_val_individuals) != inner_val_individuals:
-            raise ValueError(f"inner_val_individuals must be an integer; got {inner_val_individuals!r}")
-        num_val = int(inner_val_individuals)
-        if not 1 <= num_val < remaining:
-            raise ValueError(
-                f"inner_val_individuals must be in [1, {remaining - 1}] with {len(unique)} individuals "
-                f"(one is left out, at least one must train); got {num_val}"
-            )
-    else:
-        if not 0.0 < float(inner_val_fraction) < 1.0:
-            raise ValueError(f"inner_val_fraction must be in (0, 1); got {inner_val_fraction!r}")
-        num_val = min(remaining - 1, max(1, math.ceil(float(inner_val_fraction) * remaining)))
-
-    # Integer codes in sorted-name order make LeaveOneGroupOut's fold order the sorted order.
-    codes = np.searchsorted(np.asarray(unique, dtype=object), group_array)
-    folds = []
-    positions = np.arange(len(group_array))
-    for index, (rest, test) in enumerate(LeaveOneGroupOut().split(positions, groups=codes)):
-        splitter = GroupShuffleSplit(n_splits=1, test_size=num_val, random_state=fold_seed(seed, index))
-        inner_train, inner_val = next(splitter.split(rest, groups=codes[rest]))
-        folds.append(
-            Fold(
-                index=index,
-                test_individual=str(group_array[test[0]]),
-                train=np.sort(rest[inner_train]),
-                validation=np.sort(rest[inner_val]),
-                test=np.sort(test),
-            )
-        )
-    return folds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,19 +176,6 @@ TRAINING_FIELDS: tuple[str, ...] = tuple(
     for f in dataclasses.fields(LoioSettings)
     if f.name in {g.name for g in dataclasses.fields(TrainConfig)}
 )
-
-
-def _records_digest(records: Sequence[Any]) -> str:
-    """SHA-256 over the ordered (file content, individual, label, time) entries: fixes which index is
-    which frame, wherever the data folder lives (file contents, not paths, identify frames)."""
-    from painwatch.data import file_sha256
-
-    hasher = hashlib.sha256(b"painwatch-loio-records-v2\n")
-    for record in records:
-        hasher.update(
-            f"{file_sha256(record.path)}\t{record.individual}\t{record.label}\t{record.time_s}\n".encode()
-        )
-    return hasher.hexdigest()
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -397,6 +295,7 @@ def cached_features(
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from painwatch.runtime import seed_everything
     from painwatch.train import extract_features
 
     path = run_dir / FEATURES_FILE
@@ -414,7 +313,7 @@ def cached_features(
             raise LoioError(f"{path} holds {features.shape[0]} rows for {len(records)} frames; delete it")
         return features, 0.0, True
     started = time.perf_counter()
-    _seed_everything(settings.seed)
+    seed_everything(settings.seed)
     model = _create_model(settings, settings.seed)
     features, _ = extract_features(
         model,
@@ -438,15 +337,6 @@ def cached_features(
 # ----------------------------------------------------------------------------------------------
 # Training one fold
 # ----------------------------------------------------------------------------------------------
-def _seed_everything(seed: int) -> None:
-    """Seed the global generators that third-party code (timm init, dropout) may still draw from."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 def _create_model(settings: LoioSettings, seed: int):
     from painwatch.models import create_model
 
@@ -472,9 +362,10 @@ def _train_fold_finetune(
 ) -> tuple[np.ndarray, np.ndarray, Any, str]:
     """Fine-tune a whole model; returns (validation logits, test logits, FitResult, checkpoint path)."""
     from painwatch.models import save_bundle
+    from painwatch.runtime import seed_everything
     from painwatch.train import fit, predict_logits
 
-    _seed_everything(seed)
+    seed_everything(seed)
     model = _create_model(settings, seed)
     config = settings.train_config(seed, device)
     val_records = [records[i] for i in fold.validation]
@@ -544,9 +435,10 @@ def _train_fold_head(
     import torch
     from safetensors.torch import save_file
 
+    from painwatch.runtime import seed_everything
     from painwatch.train import fit_head
 
-    _seed_everything(seed)
+    seed_everything(seed)
     config = settings.train_config(seed, "cpu")
     result = fit_head(
         features[fold.train],
@@ -656,26 +548,6 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _is_synthetic(source: str | os.PathLike[str]) -> bool:
-    """Whether the data are painwatch's synthetic demo set: its README carries the generator's marker or
-    its manifest has a ``synthetic`` column set to true."""
-    root = Path(source)
-    manifest = root if root.is_file() else root / "manifest.csv"
-    readme = manifest.parent / "README.md"
-    try:
-        from painwatch.data.synthetic import README_MARKER
-
-        if readme.is_file() and README_MARKER in readme.read_text(encoding="utf-8", errors="replace"):
-            return True
-    except ImportError:  # an installation without the demo generator
-        pass
-    if manifest.is_file():
-        with open(manifest, newline="", encoding="utf-8", errors="replace") as handle:
-            for row in csv.DictReader(handle):
-                return str(row.get("synthetic", "")).strip().lower() in {"true", "1", "yes"}
-    return False
-
-
 def run_loio(
     settings: LoioSettings,
     resume: bool = False,
@@ -696,7 +568,7 @@ def run_loio(
     from tqdm.auto import tqdm
 
     from painwatch.data import dataset_hash, load_records
-    from painwatch.train import resolve_device
+    from painwatch.runtime import resolve_device
 
     settings.validate()
     started = time.perf_counter()
@@ -705,10 +577,15 @@ def run_loio(
     groups = [r.individual for r in records]
     labels = np.asarray([r.label for r in records], dtype=np.int64)
     individuals = sorted(set(groups))
-    folds = loio_folds(groups, settings.inner_val_individuals, settings.inner_val_fraction, settings.seed)
+    folds = loio_folds(
+        groups,
+        inner_val_individuals=settings.inner_val_individuals,
+        inner_val_fraction=settings.inner_val_fraction,
+        seed=settings.seed,
+    )
     class_counts = np.bincount(labels, minlength=len(CLASS_NAMES)).tolist()
     data_hash = dataset_hash(records)
-    digest = _records_digest(records)
+    digest = records_digest(records)
     config = {
         "format": RUN_FORMAT,
         "settings": settings.checked(),
@@ -815,6 +692,7 @@ def write_outputs(
     """Pool the fold results: ``predictions.csv``, ``metrics.json`` and the report. Deterministic in
     the fold results and the settings (the bootstrap is seeded with ``settings.seed``)."""
     from painwatch.calibration import calibrated_probabilities
+    from painwatch.data import is_synthetic
     from painwatch.metrics import evaluate
     from painwatch.report import PUBLISHED_REFERENCE, write_loio_report
 
@@ -897,7 +775,7 @@ def write_outputs(
                 "seconds": result["seconds"],
             }
         )
-    synthetic = _is_synthetic(settings.data)
+    synthetic = is_synthetic(settings.data)
     metrics = {
         "format": RUN_FORMAT,
         "frames_used": num_frames,

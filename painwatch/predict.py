@@ -504,6 +504,8 @@ class Predictor:
         evaluation transform keeps; the rest is 0), so it overlays the uploaded image directly.
         A map that is zero everywhere means no positive evidence was found.
         """
+        from painwatch.data import centre_square
+
         x = self.preprocess(image).unsqueeze(0).to(self.device).requires_grad_(True)
         layer = self.model.gradcam_layer
         captured: dict[str, torch.Tensor] = {}
@@ -526,13 +528,12 @@ class Predictor:
         weights = activation.grad.mean(dim=(2, 3), keepdim=True)
         cam = torch.relu((weights * activation).sum(dim=1, keepdim=True)).detach()
         height, width = image.shape[:2]
-        side = min(height, width)
+        top, left, side = centre_square(height, width)
         cam = torch.nn.functional.interpolate(cam, size=(side, side), mode="bilinear", align_corners=False)
         cam = cam[0, 0]
         peak = float(cam.max())
         cam = cam / peak if peak > 0 else torch.zeros_like(cam)
         full = np.zeros((height, width), dtype=np.float32)
-        top, left = (height - side) // 2, (width - side) // 2
         full[top : top + side, left : left + side] = cam.cpu().numpy().clip(0.0, 1.0)
         return full
 

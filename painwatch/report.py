@@ -1,10 +1,9 @@
-"""Reports: markdown + self-contained HTML with PNG figures beside them, and atomic file writes.
+"""Reports: markdown + self-contained HTML with PNG figures beside them, all written atomically.
 
-Reusable pieces (the LOIO report here, the certification report in ``painwatch.certify``):
+Reusable pieces (the LOIO report here, the certification report in ``painwatch.certify``); files are
+written with :mod:`painwatch.io` (a reader sees the old file or the complete new one, never a partial
+one, even if the process dies mid-write):
 
-- :func:`atomic_write_json` (on :func:`painwatch.atomic.atomic_write_text`): write to a temporary
-  file in the destination folder, ``fsync``, then ``os.replace`` - a reader sees the old file or the
-  complete new one, never a partial one, even if the process dies mid-write.
 - :func:`new_figure` / :func:`save_figure`: matplotlib figures built with the object-oriented API
   (``matplotlib.figure.Figure``, rendered by Agg): no pyplot global state, no display, safe in threads
   (Streamlit), and importing this module does not import matplotlib (``painwatch --help`` stays fast).
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import math
 import os
 import sys
@@ -30,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from painwatch.atomic import atomic_write_bytes, atomic_write_text
+from painwatch.io import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -45,42 +43,16 @@ PUBLISHED_REFERENCE: dict[str, Any] = {
     "description": "fine-tuned ResNet50, leave-one-individual-out, 21 Japanese macaques",
 }
 
+#: The note every report on synthetic frames (:func:`painwatch.data.is_synthetic`) carries first.
+SYNTHETIC_NOTE = (
+    "These frames are SYNTHETIC (painwatch demo data): the numbers show that the pipeline works, "
+    "not how well pain is detected in real macaques."
+)
+
 
 # ----------------------------------------------------------------------------------------------
-# Atomic writes
+# Figures
 # ----------------------------------------------------------------------------------------------
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write a {type(value).__name__} to JSON: {value!r}")
-
-
-def to_json_text(data: Any) -> str:
-    """JSON text (indent 2, sorted keys off) with NumPy values converted and NaN/inf written as ``null``."""
-    return json.dumps(_replace_non_finite(data), indent=2, default=_json_default, allow_nan=False) + "\n"
-
-
-def _replace_non_finite(value: Any) -> Any:
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {key: _replace_non_finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_replace_non_finite(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return _replace_non_finite(value.tolist())
-    return value
-
-
-def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write ``data`` as JSON atomically; NaN and infinities become ``null`` (strict JSON)."""
-    return atomic_write_text(path, to_json_text(data))
-
-
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (4.5, 4.0), **kwargs: Any):
     """A ``(Figure, axes)`` pair like ``pyplot.subplots`` but without pyplot (no global figure registry,
     no backend switch); ``kwargs`` go to ``Figure.subplots``."""
@@ -529,11 +501,7 @@ def write_loio_report(
 
     report = Report("painwatch: leave-one-individual-out evaluation")
     if run_info.get("synthetic"):
-        report.paragraph(
-            "These frames are SYNTHETIC (painwatch demo data): the numbers show that the pipeline works, "
-            "not how well pain is detected in real macaques.",
-            note=True,
-        )
+        report.paragraph(SYNTHETIC_NOTE, note=True)
     for note in notes:
         report.paragraph(note, note=True)
     report.paragraph(

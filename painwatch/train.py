@@ -187,31 +187,6 @@ class FitResult:
 # --------------------------------------------------------------------------------------- utilities
 
 
-def resolve_device(device: str | None = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU. A requested but missing CUDA is an error."""
-    import torch
-
-    name = "auto" if device is None else str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(name)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was requested but CUDA is not available on this machine")
-    if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} was requested but MPS is not available on this machine")
-    return resolved
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch's global generators (dropout, weight init, albumentations)."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 def _worker_init(worker_id: int) -> None:
     # Each DataLoader worker gets a distinct seed derived from the loader's generator.
     import numpy as np
@@ -393,6 +368,8 @@ def predict_logits(
     """
     import torch
 
+    from painwatch.runtime import resolve_device
+
     if not math.isfinite(noise_sigma) or noise_sigma < 0:
         raise ValueError(f"noise_sigma must be a finite number >= 0, got {noise_sigma!r}")
     noise_generator = torch.Generator().manual_seed(int(noise_seed))
@@ -440,6 +417,8 @@ def extract_features(
     :func:`predict_logits` (up to float rounding). The model's train/eval mode is restored.
     """
     import torch
+
+    from painwatch.runtime import resolve_device
 
     loader = _as_loader(records_or_loader, model.input_size, batch_size, num_workers, detector)
     target = resolve_device(device) if device is not None else next(model.parameters()).device
@@ -555,6 +534,8 @@ def fit(
     import numpy as np
     import torch
     from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    from painwatch.runtime import resolve_device, seed_everything
 
     config.validate()
     started = time.perf_counter()
@@ -880,56 +861,6 @@ def fit_head(
 # ---------------------------------------------------------------------------------- painwatch train
 
 
-def split_by_individual(
-    records: Sequence[Any], val_fraction: float, seed: int
-) -> tuple[list[Any], list[Any]]:
-    """Split records into (train, validation) by individual with scikit-learn's GroupShuffleSplit.
-
-    No individual is on both sides. ``val_fraction`` is the fraction of individuals held out
-    (at least one, at most all but one); ``0`` returns ``(records, [])``.
-    """
-    import numpy as np
-    from sklearn.model_selection import GroupShuffleSplit
-
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    records = list(records)
-    if val_fraction == 0:
-        return records, []
-    groups = np.asarray([r.individual for r in records])
-    individuals = np.unique(groups)
-    if individuals.size < 2:
-        raise ValueError(
-            f"an inner validation split by individual needs at least 2 individuals, "
-            f"got {individuals.tolist()}; use --val-fraction 0 to train without validation"
-        )
-    n_val = min(individuals.size - 1, max(1, round(val_fraction * individuals.size)))
-    splitter = GroupShuffleSplit(n_splits=1, test_size=int(n_val), random_state=seed)
-    train_index, val_index = next(splitter.split(np.zeros(len(records)), groups=groups))
-    return [records[i] for i in train_index], [records[i] for i in val_index]
-
-
-def is_synthetic_source(source: str | Path) -> bool:
-    """Whether a data source holds synthetic frames: its manifest (the CSV itself, or the folder's
-    ``manifest.csv``) has a ``synthetic`` column that is true for any row (the demo set writes one)."""
-    import csv
-
-    path = Path(source)
-    manifest = path / "manifest.csv" if path.is_dir() else path
-    if not manifest.is_file() or manifest.suffix.lower() != ".csv":
-        return False
-    try:
-        with open(manifest, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            if "synthetic" not in (reader.fieldnames or []):
-                return False
-            return any(
-                str(row.get("synthetic") or "").strip().lower() in {"true", "1", "yes"} for row in reader
-            )
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return False
-
-
 def add_training_arguments(
     parser: argparse.ArgumentParser, defaults: TrainConfig | None = None, *, head: bool = False
 ) -> argparse._ArgumentGroup:
@@ -1203,7 +1134,7 @@ def _run_train(args: argparse.Namespace) -> int:
     import numpy as np
 
     from painwatch.calibration import fit_temperature
-    from painwatch.data import dataset_hash, load_records
+    from painwatch.data import dataset_hash, is_synthetic, load_records, split_by_individual
     from painwatch.models import create_model, default_certification, save_bundle
 
     config = train_config_from_args(args)
@@ -1223,7 +1154,7 @@ def _run_train(args: argparse.Namespace) -> int:
     train_records, val_records = split_by_individual(records, args.val_fraction, config.seed)
     individuals = sorted({r.individual for r in records})
     counts = np.bincount([r.label for r in records], minlength=2).tolist()
-    synthetic = is_synthetic_source(args.data)
+    synthetic = is_synthetic(args.data)
     kind = "SYNTHETIC " if synthetic else ""
     print(
         f"training on {len(records)} {kind}frames from {len(individuals)} individuals "

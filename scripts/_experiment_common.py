@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from painwatch.atomic import atomic_write_bytes, atomic_write_text
+from painwatch.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from painwatch.robust import attacks, evaluation, losses, smoothing
 from painwatch.robust.certificate import Certificate
 from painwatch.robust.layers import export_plain
@@ -50,10 +50,6 @@ LOSS_CHOICES: tuple[str, ...] = ("sce", "sc-sce", "mh", "mcr", "mscr", "zhen")
 
 
 # --------------------------------------------------------------------------------------------- files
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n")
-
-
 def atomic_save_figure(figure: Any, path: Path) -> None:
     """Save a matplotlib figure as PNG atomically."""
     import io
@@ -64,16 +60,6 @@ def atomic_save_figure(figure: Any, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- set-up
-def choose_device(name: str | None) -> torch.device:
-    """``None`` or ``"auto"``: CUDA when available, else CPU; otherwise the named device, checked."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for but CUDA is not available on this machine")
-    return device
-
-
 def machine_description(device: torch.device) -> dict[str, Any]:
     """What ran the experiment (for the results' provenance)."""
     info: dict[str, Any] = {

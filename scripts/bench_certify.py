@@ -15,7 +15,6 @@ expected-logit classifier for ``smoothed_margin``, argmax of the expected softma
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from painwatch.atomic import atomic_write_text
+from painwatch.io import atomic_write_json
 from painwatch.robust import (
     Certificate,
     SmoothedClassifier,
@@ -142,10 +141,6 @@ def format_table(rows: list[Row], reference: Row, points: int) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomically(path: Path, payload: dict) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2))
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--points", type=int, default=20, help="test images to certify (default 20)")
@@ -220,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, reference, args.points))
     print("\nradii are L2 in [0, 1] pixel units (input 1x8x8); 'correct' = certified with the true label")
     if args.json is not None:
-        write_json_atomically(args.json, {
+        atomic_write_json(args.json, {
             "model": args.model, "accuracy": accuracy, "lipschitz_upper_bound": lipschitz,
             "sigma": args.sigma, "alpha": args.alpha, "points": args.points,
             "threads": torch.get_num_threads(),

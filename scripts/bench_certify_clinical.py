@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from painwatch.atomic import atomic_write_text
+from painwatch.io import atomic_write_json, atomic_write_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows.append(row)
         print(json.dumps(_round(row)), flush=True)
-        atomic_write_text(args.out, json.dumps({"settings": settings, "frames": rows}, indent=2) + "\n")
+        atomic_write_json(args.out, {"settings": settings, "frames": rows})
 
     methods = (["predictor"] if predictor is not None else []) + list(variants) + ["cohen_budget"]
     summary: dict[str, Any] = {
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     atomic_write_text(args.out.with_suffix(".md"), table + "\n")
     everything = {"settings": settings, "summary": summary, "frames": rows}
-    atomic_write_text(args.out, json.dumps(everything, indent=2) + "\n")
+    atomic_write_json(args.out, everything)
     return 0
 
 

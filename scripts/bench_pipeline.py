@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from painwatch.report import atomic_write_json
+from painwatch.io import atomic_write_json
 
 
 def _batches(

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _experiment_common as common
 
 from painwatch.robust.layers import OrthogonalConv2d, OrthogonalLinear
+from painwatch.runtime import resolve_device
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError("--dense-width and --num-train must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = common.choose_device(args.device)
+    device = resolve_device(args.device)
     log = print
     started = (time.perf_counter(), time.process_time())
 

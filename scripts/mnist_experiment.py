@@ -50,6 +50,7 @@ from painwatch.robust import losses
 from painwatch.robust.layers import OrthogonalLinear, export_plain
 from painwatch.robust.lipschitz import lipschitz_upper_bound
 from painwatch.robust.margin import smoothed_margin_certify
+from painwatch.runtime import resolve_device
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 28, 28)
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = common.choose_device(args.device)
+    device = resolve_device(args.device)
     log = print
     started = (time.perf_counter(), time.process_time())
 

@@ -284,7 +284,8 @@ def test_select_frames_spreads_over_individuals_and_classes(demo: Path) -> None:
 def test_demo_bundle_trains_certifies_and_records_the_verdict(
     demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from painwatch.demo import DEMO_NOISE_SIGMA, held_out_individuals
+    from painwatch.data import held_out_individuals
+    from painwatch.demo import DEMO_NOISE_SIGMA
 
     out = tmp_path / "demo-bundle"
     code = main(

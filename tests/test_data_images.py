@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from painwatch.data import ImageReadError, check_box, crop_face, read_image
+from painwatch.data import ImageReadError, centre_square, check_box, crop_face, eval_transform, read_image
 
 
 def _pattern(height: int = 30, width: int = 40) -> np.ndarray:
@@ -215,3 +215,38 @@ def test_probe_image_agrees_with_read_image(tmp_path: Path) -> None:
         read_image(tmp_path / "cut.jpg")
     with pytest.raises(ImageReadError, match="above the limit"):
         probe_image(tmp_path / "plain.png", max_pixels=100)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "expected"),
+    [
+        (120, 480, (0, 180, 120)),  # landscape
+        (480, 120, (180, 0, 120)),  # portrait
+        (64, 64, (0, 0, 64)),  # square: the whole frame
+        (41, 100, (0, 29, 41)),  # odd leftover: the extra pixel goes right
+        (100, 41, (29, 0, 41)),  # and to the bottom
+        (1, 2, (0, 0, 1)),
+    ],
+)
+def test_centre_square(height: int, width: int, expected: tuple[int, int, int]) -> None:
+    top, left, side = centre_square(height, width)
+    assert (top, left, side) == expected
+    assert side == min(height, width) and 0 <= top <= height - side and 0 <= left <= width - side
+    assert height - side - 2 * top in (0, 1) and width - side - 2 * left in (0, 1)
+
+
+@pytest.mark.parametrize("shape", [(40, 71), (71, 40), (40, 40)])
+def test_centre_square_is_what_the_eval_transform_keeps(shape: tuple[int, int]) -> None:
+    # At size = the shorter side nothing is resized, so the transform's output is exactly the square.
+    image = np.random.default_rng(0).integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+    top, left, side = centre_square(*shape)
+    kept = eval_transform(side)(image)
+    expected = image[top : top + side, left : left + side].transpose(2, 0, 1) / 255.0
+    assert np.allclose(kept.numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(("height", "width", "bad"), [(0, 5, "height"), (5, -1, "width"), (2.5, 4, "height")])
+def test_centre_square_names_a_bad_size(height, width, bad: str) -> None:
+    with pytest.raises(ValueError, match=f"{bad} must be a whole number of pixels >= 1"):
+        centre_square(height, width)
+

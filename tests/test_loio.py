@@ -12,16 +12,11 @@ import pytest
 from PIL import Image
 
 from painwatch import CLASS_NAMES
-from painwatch.atomic import atomic_write_text
 from painwatch.cli import main
-from painwatch.loio import LoioError, LoioSettings, fold_seed, loio_folds, run_loio
-from painwatch.report import (
-    Report,
-    atomic_write_json,
-    table_to_html,
-    table_to_markdown,
-    to_json_text,
-)
+from painwatch.data import fold_seed, loio_folds
+from painwatch.io import atomic_write_json, atomic_write_text, to_json_text
+from painwatch.loio import LoioError, LoioSettings, run_loio
+from painwatch.report import Report, table_to_html, table_to_markdown
 
 TINY = {"arch": "test_resnet", "input_size": 32, "batch_size": 8}
 

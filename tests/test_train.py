@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import TensorDataset
 
 from painwatch.cli import main
-from painwatch.data import load_records, make_demo_dataset
+from painwatch.data import is_synthetic, load_records, make_demo_dataset, split_by_individual
 from painwatch.models import create_model, load_bundle
 from painwatch.train import (
     TrainConfig,
@@ -26,11 +26,9 @@ from painwatch.train import (
     extract_features,
     fit,
     fit_head,
-    is_synthetic_source,
     make_scheduler,
     parameter_groups,
     predict_logits,
-    split_by_individual,
 )
 
 ARCH = "test_resnet"
@@ -295,7 +293,7 @@ def test_painwatch_train_writes_a_loadable_bundle(data_folder: Path, tmp_path: P
     assert len(training["validation_individuals"]) == 1
     assert set(training["fit_individuals"]).isdisjoint(training["validation_individuals"])
     assert (training["loss"], training["noise_sigma"], training["num_frames"]) == ("ce+mc_margin", 0.1, 32)
-    assert training["synthetic_data"] is False and not is_synthetic_source(data_folder)
+    assert training["synthetic_data"] is False and not is_synthetic(data_folder)
     assert training["augment"] == 0.5 and training["validation_noise_sigma"] == 0.1
     assert len(training["data_hash"]) == 64
     assert bundle.metadata["certification"]["sigma"] == pytest.approx(0.1)
@@ -321,7 +319,7 @@ def test_painwatch_train_usage_errors(data_folder: Path, tmp_path: Path, capsys,
 
 def test_training_on_the_demo_set_is_marked_synthetic(tmp_path: Path) -> None:
     manifest = make_demo_dataset(tmp_path / "demo", individuals=2, frames_per_class=2, image_size=48)
-    assert is_synthetic_source(manifest) and is_synthetic_source(manifest.parent)
+    assert is_synthetic(manifest) and is_synthetic(manifest.parent)
     out = tmp_path / "bundle"
     arguments = ["train", str(manifest.parent), "--out", str(out), "--arch", ARCH, "--input-size", str(SIZE)]
     assert main([*arguments, "--epochs", "1", "--val-fraction", "0", "--device", "cpu", "--quiet"]) == 0

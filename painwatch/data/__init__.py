@@ -1,4 +1,5 @@
-"""Frames, manifests, validation, transforms, face crops, video sampling and the synthetic demo set.
+"""Frames, manifests, validation, hashes, splits by individual, provenance, transforms, face crops,
+video sampling and the synthetic demo set.
 
 The public names below are loaded lazily (on first use), so that ``painwatch --help`` and the
 ``painwatch.data.commands`` module do not pay for importing torch, OpenCV or albumentations.
@@ -25,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "IMAGE_EXTENSIONS": "painwatch.data.images",
     "VIDEO_EXTENSIONS": "painwatch.data.images",
     "DEFAULT_MAX_PIXELS": "painwatch.data.images",
+    "centre_square": "painwatch.data.images",
     # video
     "sample_video": "painwatch.data.video",
     "sample_times": "painwatch.data.video",
@@ -33,15 +35,26 @@ _EXPORTS: dict[str, str] = {
     "VideoInfo": "painwatch.data.video",
     # records
     "FrameRecord": "painwatch.data.records",
-    "ValidationReport": "painwatch.data.records",
     "load_records": "painwatch.data.records",
-    "validate_source": "painwatch.data.records",
     "load_frame": "painwatch.data.records",
-    "dataset_hash": "painwatch.data.records",
-    "file_sha256": "painwatch.data.records",
     "parse_label": "painwatch.data.records",
     "records_from_video": "painwatch.data.records",
     "MANIFEST_NAME": "painwatch.data.records",
+    # validation
+    "ValidationReport": "painwatch.data.validation",
+    "validate_source": "painwatch.data.validation",
+    # hashing
+    "dataset_hash": "painwatch.data.hashing",
+    "file_sha256": "painwatch.data.hashing",
+    "records_digest": "painwatch.data.hashing",
+    # splits by individual
+    "Fold": "painwatch.data.splits",
+    "fold_seed": "painwatch.data.splits",
+    "held_out_individuals": "painwatch.data.splits",
+    "loio_folds": "painwatch.data.splits",
+    "split_by_individual": "painwatch.data.splits",
+    # provenance
+    "is_synthetic": "painwatch.data.provenance",
     # transforms and dataset
     "train_transform": "painwatch.data.transforms",
     "eval_transform": "painwatch.data.transforms",
@@ -67,6 +80,7 @@ __all__ = [
     "Box",
     "DataValidationError",
     "Detector",
+    "Fold",
     "FrameDataset",
     "FrameRecord",
     "ImageReadError",
@@ -74,22 +88,29 @@ __all__ = [
     "Problem",
     "ValidationReport",
     "VideoInfo",
+    "centre_square",
     "check_box",
     "crop_face",
     "dataset_hash",
     "eval_transform",
     "file_sha256",
+    "fold_seed",
+    "held_out_individuals",
+    "is_synthetic",
     "load_frame",
     "load_records",
+    "loio_folds",
     "make_demo_dataset",
     "parse_label",
     "probe_image",
     "read_image",
     "read_video_frame",
+    "records_digest",
     "records_from_video",
     "render_face",
     "sample_times",
     "sample_video",
+    "split_by_individual",
     "train_transform",
     "validate_source",
     "video_info",
@@ -112,29 +133,29 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from painwatch.data.dataset import FrameDataset
     from painwatch.data.errors import PROBLEM_KINDS, DataValidationError, ImageReadError, Problem
+    from painwatch.data.hashing import dataset_hash, file_sha256, records_digest
     from painwatch.data.images import (
         DEFAULT_MAX_PIXELS,
         IMAGE_EXTENSIONS,
         VIDEO_EXTENSIONS,
         Box,
         Detector,
+        centre_square,
         check_box,
         crop_face,
         probe_image,
         read_image,
     )
+    from painwatch.data.provenance import is_synthetic
     from painwatch.data.records import (
         MANIFEST_NAME,
         FrameRecord,
-        ValidationReport,
-        dataset_hash,
-        file_sha256,
         load_frame,
         load_records,
         parse_label,
         records_from_video,
-        validate_source,
     )
+    from painwatch.data.splits import Fold, fold_seed, held_out_individuals, loio_folds, split_by_individual
     from painwatch.data.synthetic import (
         DEMO_FRAMES_PER_CLASS,
         DEMO_IMAGE_SIZE,
@@ -142,4 +163,5 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         render_face,
     )
     from painwatch.data.transforms import DEFAULT_SIZE, ImageTransform, eval_transform, train_transform
+    from painwatch.data.validation import ValidationReport, validate_source
     from painwatch.data.video import VideoInfo, read_video_frame, sample_times, sample_video, video_info

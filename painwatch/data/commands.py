@@ -14,7 +14,7 @@ EXIT_PROBLEMS = 1
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from painwatch.data.records import validate_source
+    from painwatch.data.validation import validate_source
 
     report = validate_source(
         args.data,

@@ -294,3 +294,22 @@ def crop_face(image: np.ndarray, box: Sequence[float], margin: float = 0.1) -> n
     if right <= left or bottom <= top:
         raise ValueError(f"box {(x0, y0, x1, y1)} does not overlap the {width}x{height} image")
     return np.ascontiguousarray(image[top:bottom, left:right])
+
+
+def centre_square(height: int, width: int) -> tuple[int, int, int]:
+    """``(top, left, side)`` of the centre square of a ``height x width`` frame, in pixels.
+
+    ``side = min(height, width)``; the square is ``frame[top : top + side, left : left + side]``, with
+    an odd leftover pixel on the bottom or right (the offsets of albumentations' ``CenterCrop``). It is
+    the part of a frame the model sees: :func:`~painwatch.data.eval_transform` resizes the shorter side
+    and keeps the same centre square, and the saliency map and the page's outline are placed on it.
+
+    Raises:
+        ValueError: naming the value, unless height and width are whole numbers of pixels >= 1.
+    """
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a whole number of pixels >= 1, got {value!r}")
+    height, width = int(height), int(width)
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side

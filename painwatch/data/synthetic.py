@@ -24,7 +24,6 @@ import functools
 import io
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from painwatch import CLASS_NAMES
-from painwatch.atomic import atomic_write_text
+from painwatch.io import atomic_write_text
 
 DEMO_IMAGE_SIZE: int = 160
 """Default frame size (pixels, square): the face occupies roughly 55-80% of it."""
@@ -46,7 +45,7 @@ DEMO_INDIVIDUALS: int = 21
 
 README_MARKER = "<!-- painwatch synthetic demo set -->"
 """First line of the README that :func:`make_demo_dataset` writes; ``overwrite`` only ever removes a
-folder that carries it."""
+folder that carries it, and :func:`painwatch.data.is_synthetic` recognises the set by it."""
 
 CUES: tuple[str, ...] = ("orbital", "brow", "lip", "ears", "cheek")
 """The grimace cues, in manifest column order (each 0 = relaxed ... 1 = strongest)."""

@@ -16,7 +16,6 @@ Guarantees:
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -33,7 +32,7 @@ import torch
 
 from painwatch import CLASS_NAMES
 from painwatch import __version__ as painwatch_version
-from painwatch.atomic import atomic_write_text
+from painwatch.io import atomic_write_json, sha256_file
 from painwatch.models.network import PainNet, create_model
 from painwatch.robust.certificate import BASE_METHODS
 from painwatch.robust.sequential import SEQUENTIAL_BOUNDS
@@ -144,15 +143,6 @@ def library_versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "python": platform.python_version(),
     }
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- schema
@@ -323,10 +313,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _write_json_atomic(path: Path, content: Mapping[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(content, indent=2, sort_keys=False, allow_nan=False) + "\n")
-
-
 def _state_dict_for_file(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     # safetensors needs contiguous, non-shared CPU tensors; channels_last weights are made contiguous.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -403,7 +389,7 @@ def save_bundle(directory: str | Path, model: PainNet, metadata: Mapping[str, An
         _fsync_file(weights_path)
         content["weights_sha256"] = sha256_file(weights_path)
         validate_metadata(content, source=str(target / METADATA_FILE))
-        _write_json_atomic(staging / METADATA_FILE, content)
+        atomic_write_json(staging / METADATA_FILE, content)
         if target.exists():
             retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.replace(target, retired / "bundle")
@@ -527,5 +513,5 @@ def update_bundle_metadata(directory: str | Path, updates: Mapping[str, Any]) ->
             )
     merged = _deep_merge(current, updates)
     validate_metadata(merged, source=str(folder / METADATA_FILE))
-    _write_json_atomic(folder / METADATA_FILE, merged)
+    atomic_write_json(folder / METADATA_FILE, merged)
     return merged
