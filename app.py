@@ -1,8 +1,8 @@
 """painwatch: the veterinarian's page.
 
 Run with ``make app``, or ``streamlit run app.py -- --bundle PATH`` (or ``PAINWATCH_BUNDLE=PATH``).
-The page is thin: decoding comes from :mod:`painwatch.data`, classification and certification from
-:class:`painwatch.predict.Predictor`, tables and downloads from :mod:`painwatch.app_support`.
+The page is thin: classification and certification come from :class:`painwatch.inference.Predictor`;
+uploads, tables and downloads from :mod:`painwatch.app`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any
 
 import streamlit as st
 
-from painwatch import app_support as support
+from painwatch import app as support
+from painwatch.inference import Predictor, SettingsError
 
 st.set_page_config(page_title="painwatch: pain check for macaque faces", page_icon=":material/pets:",
                    layout="wide")
@@ -33,8 +34,6 @@ SEED = 0
 def load_predictor(bundle: str, fingerprint: str, method: str | None, sigma: float | None,
                    alpha: float | None, n: int | None) -> Any:
     """The Predictor for a bundle and settings; ``fingerprint`` changes when the bundle's files do."""
-    from painwatch.predict import Predictor
-
     del fingerprint  # part of the cache key only
     return Predictor.load(bundle, method=method, sigma=sigma, alpha=alpha, n=n, seed=SEED)
 
@@ -81,7 +80,7 @@ def sidebar_bundle() -> Path:
 SETTING_KEYS = ("method", "sigma", "alpha", "n")
 
 
-def sidebar_settings(bundle: Path, certification: dict[str, Any]) -> dict[str, Any]:
+def sidebar_settings(bundle: Path, certification: Any) -> dict[str, Any]:
     """Certification settings within the bundle's bounds; applied together with one button.
 
     Another bundle has other defaults and bounds: its settings start from its own ``model.json``.
@@ -90,18 +89,16 @@ def sidebar_settings(bundle: Path, certification: dict[str, Any]) -> dict[str, A
         for key in SETTING_KEYS:
             st.session_state.pop(key, None)
         st.session_state["settings_bundle"] = str(bundle)
-    bounds = certification.get("bounds", {})
-    sigma_lo, sigma_hi = (float(v) for v in bounds.get("sigma", [certification["sigma"]] * 2))
-    alpha_lo, alpha_hi = (float(v) for v in bounds.get("alpha", [certification["alpha"]] * 2))
-    n_lo, n_hi = (int(v) for v in bounds.get("n", [certification["n"]] * 2))
+    bounds = certification.bounds
+    sigma_lo, sigma_hi = (float(v) for v in bounds.get("sigma", [certification.sigma] * 2))
+    alpha_lo, alpha_hi = (float(v) for v in bounds.get("alpha", [certification.alpha] * 2))
+    n_lo, n_hi = (int(v) for v in bounds.get("n", [certification.n] * 2))
 
     st.sidebar.header("Certification")
     with st.sidebar.form("settings"):
-        from painwatch.models import CERTIFICATION_METHODS
-
-        methods = list(CERTIFICATION_METHODS)
+        methods = list(support.BASE_METHODS)
         method = st.selectbox(
-            "Method", methods, index=methods.index(certification["method"]), key="method",
+            "Method", methods, index=methods.index(certification.method), key="method",
             help="randomized_smoothing: Cohen et al.'s vote counts under noise (any network; new bundles' "
             "default). soft_smoothing: expected softmax scores under noise, sharpened with the bundle's "
             "score temperature. smoothed_margin: expected-margin bound (small noise). "
@@ -109,19 +106,19 @@ def sidebar_settings(bundle: Path, certification: dict[str, Any]) -> dict[str, A
         )
         sigma = st.slider(
             "Noise level σ (L2, pixels 0–1)", min_value=sigma_lo, max_value=sigma_hi,
-            value=min(max(float(certification["sigma"]), sigma_lo), sigma_hi), step=0.01, key="sigma",
+            value=min(max(float(certification.sigma), sigma_lo), sigma_hi), step=0.01, key="sigma",
             help="Gaussian noise used to smooth the model. Larger σ can certify larger radii but blurs "
             "the model's view of the face.",
         )
-        alpha_choices = _log_choices(alpha_lo, alpha_hi, float(certification["alpha"]))
+        alpha_choices = _log_choices(alpha_lo, alpha_hi, float(certification.alpha))
         alpha = st.select_slider(
-            "Error probability α", options=alpha_choices, value=float(certification["alpha"]),
+            "Error probability α", options=alpha_choices, value=float(certification.alpha),
             format_func=lambda a: f"{a:g}", key="alpha",
             help="A sampled certificate is wrong with probability at most α.",
         )
-        n_choices = _sample_choices(n_lo, n_hi, int(certification["n"]))
+        n_choices = _sample_choices(n_lo, n_hi, int(certification.n))
         n = st.select_slider(
-            "Sample budget n (per frame)", options=n_choices, value=int(certification["n"]), key="n",
+            "Sample budget n (per frame)", options=n_choices, value=int(certification.n), key="n",
             help="At most this many noisy copies of each frame are used to certify it, on top of a few "
             "that pick the answer (sampling stops early when no radius can be certified). More samples: "
             "larger, tighter radii, slower.",
@@ -151,21 +148,22 @@ def _sample_choices(lo: int, hi: int, current: int) -> list[int]:
 
 
 def show_model_card(predictor: Any) -> None:
-    gate = predictor.gate
-    headline, failed = support.gate_lines(gate)
-    if gate is None:
+    """The gate verdicts (one per gate file the model was checked against) and the model card."""
+    if not predictor.gates:
         st.warning(
             "**Certification gate: not run.** This model has not been checked against the deployment "
-            "thresholds (`painwatch certify`). Use its answers for research only.", icon=":material/warning:"
+            "thresholds. Use its answers for research only.", icon=":material/warning:"
         )
-    elif gate.get("passed"):
-        st.success(f"**Certification gate: {headline}.**", icon=":material/verified:")
-    else:
-        checks = "".join(f"\n- {line}" for line in failed)
-        st.error(
-            f"**Certification gate: {headline}.** The model did not meet the deployment thresholds; do not "
-            f"rely on its answers.{checks}", icon=":material/block:"
-        )
+    for verdict in predictor.gates.values():
+        headline, failed = support.gate_lines(verdict)
+        if verdict.passed:
+            st.success(f"**Certification gate {headline}.**", icon=":material/verified:")
+        else:
+            checks = "".join(f"\n- {line}" for line in failed)
+            st.error(
+                f"**Certification gate {headline}.** The model did not meet these deployment thresholds; do "
+                f"not rely on its answers.{checks}", icon=":material/block:"
+            )
     with st.expander("Model card", expanded=False):
         st.markdown(predictor.model_card())
 
@@ -263,7 +261,7 @@ def show_table(batch: Batch) -> None:
         },
     )
     csv_bytes = support.results_csv(batch.frames, batch.results, batch.provenance)
-    json_bytes = support.results_json(batch.frames, batch.results, batch.provenance, batch.problems,
+    json_bytes = support.results_json(batch.frames, batch.results, batch.provenance, problems=batch.problems,
                                       created=batch.created)
     stem = support.download_name("painwatch-results", batch.created)
     left, right, _ = st.columns([1, 1, 4])
@@ -322,7 +320,7 @@ def show_frame(batch: Batch, predictor: Any) -> None:
         for name, probability in result.probabilities.items():
             st.progress(min(max(float(probability), 0.0), 1.0), text=f"{name}: {probability:.1%}")
         st.markdown(support.describe_radius(float(result.radius), float(result.radius_grey_levels),
-                                            str(result.method), float(result.alpha)))
+                                            method=str(result.method), alpha=float(result.alpha)))
         st.caption(f"Method {result.method}, σ = {result.sigma:g}, {result.n} noise draws, "
                    f"{result.forward_passes} network evaluations. Answer from the {result.classifier}.")
 
@@ -353,11 +351,9 @@ def main() -> None:
     if problem is not None:
         st.error(problem, icon=":material/inventory_2:")
         return
-    from painwatch.models import BundleError, read_metadata
-
     try:
-        certification = read_metadata(bundle)["certification"]
-    except BundleError as error:
+        certification = support.read_bundle_metadata(bundle).certification
+    except support.BundleError as error:
         st.error(f"The model bundle cannot be used: {error}", icon=":material/inventory_2:")
         return
     settings = sidebar_settings(bundle, certification)
@@ -374,12 +370,10 @@ def main() -> None:
         f"{support.MAX_CLIP_BYTES // support.MEGABYTE} MB per clip. The model was trained on faces "
         "cropped from frames: frames cropped to the face give the answers its accuracy figures are about.",
     )
-    from painwatch.predict import SettingsError
-
     try:
         predictor = load_predictor(str(bundle), support.bundle_fingerprint(bundle), settings["method"],
                                    settings["sigma"], settings["alpha"], settings["n"])
-    except BundleError as error:
+    except support.BundleError as error:
         card_slot.error(f"The model bundle cannot be used: {error}", icon=":material/inventory_2:")
         return
     except SettingsError as error:

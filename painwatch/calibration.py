@@ -17,6 +17,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
+from painwatch.validation import check_labels
+
 #: Search range of the temperature. Outside it a fitted value means the held-out data carry no
 #: usable signal (``T -> inf``: predict the uniform distribution) or are perfectly separated
 #: (``T -> 0``), and the bounded result is the honest answer.
@@ -39,25 +41,6 @@ def _as_float64_logits(logits: Any, name: str = "logits") -> np.ndarray:
     return array
 
 
-def _as_labels(labels: Any, num_samples: int, num_classes: int) -> np.ndarray:
-    if hasattr(labels, "detach"):
-        labels = labels.detach().cpu().numpy()
-    array = np.asarray(labels)
-    if array.ndim != 1 or array.shape[0] != num_samples:
-        raise ValueError(f"labels must have shape ({num_samples},) to match the logits; got {array.shape}")
-    if not np.issubdtype(array.dtype, np.integer):
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise ValueError(f"labels must be integer class indices; got dtype {array.dtype}")
-        array = array.astype(np.int64)
-    out_of_range = (array < 0) | (array >= num_classes)
-    if np.any(out_of_range):
-        index = int(np.flatnonzero(out_of_range)[0])
-        raise ValueError(
-            f"labels must lie in [0, {num_classes - 1}]; found {int(array[index])} at index {index}"
-        )
-    return array.astype(np.int64)
-
-
 def _check_temperature(temperature: float) -> float:
     value = float(temperature)
     if not math.isfinite(value) or value <= 0.0:
@@ -71,7 +54,7 @@ def negative_log_likelihood(logits: Any, labels: Any, temperature: float = 1.0) 
     Computed with a float64 log-softmax, so it is exact for very confident logits as well.
     """
     z = _as_float64_logits(logits)
-    y = _as_labels(labels, z.shape[0], z.shape[1])
+    y = check_labels(labels, num_classes=z.shape[1], num_samples=z.shape[0])
     t = _check_temperature(temperature)
     log_probabilities = log_softmax(z / t, axis=1)
     return float(-np.mean(log_probabilities[np.arange(z.shape[0]), y]))
@@ -99,7 +82,7 @@ def fit_temperature(
         ValueError: naming the bad shape, value or index.
     """
     z = _as_float64_logits(logits)
-    y = _as_labels(labels, z.shape[0], z.shape[1])
+    y = check_labels(labels, num_classes=z.shape[1], num_samples=z.shape[0])
     lo, hi = (float(bounds[0]), float(bounds[1]))
     if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 < lo < 1.0 < hi):
         raise ValueError(f"bounds must satisfy 0 < lo < 1 < hi; got {bounds!r}")

@@ -95,12 +95,12 @@ def _toy_model_and_frames(frames: int, seed: int) -> tuple[torch.nn.Module, list
 def _bundle_frames(
     bundle: Path, data: Path, frames: int, seed: int, allow_overlap: bool
 ) -> tuple[Any, list, list]:
-    from painwatch.certify import select_frames
     from painwatch.data import load_frame, load_records
-    from painwatch.predict import Predictor
+    from painwatch.evaluation.certify import select_frames
+    from painwatch.inference import Predictor
 
     predictor = Predictor.load(bundle)
-    trained_on = set((predictor.metadata.get("training") or {}).get("individuals") or [])
+    trained_on = set(predictor.metadata.training.get("individuals") or [])
     records = load_records(data)
     if not allow_overlap:
         records = [r for r in records if r.individual not in trained_on]

@@ -2,11 +2,11 @@
 
 Three figures (all on the same machine, same thread count, same batches):
 
-1. Training throughput (images/s) of ``painwatch.train.fit`` against a bare loop (timm model, AdamW,
+1. Training throughput (images/s) of ``painwatch.training.loops.fit`` against a bare loop (timm model, AdamW,
    cross-entropy, no schedule, no clipping, no normalisation layer) over the same in-memory batches.
    The loops alternate epoch by epoch after a warm-up; the best of ``--repeats`` epochs is kept.
    Ratio = painwatch / bare (1.0 = no overhead).
-2. Inference throughput of ``painwatch.train.predict_logits`` against ``model(x)`` under
+2. Inference throughput of ``painwatch.training.batches.predict_logits`` against ``model(x)`` under
    ``torch.inference_mode`` over the same batches. Ratio as above.
 3. A 21-individual ``painwatch loio --cache-features`` run on a small SYNTHETIC demo set: wall time
    of the whole run against the one feature-extraction pass it contains (ratio = how many extraction
@@ -56,7 +56,8 @@ def bench_training(args: argparse.Namespace) -> dict[str, float]:
     import timm
 
     from painwatch.models import create_model
-    from painwatch.train import TrainConfig, fit
+    from painwatch.training import TrainConfig
+    from painwatch.training.loops import fit
 
     batches = _batches(args.train_images, args.input_size, args.batch_size, args.seed)
     images = torch.cat([b[0] for b in batches])
@@ -93,7 +94,7 @@ def bench_training(args: argparse.Namespace) -> dict[str, float]:
     )
 
     def painwatch_epoch() -> float:
-        return fit(model, dataset, None, config, progress=False).history[0]["seconds"]
+        return fit(model, dataset, None, config=config, progress=False).history[0]["seconds"]
 
     bare_epoch()
     painwatch_epoch()
@@ -113,7 +114,7 @@ def bench_training(args: argparse.Namespace) -> dict[str, float]:
 def bench_inference(args: argparse.Namespace) -> dict[str, float]:
     """Images per second of painwatch's predict_logits against a bare inference loop (best of repeats)."""
     from painwatch.models import create_model
-    from painwatch.train import predict_logits
+    from painwatch.training.batches import predict_logits
 
     batches = _batches(args.infer_images, args.input_size, args.batch_size, args.seed + 1)
     images = torch.cat([b[0] for b in batches])
@@ -150,7 +151,9 @@ def bench_inference(args: argparse.Namespace) -> dict[str, float]:
 def bench_loio_cache(args: argparse.Namespace) -> dict[str, float]:
     """Wall time of a 21-fold --cache-features LOIO against its single feature-extraction pass."""
     from painwatch.data import make_demo_dataset
-    from painwatch.loio import LoioSettings, run_loio
+    from painwatch.evaluation.loio import run_loio
+    from painwatch.evaluation.settings import LoioSettings
+    from painwatch.training import TrainConfig
 
     with tempfile.TemporaryDirectory(prefix="painwatch-bench-") as folder:
         data = make_demo_dataset(
@@ -160,18 +163,10 @@ def bench_loio_cache(args: argparse.Namespace) -> dict[str, float]:
             seed=args.seed,
             image_size=args.demo_image_size,
         )
-        settings = LoioSettings(
-            data=str(data),
-            out=str(Path(folder) / "run"),
-            arch=args.arch,
-            input_size=args.input_size,
-            batch_size=args.batch_size,
-            cache_features=True,
-            seed=args.seed,
-            bootstrap_reps=200,
-            device="cpu",
-            progress=False,
-        )
+        train = TrainConfig(arch=args.arch, input_size=args.input_size, batch_size=args.batch_size,
+                            seed=args.seed, device="cpu")
+        settings = LoioSettings(data=str(data), out=str(Path(folder) / "run"), train=train,
+                                cache_features=True, bootstrap_reps=200, progress=False)
         started = time.perf_counter()
         outcome = run_loio(settings, log=lambda _: None)
         total = time.perf_counter() - started

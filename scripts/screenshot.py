@@ -17,9 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from painwatch import app_harness as harness
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The browser harness is test tooling (tests/harness.py); the screenshot drives the page the same way.
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+
+import harness  # noqa: E402
 
 
 def pick_frames(data: Path, per_class: int, prefer: list[str]) -> list:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the results")
     args = parser.parse_args(argv)
 
-    from painwatch import app_support as support
+    from painwatch import app as support
 
     problem = support.bundle_problem(args.bundle)
     if problem is not None:
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from painwatch.models import read_metadata
 
-    held_out = (read_metadata(args.bundle).get("gate") or {}).get("individuals") or []
+    verdict = read_metadata(args.bundle).latest_gate
+    held_out = verdict.details.get("individuals", []) if verdict is not None else []
     records = pick_frames(args.data, args.per_class, list(held_out))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="painwatch-shot-") as scratch:

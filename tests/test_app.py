@@ -17,7 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from painwatch import app_support as support
+from painwatch import app as support
+from painwatch.data import centre_square
+from painwatch.models import GateVerdict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP = REPO_ROOT / "app.py"
@@ -196,7 +198,7 @@ def test_overlay_saliency_shapes_and_checks() -> None:
 
 @pytest.fixture(scope="module")
 def predictor(tiny_bundle: Path):
-    from painwatch.predict import Predictor
+    from painwatch.inference import Predictor
 
     return Predictor.load(tiny_bundle, seed=0)
 
@@ -240,7 +242,7 @@ def test_thumbnail_outlines_the_centre_square() -> None:
     wide = np.zeros((300, 1200, 3), np.uint8)
     thumb = support.thumbnail_with_crop(wide, max_side=480)
     assert thumb.shape == (120, 480, 3)
-    assert support.centre_square(120, 480) == (0, 180, 120)
+    assert centre_square(120, 480) == (0, 180, 120)
     assert thumb[60, 180].tolist() == [255, 255, 255]  # left edge of the outline
     assert thumb[60, 100].tolist() == [0, 0, 0]  # outside: untouched
     square = _face_like(9, 40)
@@ -252,7 +254,7 @@ def test_thumbnail_outlines_the_centre_square() -> None:
 def test_downloads_have_right_columns_and_values(predictor, expected) -> None:
     frames, results = expected
     provenance = support.Provenance.from_predictor(predictor)
-    sha = predictor.metadata["weights_sha256"]
+    sha = predictor.metadata.weights_sha256
 
     rows = list(csv.DictReader(io.StringIO(support.results_csv(frames, results, provenance).decode())))
     assert list(rows[0]) == support.csv_columns(("no_pain", "pain"))
@@ -265,7 +267,8 @@ def test_downloads_have_right_columns_and_values(predictor, expected) -> None:
         assert int(row["n"]) == result.n and float(row["sigma"]) == result.sigma
         assert int(row["n_budget"]) == predictor.settings.n == TINY_N
 
-    document = json.loads(support.results_json(frames, results, provenance, [support.FileProblem("x", "y")]))
+    problems = [support.FileProblem("x", "y")]
+    document = json.loads(support.results_json(frames, results, provenance, problems=problems))
     assert document["bundle"]["weights_sha256"] == sha
     assert document["certification"]["n"] == TINY_N and document["certification"]["seed"] == 0
     assert [f["frame"] for f in document["frames"]] == [f.name for f in frames]
@@ -406,44 +409,43 @@ def test_page_switching_bundle_resets_settings_to_its_defaults(monkeypatch, tiny
     assert at.select_slider(key="alpha").value == pytest.approx(0.001)
 
 
-FAILED_GATE = {
-    "passed": False,
-    "date": "2026-11-25T13:54:17+00:00",
-    "held_out": True,
-    "individuals": ["syn-m06", "syn-m07"],
-    "num_frames": 40,
-    "thresholds": {},
-    "report": "report.html",
-    "results": [
+FAILED_GATE = GateVerdict(
+    gate_file="default.toml",
+    passed=False,
+    date="2026-11-25T13:54:17+00:00",
+    results=(
         {"name": "min_accuracy", "detail": "accuracy (point estimate) >= 0.6", "passed": False,
          "threshold": 0.6, "value": 0.425},
         {"name": "max_ece", "detail": "ece (point estimate) <= 0.2", "passed": True, "threshold": 0.2,
          "value": 0.09},
-    ],
-}
+    ),
+    details={"held_out": True, "individuals": ["syn-m06", "syn-m07"], "num_frames": 40, "thresholds": {},
+             "report": "report.html"},
+)
 
 
 def test_gate_lines() -> None:
     assert support.gate_lines(None) == ("not run", [])
     headline, failed = support.gate_lines(FAILED_GATE)
-    assert headline == "FAILED on 2026-11-25 13:54 UTC (40 frames of 2 held-out individuals)"
+    assert headline == "default.toml: FAILED on 2026-11-25 13:54 UTC (40 frames of 2 held-out individuals)"
     assert failed == ["accuracy (point estimate) >= 0.6: got 0.425"]
-    assert support.gate_lines({"passed": True}) == ("passed", [])
+    passed = GateVerdict(gate_file="strict.toml", passed=True)
+    assert support.gate_lines(passed) == ("strict.toml: passed", [])
 
 
 def test_page_shows_a_failed_gate_with_its_failed_checks(monkeypatch, tiny_bundle, tmp_path) -> None:
     import shutil
 
-    from painwatch.models import BundleError, update_bundle_metadata
+    from painwatch.models import record_gate_verdict
 
     gated = tmp_path / "gated-bundle"
     shutil.copytree(tiny_bundle, gated)
-    try:
-        update_bundle_metadata(gated, {"gate": FAILED_GATE})
-    except BundleError as error:  # the bundle schema decides what a gate record holds
-        pytest.fail(f"the test's gate record does not fit the bundle schema: {error}")
+    record_gate_verdict(gated, FAILED_GATE)
+    record_gate_verdict(gated, GateVerdict(gate_file="strict.toml", passed=True, date="2026-11-26T09:00:00"))
     at = _app(monkeypatch, gated)
     message = " ".join(e.value for e in at.error)
-    assert "Certification gate: FAILED on 2026-11-25 13:54 UTC" in message
+    assert "Certification gate default.toml: FAILED on 2026-11-25 13:54 UTC" in message
+    # Every gate file's verdict is shown: a later gate does not hide an earlier one.
+    assert any("Certification gate strict.toml: passed" in s.value for s in at.success)
     assert "accuracy (point estimate) >= 0.6: got 0.425" in message
     assert "ece" not in message  # passed checks are not listed as failures

@@ -11,12 +11,12 @@ import csv
 import io
 from pathlib import Path
 
+import harness
 import numpy as np
 import pytest
 from PIL import Image
 
-from painwatch import app_harness as harness
-from painwatch import app_support as support
+from painwatch import app as support
 
 pytestmark = [
     pytest.mark.browser,

@@ -10,10 +10,12 @@ import torch
 
 from painwatch.models import (
     BundleError,
+    GateVerdict,
     create_model,
     default_certification,
     load_bundle,
     read_metadata,
+    record_gate_verdict,
     save_bundle,
     update_bundle_metadata,
 )
@@ -56,25 +58,26 @@ def test_round_trip_gives_identical_outputs(bundle: Path, model) -> None:
     assert torch.equal(loaded.model(x), model(x))
     assert not loaded.model.training
     meta = loaded.metadata
-    assert (meta["architecture"], meta["num_classes"], meta["input_size"]) == (ARCH, 2, SIZE)
-    assert meta["classes"] == ["no_pain", "pain"] and loaded.classes == ["no_pain", "pain"]
-    assert meta["mean"] == pytest.approx([0.5] * 3) and meta["std"] == pytest.approx([0.5] * 3)
+    assert (meta.architecture, meta.num_classes, meta.input_size) == (ARCH, 2, SIZE)
+    assert meta.classes == ("no_pain", "pain") and loaded.classes == ["no_pain", "pain"]
+    assert meta.mean == pytest.approx([0.5] * 3) and meta.std == pytest.approx([0.5] * 3)
     assert loaded.temperature == pytest.approx(1.7)
-    assert meta["training"]["individuals"] == ["ai", "bo"]
-    assert meta["gate"] is None
-    assert {"torch", "timm", "painwatch"} <= set(meta["versions"])
-    assert len(meta["weights_sha256"]) == 64
+    assert meta.training["individuals"] == ["ai", "bo"]
+    assert meta.gates == {} and meta.latest_gate is None
+    assert {"torch", "timm", "painwatch"} <= set(meta.versions)
+    assert len(meta.weights_sha256) == 64
+    assert meta.input_shape == (3, SIZE, SIZE)
 
 
 def test_certification_defaults_follow_the_training_noise(bundle: Path) -> None:
-    certification = read_metadata(bundle)["certification"]
+    certification = read_metadata(bundle).certification
     # Cohen's votes, Clopper-Pearson over the whole budget (scripts/bench_certify_clinical.py)
-    assert (certification["method"], certification["bound"]) == ("randomized_smoothing", "fixed")
-    assert certification["sigma"] == pytest.approx(0.25)  # the training noise_sigma
-    assert (certification["alpha"], certification["n0"], certification["n"]) == (0.001, 64, 936)
-    assert certification["score_temperature"] == 0.1  # sharpened soft scores, when soft is chosen
-    assert certification["n0"] + certification["n"] == 1000  # forward passes per frame at most
-    assert set(certification["bounds"]) >= {"sigma", "alpha", "n"}
+    assert (certification.method, certification.bound) == ("randomized_smoothing", "fixed")
+    assert certification.sigma == pytest.approx(0.25)  # the training noise_sigma
+    assert (certification.alpha, certification.n0, certification.n) == (0.001, 64, 936)
+    assert certification.score_temperature == 0.1  # sharpened soft scores, when soft is chosen
+    assert certification.n0 + certification.n == 1000  # forward passes per frame at most
+    assert set(certification.bounds) >= {"sigma", "alpha", "n"}
     assert default_certification()["sigma"] == pytest.approx(0.12)
     assert default_certification(2.0)["bounds"]["sigma"][1] >= 2.0
 
@@ -109,7 +112,7 @@ def test_invalid_json_names_file_and_position(bundle: Path) -> None:
     [
         (lambda c: c.update(temperature="hot"), "'temperature'"),
         (lambda c: c.update(temperature=0), "'temperature'"),
-        (lambda c: c.pop("gate"), "'gate'"),
+        (lambda c: c.update(format_version=1), "'gate'"),  # format 1 needs its one gate entry
         (lambda c: c.update(format_version=99), "'format_version'"),
         (lambda c: c.update(classes=["no_pain"]), "'classes'"),
         (lambda c: c["certification"].update(sigma=-0.1), "'certification.sigma'"),
@@ -121,7 +124,8 @@ def test_invalid_json_names_file_and_position(bundle: Path) -> None:
         (lambda c: c["certification"].update(score_temperature=3), "'certification.score_temperature'.*bou"),
         (lambda c: c["certification"]["bounds"].update(alpha=[0.1, 0.01]), "'certification.bounds.alpha'"),
         (lambda c: c["training"].update(individuals="ai"), "'training.individuals'"),
-        (lambda c: c.update(gate={"passed": "yes"}), "'gate.passed'"),
+        (lambda c: c.update(gates={"default.toml": {"passed": "yes"}}), "'gates.default.toml.passed'"),
+        (lambda c: c.update(gates=[]), "'gates'"),
         (lambda c: c.update(std=[0.5, 0.5]), "'std'"),
     ],
 )
@@ -138,17 +142,10 @@ def test_json_normalisation_must_agree_with_the_weights(bundle: Path) -> None:
 
 
 def test_update_metadata_merges_and_validates(bundle: Path) -> None:
-    gate = {
-        "passed": True,
-        "thresholds": {"min_pain_recall": 0.6},
-        "results": {"pain_recall": 0.7},
-        "report": "report/index.html",
-        "date": "2026-11-25",
-    }
-    merged = update_bundle_metadata(bundle, {"gate": gate, "certification": {"sigma": 0.5}})
-    assert merged["gate"] == gate
-    assert merged["certification"]["sigma"] == 0.5 and merged["certification"]["n"] == 936  # nested merge
-    assert load_bundle(bundle).metadata["gate"]["passed"] is True  # hash still valid: weights untouched
+    merged = update_bundle_metadata(bundle, {"certification": {"sigma": 0.5}, "notes": {"site": "A"}})
+    assert merged.certification.sigma == 0.5 and merged.certification.n == 936  # nested merge
+    assert merged.extra == {"notes": {"site": "A"}}  # keys this version does not know are kept
+    assert load_bundle(bundle).metadata.certification.sigma == 0.5  # hash still valid: weights untouched
 
     before = (bundle / "model.json").read_text()
     with pytest.raises(BundleError, match=r"'certification\.alpha'"):
@@ -156,6 +153,36 @@ def test_update_metadata_merges_and_validates(bundle: Path) -> None:
     with pytest.raises(BundleError, match="'architecture' describes the weights"):
         update_bundle_metadata(bundle, {"architecture": "resnet50"})
     assert (bundle / "model.json").read_text() == before, "a rejected update must leave model.json as it was"
+
+
+def test_one_verdict_per_gate_file_is_kept(bundle: Path) -> None:
+    strict = GateVerdict(gate_file="strict.toml", passed=False, date="2026-11-25T10:00:00+00:00",
+                         results=({"name": "min_pain_recall", "passed": False, "value": 0.3},))
+    default = GateVerdict(gate_file="default.toml", passed=True, date="2026-11-26T10:00:00+00:00")
+    record_gate_verdict(bundle, strict)
+    metadata = record_gate_verdict(bundle, default)
+    assert set(metadata.gates) == {"strict.toml", "default.toml"}  # the later gate did not replace it
+    assert metadata.gates["strict.toml"].passed is False and metadata.latest_gate.gate_file == "default.toml"
+    again = record_gate_verdict(bundle, GateVerdict(gate_file="strict.toml", passed=True, date="2026-11-27"))
+    assert again.gates["strict.toml"].passed is True and again.gates["default.toml"].passed is True
+    assert load_bundle(bundle).metadata.gates == again.gates
+
+
+def test_format_1_bundles_are_read_and_upgraded(bundle: Path) -> None:
+    def to_format_1(content: dict) -> None:
+        content["format_version"] = 1
+        content.pop("gates")
+        content["gate"] = {"passed": True, "thresholds": {"file": "/somewhere/strict.toml"}, "results": [],
+                           "date": "2026-11-25", "held_out": True}
+        content["certification"].pop("bound")
+        content["certification"].pop("score_temperature")
+
+    _edit_json(bundle, to_format_1)
+    metadata = load_bundle(bundle).metadata
+    assert list(metadata.gates) == ["strict.toml"] and metadata.gates["strict.toml"].held_out
+    # Bundles written before these settings existed certify with the anytime bound and plain scores.
+    assert (metadata.certification.bound, metadata.certification.score_temperature) == ("anytime", 1.0)
+    assert metadata.to_dict()["format_version"] == 2 and "gate" not in metadata.to_dict()
 
 
 def test_saving_over_a_bundle_replaces_it_and_leaves_no_temporaries(bundle: Path, model) -> None:

@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from painwatch.certify import (
-    DEFAULT_GATE,
-    UsageError,
-    evaluate_gate,
-    load_gate,
-    select_frames,
-)
 from painwatch.cli import main
 from painwatch.data import load_records, make_demo_dataset
+from painwatch.evaluation.certify import select_frames
+from painwatch.evaluation.gate import DEFAULT_GATE, UsageError, evaluate_gate, load_gate
+from painwatch.evaluation.settings import DemoSettings
 from painwatch.models import create_model, read_metadata, save_bundle
 from painwatch.robust import certified_accuracy_at
 
@@ -72,7 +68,7 @@ def test_passing_gate_exits_0_writes_report_and_verdict(
     )
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert "gate PASSED" in printed
+    assert "gate gate.toml PASSED" in printed
     for name in (
         "report.html",
         "report.md",
@@ -111,10 +107,11 @@ def test_passing_gate_exits_0_writes_report_and_verdict(
     )
     html = (out / "report.html").read_text()
     assert "Gate verdict: PASSED" in html and "certified_accuracy.png" in html
-    verdict = read_metadata(bundle)["gate"]
-    assert verdict["passed"] is True and verdict["held_out"] is True
-    assert verdict["settings"]["method"] == "randomized_smoothing" and verdict["num_frames"] == 8
-    assert verdict["settings"]["bound"] == "fixed"
+    verdict = read_metadata(bundle).gates["gate.toml"]
+    assert verdict.passed is True and verdict.held_out is True
+    assert verdict.details["settings"]["method"] == "randomized_smoothing"
+    assert verdict.details["num_frames"] == 8
+    assert verdict.details["settings"]["bound"] == "fixed"
 
 
 def test_failing_gate_exits_1_and_names_the_failed_checks(
@@ -127,10 +124,10 @@ def test_failing_gate_exits_1_and_names_the_failed_checks(
     printed = capsys.readouterr().out
     assert code == 1
     assert "FAIL  certified accuracy of randomized_smoothing at radius 1000 L2" in printed
-    assert "PASS  ece" in printed and "gate FAILED" in printed
+    assert "PASS  ece" in printed and "gate gate.toml FAILED" in printed
     results = json.loads((out / "report.json").read_text())["gate"]["results"]
     assert [r["passed"] for r in results] == [True, False]
-    assert read_metadata(bundle)["gate"]["passed"] is False
+    assert read_metadata(bundle).gates["gate.toml"].passed is False
 
 
 def test_overlap_is_refused_unless_allowed(
@@ -141,7 +138,7 @@ def test_overlap_is_refused_unless_allowed(
     assert code == 2
     error = capsys.readouterr().err
     assert "syn-m01, syn-m02" in error and "--allow-overlap" in error
-    assert not out.exists() and read_metadata(bundle)["gate"] is None
+    assert not out.exists() and read_metadata(bundle).gates == {}
     gate = _gate(tmp_path, "max_ece = 1.0\n")
     code = main(
         [
@@ -220,7 +217,7 @@ def test_usage_errors_exit_2_and_name_the_problem(
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
-    assert read_metadata(bundle)["gate"] is None
+    assert read_metadata(bundle).gates == {}
 
 
 def test_default_gate_is_valid_and_gate_logic() -> None:
@@ -285,7 +282,6 @@ def test_demo_bundle_trains_certifies_and_records_the_verdict(
     demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from painwatch.data import held_out_individuals
-    from painwatch.demo import DEMO_NOISE_SIGMA
 
     out = tmp_path / "demo-bundle"
     code = main(
@@ -314,9 +310,10 @@ def test_demo_bundle_trains_certifies_and_records_the_verdict(
     assert "demo bundle" in capsys.readouterr().out
     metadata = read_metadata(out)
     held_out = held_out_individuals([f"syn-m0{i}" for i in range(1, 5)], 1, seed=0)
-    assert metadata["gate"]["individuals"] == held_out and metadata["gate"]["held_out"] is True
-    assert set(metadata["training"]["individuals"]).isdisjoint(held_out)
-    assert metadata["training"]["noise_sigma"] == pytest.approx(DEMO_NOISE_SIGMA)
+    verdict = metadata.gates["default.toml"]
+    assert verdict.details["individuals"] == held_out and verdict.held_out is True
+    assert set(metadata.training["individuals"]).isdisjoint(held_out)
+    assert metadata.training["noise_sigma"] == pytest.approx(DemoSettings.noise_sigma)
     assert (tmp_path / "demo-bundle-report" / "report.html").is_file()
     with pytest.raises(ValueError, match="--held-out must be between 1 and 2"):
         held_out_individuals(["a", "b", "c", "d"], 3, seed=0)

@@ -45,7 +45,7 @@ def test_demo_data_then_validate_clean(tmp_path: Path, capsys: pytest.CaptureFix
     assert report["counts"]["syn-m02"] == {"no_pain": 3, "pain": 3}
 
     # A second run into the same folder is refused without --overwrite, with a clear message.
-    assert main(["demo-data", str(out), "--individuals", "1", "--frames-per-class", "1"]) == 1
+    assert main(["demo-data", str(out), "--individuals", "1", "--frames-per-class", "1"]) == 2  # usage
     assert "--overwrite" in capsys.readouterr().err
 
 

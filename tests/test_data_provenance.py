@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from painwatch.certify import run_certification
 from painwatch.cli import main
 from painwatch.data import is_synthetic, load_records, make_demo_dataset
 from painwatch.data.synthetic import README_MARKER
-from painwatch.loio import LoioSettings, run_loio
+from painwatch.evaluation.certify import run_certification
+from painwatch.evaluation.loio import run_loio
+from painwatch.evaluation.settings import CertifySettings, LoioSettings
 from painwatch.models import read_metadata
+from painwatch.training import TrainConfig
 
 ARCH, SIZE = "test_resnet", 32
 
@@ -78,36 +80,34 @@ def test_train_loio_and_certify_record_the_same_answer(
     bundle = tmp_path / "bundle"
     train = ["train", str(source), "--out", str(bundle), "--arch", ARCH, "--input-size", str(SIZE)]
     assert main([*train, "--epochs", "1", "--val-fraction", "0", "--device", "cpu", "--quiet"]) == 0
-    assert read_metadata(bundle)["training"]["synthetic_data"] is expected
+    assert read_metadata(bundle).training["synthetic_data"] is expected
+    assert read_metadata(bundle).synthetic is expected
 
     settings = LoioSettings(
         data=str(source),
         out=str(tmp_path / "loio"),
-        arch=ARCH,
-        input_size=SIZE,
+        train=TrainConfig(arch=ARCH, input_size=SIZE, head_epochs=2, device="cpu"),
         cache_features=True,
-        head_epochs=2,
         inner_val_individuals=1,
         bootstrap_reps=10,
-        device="cpu",
         progress=False,
     )
     outcome = run_loio(settings, log=lambda _: None)
     assert outcome.complete and outcome.metrics["synthetic_data"] is expected
 
-    run = run_certification(
-        bundle,
-        source,
-        tmp_path / "report",
+    run = run_certification(CertifySettings(
+        bundle=bundle,
+        data=source,
+        out=tmp_path / "report",
         allow_overlap=True,
         n=100,
-        noise_sigmas=[0.1],
+        noise_sigmas=(0.1,),
         noise_draws=2,
         bootstrap_reps=10,
         progress=False,
         write_bundle=False,
         main_method_only=True,
-    )
+    ))
     assert run.report["data"]["synthetic"] is expected
     assert json.loads((tmp_path / "report" / "report.json").read_text())["data"]["synthetic"] is expected
     assert ("SYNTHETIC" in (tmp_path / "report" / "report.md").read_text()) is expected

@@ -14,11 +14,21 @@ from PIL import Image
 from painwatch import CLASS_NAMES
 from painwatch.cli import main
 from painwatch.data import fold_seed, loio_folds
+from painwatch.evaluation.loio import LoioError, run_loio
+from painwatch.evaluation.report import Report, table_to_html, table_to_markdown
+from painwatch.evaluation.settings import LoioSettings
 from painwatch.io import atomic_write_json, atomic_write_text, to_json_text
-from painwatch.loio import LoioError, LoioSettings, run_loio
-from painwatch.report import Report, table_to_html, table_to_markdown
+from painwatch.training import TrainConfig
 
 TINY = {"arch": "test_resnet", "input_size": 32, "batch_size": 8}
+TRAIN_FIELDS = frozenset(TrainConfig.__dataclass_fields__)
+
+
+def _settings(data: Path, out: Path, **values) -> LoioSettings:
+    """LoioSettings of ``values``: the TrainConfig fields among them make up the folds' training."""
+    train = TrainConfig(**{k: v for k, v in values.items() if k in TRAIN_FIELDS})
+    return LoioSettings(data=str(data), out=str(out), train=train,
+                        **{k: v for k, v in values.items() if k not in TRAIN_FIELDS})
 
 
 def _write_tiny_dataset(
@@ -109,7 +119,7 @@ def _head_settings(data: Path, out: Path, **overrides) -> LoioSettings:
         "progress": False,
     }
     values.update(overrides)
-    return LoioSettings(data=str(data), out=str(out), **values)
+    return _settings(data, out, **values)
 
 
 def test_resume_after_a_crash_gives_identical_metrics(tiny_data: Path, tmp_path: Path) -> None:
@@ -275,7 +285,7 @@ def test_cli_reports_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     for frame in (data / "macaque_01" / "pain").iterdir():
         frame.unlink()
     (data / "macaque_01" / "pain").rmdir()
-    assert main(["loio", str(data), "--out", str(tmp_path / "run"), "--quiet"]) == 1
+    assert main(["loio", str(data), "--out", str(tmp_path / "run"), "--quiet"]) == 2  # a usage error
     error = capsys.readouterr().err
     assert "macaque_01" in error and "no_pain" in error
     assert not (tmp_path / "run").exists()
@@ -328,7 +338,7 @@ def test_save_figure_writes_png_and_releases_pyplot_figures(tmp_path: Path) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from painwatch.report import new_figure, save_figure
+    from painwatch.evaluation.report import new_figure, save_figure
 
     figure, axis = new_figure()
     axis.plot([0, 1], [0, 1])
@@ -344,7 +354,7 @@ def test_command_module_imports_stay_light() -> None:
     import sys
 
     code = (
-        "import sys, painwatch.loio, painwatch.report, painwatch.metrics, painwatch.calibration; "
+        "import sys, painwatch.cli; painwatch.cli.build_parser(); "
         "print('torch' in sys.modules, 'matplotlib' in sys.modules)"
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -378,12 +388,12 @@ def test_noise_trained_fold_is_calibrated_on_clean_validation_logits(tmp_path: P
     from painwatch.calibration import fit_temperature, negative_log_likelihood
     from painwatch.data import load_records
     from painwatch.models import load_bundle
-    from painwatch.train import predict_logits
+    from painwatch.training.batches import predict_logits
 
     data = _write_tiny_dataset(tmp_path / "data", individuals=3, frames_per_class=6, seed=2, obvious=True)
-    settings = LoioSettings(
-        data=str(data),
-        out=str(tmp_path / "run"),
+    settings = _settings(
+        data,
+        tmp_path / "run",
         **TINY,
         epochs=3,
         lr=3e-3,
@@ -453,7 +463,7 @@ def _training_group(parser) -> dict[str, object]:
 
 
 def test_train_and_loio_expose_the_same_training_options() -> None:
-    from painwatch.train import TrainConfig, train_config_from_args
+    from painwatch.cli.options import config_from_args
 
     train_options = _training_group(_command_parser("train"))
     loio_options = _training_group(_command_parser("loio"))
@@ -471,18 +481,38 @@ def test_train_and_loio_expose_the_same_training_options() -> None:
         assert options - set(loio_options) == expected
         # Defaults on both commands give TrainConfig's defaults.
         args = parser.parse_args(["data", "--out", "out"])
-        assert train_config_from_args(args) == TrainConfig()
-    assert LoioSettings(data="", out="").train_config(0) == TrainConfig()
+        assert config_from_args(TrainConfig, args) == TrainConfig()
+    assert LoioSettings(data="", out="").fold_config(0) == TrainConfig()
+
+
+def test_every_training_option_is_declared_once_in_its_field() -> None:
+    """The options come from TrainConfig's fields: a field's help and default are the option's."""
+    import dataclasses
+
+    from painwatch.cli.options import flag_of
+
+    group = next(g for g in _command_parser("loio")._action_groups if g.title == "training options")
+    actions = {action.dest: action for action in group._group_actions}
+    for field in dataclasses.fields(TrainConfig):
+        if not field.metadata["cli"]:
+            assert field.name not in actions, field.name
+            continue
+        action = actions[field.name]
+        assert action.option_strings == [flag_of(field)] and action.help == field.metadata["help"]
+        default = field.default
+        if field.metadata["zero_means_none"] and default is None:
+            default = 0
+        assert action.default == default, field.name
 
 
 def test_loio_forwards_every_training_option_like_train() -> None:
-    from painwatch.loio import TRAINING_FIELDS, settings_from_args
-    from painwatch.train import TrainConfig, train_config_from_args
+    from painwatch.cli.loio import settings_from_args
+    from painwatch.cli.options import config_from_args
 
     head_argv = [value for values in HEAD_ARGV.values() for value in values]
     loio_args = _command_parser("loio").parse_args(["data", "--out", "run", *TRAINING_ARGV_FLAT, *head_argv])
     settings = settings_from_args(loio_args)
-    fold_config = settings.train_config(seed=123)
+    fold_config = settings.fold_config(seed=123)
     defaults = TrainConfig()
     changed = {f for f in fold_config.to_dict() if getattr(fold_config, f) != getattr(defaults, f)}
     # Every field reaches the fold's TrainConfig except the two speed-only ones without an option.
@@ -494,33 +524,32 @@ def test_loio_forwards_every_training_option_like_train() -> None:
         1.5,
     )
     assert (fold_config.validate_under_noise, fold_config.amp, fold_config.seed) == (False, False, 123)
-    assert settings.seed == 7 and settings.weights == "backbone.safetensors"
+    assert settings.train.seed == 7 and settings.train.weights_path == "backbone.safetensors"
     # ... and they mean what they mean for `painwatch train`.
     train_args = _command_parser("train").parse_args(["data", "--out", "bundle", *TRAINING_ARGV_FLAT])
-    train_config = train_config_from_args(train_args, head_epochs=7, head_l2=0.5)
-    assert settings.train_config(seed=7, device="cpu") == train_config
-    assert {name: getattr(settings, name) for name in TRAINING_FIELDS} == {
-        name: getattr(train_config, name) for name in TRAINING_FIELDS
-    }
+    train_config = config_from_args(TrainConfig, train_args, head_epochs=7, head_l2=0.5)
+    assert settings.fold_config(seed=7, device="cpu") == train_config
+    assert settings.train == train_config
     # 0 switches off patience and gradient clipping on both commands.
     off = _command_parser("loio").parse_args(["d", "--out", "r", "--patience", "0", "--max-grad-norm", "0"])
-    assert (settings_from_args(off).patience, settings_from_args(off).max_grad_norm) == (None, None)
+    off_config = settings_from_args(off).train
+    assert (off_config.patience, off_config.max_grad_norm) == (None, None)
 
 
 def test_new_training_options_reach_the_fold_training(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import painwatch.train
+    import painwatch.evaluation.loio
     from painwatch.models import load_bundle
 
     seen: list = []
-    real_fit = painwatch.train.fit
+    real_fit = painwatch.evaluation.loio.fit
 
-    def spy(model, train_records, val_records, config, progress=True, **kwargs):
+    def spy(model, train_records, val_records, *, config, **kwargs):
         seen.append((config, train_records))
-        return real_fit(model, train_records, val_records, config, progress, **kwargs)
+        return real_fit(model, train_records, val_records, config=config, **kwargs)
 
-    monkeypatch.setattr(painwatch.train, "fit", spy)
+    monkeypatch.setattr(painwatch.evaluation.loio, "fit", spy)
     out = tmp_path / "run"
     argv = ["loio", str(tiny_data), "--out", str(out), *FINE_TUNE_ARGS, "--max-folds", "1"]
     options = ["--loss", "ce+mc_margin", "--noise-sigma", "0.1", "--margin", "2.5", "--num-draws", "2"]
@@ -535,7 +564,7 @@ def test_new_training_options_reach_the_fold_training(
     result = json.loads((out / "folds" / "fold_00" / "result.json").read_text())
     assert [epoch["lr"] for epoch in result["history"]] == [0.002]  # constant schedule, no warm-up
     assert result["history"][0]["val_noise_sigma"] == 0.0  # --validate-clean
-    training = load_bundle(out / "folds" / "fold_00" / "model").metadata["training"]
+    training = load_bundle(out / "folds" / "fold_00" / "model").metadata.training
     assert (training["margin"], training["num_draws"], training["augment"]) == (2.5, 2, 0.0)
     saved = json.loads((out / "config.json").read_text())["settings"]
     assert (saved["margin"], saved["schedule"], saved["drop_rate"]) == (2.5, "constant", 0.2)

@@ -16,7 +16,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from painwatch.metrics import (
+from painwatch.evaluation.metrics import (
     _metrics_from_confusion,
     bootstrap_confidence_intervals,
     classification_metrics,

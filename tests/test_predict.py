@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from painwatch.models import BundleError, create_model, save_bundle, update_bundle_metadata
-from painwatch.predict import ABSTAIN_LABEL, FrameResult, Predictor, SettingsError, frame_seed
+from painwatch.inference import ABSTAIN_LABEL, FrameResult, Predictor, SettingsError, frame_seed
+from painwatch.models import (
+    BundleError,
+    GateVerdict,
+    create_model,
+    record_gate_verdict,
+    save_bundle,
+)
 from painwatch.robust import (
     MonteCarloSurrogate,
     SmoothedClassifier,
@@ -219,12 +225,12 @@ def test_model_card_and_gate(bundle: Path, tmp_path: Path) -> None:
     assert predictor.gate is None
     card = predictor.model_card()
     assert "never replaces" in card and "2 individuals" in card and "Not run" in card
-    update_bundle_metadata(copy, {"gate": {"passed": False, "date": "2026-01-01", "thresholds": {},
-                                           "results": [{"name": "min_pain_recall", "value": 0.5,
-                                                        "threshold": 0.6, "passed": False}],
-                                           "report": "r.html"}})
+    record_gate_verdict(copy, GateVerdict(gate_file="default.toml", passed=False, date="2026-01-01",
+                                          results=({"name": "min_pain_recall", "value": 0.5,
+                                                    "threshold": 0.6, "passed": False},),
+                                          details={"report": "r.html"}))
     reloaded = Predictor.load(copy)
-    assert reloaded.gate["passed"] is False
+    assert reloaded.gate.passed is False and list(reloaded.gates) == ["default.toml"]
     assert "FAILED" in reloaded.model_card() and "min_pain_recall" in reloaded.model_card()
     assert reloaded.model_card_dict()["training_data"]["num_individuals"] == 2
 

@@ -19,17 +19,10 @@ from torch.utils.data import TensorDataset
 from painwatch.cli import main
 from painwatch.data import is_synthetic, load_records, make_demo_dataset, split_by_individual
 from painwatch.models import create_model, load_bundle
-from painwatch.train import (
-    TrainConfig,
-    balanced_accuracy,
-    class_weights,
-    extract_features,
-    fit,
-    fit_head,
-    make_scheduler,
-    parameter_groups,
-    predict_logits,
-)
+from painwatch.training import TrainConfig
+from painwatch.training.batches import extract_features, predict_logits
+from painwatch.training.head import fit_head
+from painwatch.training.loops import balanced_accuracy, class_weights, fit, make_scheduler, parameter_groups
 
 ARCH = "test_resnet"
 SIZE = 32
@@ -156,7 +149,7 @@ def test_split_by_individual_never_puts_one_individual_on_both_sides(data_folder
 def test_fit_decreases_the_loss_and_restores_the_best_epoch() -> None:
     train, val = _tensor_dataset(32, seed=1), _tensor_dataset(16, seed=2)
     model = create_model(ARCH, input_size=SIZE, seed=0)
-    result = fit(model, train, val, _config(epochs=4), progress=False)
+    result = fit(model, train, val, config=_config(epochs=4), progress=False)
     losses = [h["train_loss"] for h in result.history]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert 1 <= result.best_epoch <= 4
@@ -172,7 +165,7 @@ def test_expected_margin_loss_trains() -> None:
     train = _tensor_dataset(24, seed=3)
     model = create_model(ARCH, input_size=SIZE, seed=0)
     config = _config(loss="mc_margin", noise_sigma=0.1, num_draws=2, margin=1.0, epochs=3)
-    result = fit(model, train, None, config, progress=False)
+    result = fit(model, train, None, config=config, progress=False)
     losses = [h["train_loss"] for h in result.history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert result.best_epoch == 3 and result.val_logits is None
@@ -181,7 +174,7 @@ def test_expected_margin_loss_trains() -> None:
 def test_noise_trained_models_are_validated_under_their_noise() -> None:
     train, val = _tensor_dataset(16, seed=5), _tensor_dataset(8, seed=6)
     model = create_model(ARCH, input_size=SIZE, seed=0)
-    result = fit(model, train, val, _config(epochs=2, noise_sigma=0.2, seed=3), progress=False)
+    result = fit(model, train, val, config=_config(epochs=2, noise_sigma=0.2, seed=3), progress=False)
     assert all(h["val_noise_sigma"] == 0.2 for h in result.history)
     noisy = predict_logits(model, val, noise_sigma=0.2, noise_seed=3 + 2)
     torch.testing.assert_close(result.val_logits, noisy)
@@ -195,7 +188,7 @@ def test_noise_trained_models_are_validated_under_their_noise() -> None:
         create_model(ARCH, input_size=SIZE, seed=0),
         train,
         val,
-        _config(epochs=1, noise_sigma=0.2, validate_under_noise=False),
+        config=_config(epochs=1, noise_sigma=0.2, validate_under_noise=False),
         progress=False,
     )
     assert clean_result.history[0]["val_noise_sigma"] == 0.0
@@ -206,7 +199,8 @@ def test_same_seed_same_model() -> None:
     states = []
     for _ in range(2):
         model = create_model(ARCH, input_size=SIZE, seed=0)
-        fit(model, train, None, _config(epochs=1, noise_sigma=0.05, class_balance="sampler"), progress=False)
+        fit(model, train, None, config=_config(epochs=1, noise_sigma=0.05, class_balance="sampler"),
+            progress=False)
         states.append(model.state_dict())
     for name, value in states[0].items():
         assert torch.equal(value, states[1][name]), name
@@ -215,7 +209,7 @@ def test_same_seed_same_model() -> None:
 def test_fit_rejects_labels_outside_the_model() -> None:
     bad = TensorDataset(torch.rand(4, 3, SIZE, SIZE), torch.tensor([0, 1, 2, 1]))
     with pytest.raises(ValueError, match=r"train labels \[2\]"):
-        fit(create_model(ARCH, input_size=SIZE, seed=0), bad, None, _config(epochs=1), progress=False)
+        fit(create_model(ARCH, input_size=SIZE, seed=0), bad, None, config=_config(epochs=1), progress=False)
 
 
 def test_fit_head_on_cached_features_matches_the_model_head(data_folder: Path) -> None:
@@ -234,7 +228,7 @@ def test_fit_head_solves_class_weighted_logistic_regression() -> None:
     y = torch.tensor([0] * 30 + [1] * 20 + [2] * 10)
     x = torch.randn(60, 6, generator=rng, dtype=torch.float64) + 1.2 * torch.nn.functional.one_hot(y, 6) + 5.0
     config = _config(head_l2=0.05, patience=None)
-    result = fit_head(x, y, None, None, config, num_classes=3)
+    result = fit_head(x, y, config=config, num_classes=3)
     reference = make_pipeline(
         StandardScaler(), LogisticRegression(C=1 / (60 * 0.05), class_weight="balanced", tol=1e-10)
     ).fit(x.numpy(), y.numpy())
@@ -246,13 +240,14 @@ def test_fit_head_validation_and_errors() -> None:
     rng = torch.Generator().manual_seed(1)
     y = torch.arange(60) % 2
     x = torch.randn(60, 8, generator=rng) + 3.0 * y[:, None].float()
-    result = fit_head(x[:40], y[:40], x[40:], y[40:], _config(patience=2), num_classes=2)
+    result = fit_head(x[:40], y[:40], val_features=x[40:], val_labels=y[40:], config=_config(patience=2),
+                      num_classes=2)
     assert result.model.out_features == 2 and result.history[result.best_epoch - 1]["val_accuracy"] >= 0.95
     torch.testing.assert_close(result.model(x[40:]).detach(), result.val_logits)
     with pytest.raises(ValueError, match="pixel-space noise"):
-        fit_head(x, y, None, None, _config(noise_sigma=0.1))
+        fit_head(x, y, config=_config(noise_sigma=0.1))
     with pytest.raises(ValueError, match="shape"):
-        fit_head(x, y[:10], None, None, _config())
+        fit_head(x, y[:10], config=_config())
 
 
 def test_painwatch_train_writes_a_loadable_bundle(data_folder: Path, tmp_path: Path, capsys) -> None:
@@ -288,7 +283,7 @@ def test_painwatch_train_writes_a_loadable_bundle(data_folder: Path, tmp_path: P
     )
     assert code == 0, capsys.readouterr().err
     bundle = load_bundle(out)
-    training = bundle.metadata["training"]
+    training = bundle.metadata.training
     assert training["individuals"] == ["monkey0", "monkey1", "monkey2", "monkey3"]
     assert len(training["validation_individuals"]) == 1
     assert set(training["fit_individuals"]).isdisjoint(training["validation_individuals"])
@@ -296,7 +291,7 @@ def test_painwatch_train_writes_a_loadable_bundle(data_folder: Path, tmp_path: P
     assert training["synthetic_data"] is False and not is_synthetic(data_folder)
     assert training["augment"] == 0.5 and training["validation_noise_sigma"] == 0.1
     assert len(training["data_hash"]) == 64
-    assert bundle.metadata["certification"]["sigma"] == pytest.approx(0.1)
+    assert bundle.metadata.certification.sigma == pytest.approx(0.1)
     assert bundle.temperature > 0
     assert bundle.model(torch.rand(2, 3, SIZE, SIZE)).shape == (2, 2)
     assert "training on 32 frames from 4 individuals" in capsys.readouterr().err
@@ -323,7 +318,7 @@ def test_training_on_the_demo_set_is_marked_synthetic(tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     arguments = ["train", str(manifest.parent), "--out", str(out), "--arch", ARCH, "--input-size", str(SIZE)]
     assert main([*arguments, "--epochs", "1", "--val-fraction", "0", "--device", "cpu", "--quiet"]) == 0
-    training = load_bundle(out).metadata["training"]
+    training = load_bundle(out).metadata.training
     assert training["synthetic_data"] is True and training["validation_individuals"] == []
     assert load_bundle(out).temperature == 1.0  # nothing held out to calibrate on
 

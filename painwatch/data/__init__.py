@@ -1,8 +1,9 @@
 """Frames, manifests, validation, hashes, splits by individual, provenance, transforms, face crops,
 video sampling and the synthetic demo set.
 
-The public names below are loaded lazily (on first use), so that ``painwatch --help`` and the
-``painwatch.data.commands`` module do not pay for importing torch, OpenCV or albumentations.
+The public names below are loaded on first use (PEP 562), so that the command line's ``--help``, which
+reads the demo set's defaults, does not pay for importing torch, OpenCV or albumentations; the
+``TYPE_CHECKING`` block below names every module they come from.
 """
 
 from __future__ import annotations

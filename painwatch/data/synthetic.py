@@ -491,11 +491,11 @@ painwatch demo-data OUT --individuals {individuals} --frames-per-class {frames_p
 
 def make_demo_dataset(
     out_dir: str | os.PathLike,
+    *,
     individuals: int = DEMO_INDIVIDUALS,
     frames_per_class: int = DEMO_FRAMES_PER_CLASS,
     seed: int = 0,
     image_size: int = DEMO_IMAGE_SIZE,
-    *,
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:

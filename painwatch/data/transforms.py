@@ -1,6 +1,6 @@
 """Image transforms (albumentations): uint8 RGB frame -> float tensor (3, size, size) in [0, 1].
 
-No mean/std normalisation here: it is a layer inside the model (DESIGN.md, "Units and conventions"),
+No mean/std normalisation here: it is a layer inside the model (docs/design.md, "Units and conventions"),
 so that noise levels and certified radii are measured in [0, 1] pixel space.
 """
 

@@ -1,24 +1,20 @@
 """timm backbones with the normalisation inside, and model bundles (``weights.safetensors`` + ``model.json``).
 
 A model takes ``(B, 3, H, W)`` float images with pixels in [0, 1] and returns logits ``(B, K)``.
+:mod:`painwatch.models.schema` types ``model.json``; :mod:`painwatch.models.bundle` reads and writes
+bundles; :mod:`painwatch.models.network` builds the networks.
 """
 
 from painwatch.models.bundle import (
-    CERTIFICATION_METHODS,
-    DEFAULT_CERTIFICATION_BOUNDS,
-    DEFAULT_CERTIFICATION_SIGMA,
-    FORMAT_VERSION,
     METADATA_FILE,
     WEIGHTS_FILE,
     Bundle,
-    BundleError,
-    default_certification,
     library_versions,
     load_bundle,
     read_metadata,
+    record_gate_verdict,
     save_bundle,
     update_bundle_metadata,
-    validate_metadata,
 )
 from painwatch.models.network import (
     DEFAULT_ARCH,
@@ -30,17 +26,31 @@ from painwatch.models.network import (
     load_backbone_weights,
     read_state_dict,
 )
+from painwatch.models.schema import (
+    DEFAULT_CERTIFICATION_BOUNDS,
+    DEFAULT_CERTIFICATION_SIGMA,
+    DEFAULT_SCORE_TEMPERATURE,
+    FORMAT_VERSION,
+    BundleError,
+    BundleMetadata,
+    CertificationDefaults,
+    GateVerdict,
+    default_certification,
+)
 
 __all__ = [
-    "CERTIFICATION_METHODS",
     "DEFAULT_ARCH",
     "DEFAULT_CERTIFICATION_BOUNDS",
     "DEFAULT_CERTIFICATION_SIGMA",
+    "DEFAULT_SCORE_TEMPERATURE",
     "FORMAT_VERSION",
     "METADATA_FILE",
     "WEIGHTS_FILE",
     "Bundle",
     "BundleError",
+    "BundleMetadata",
+    "CertificationDefaults",
+    "GateVerdict",
     "ModelWeightsError",
     "Normalize",
     "PainNet",
@@ -52,7 +62,7 @@ __all__ = [
     "load_bundle",
     "read_metadata",
     "read_state_dict",
+    "record_gate_verdict",
     "save_bundle",
     "update_bundle_metadata",
-    "validate_metadata",
 ]

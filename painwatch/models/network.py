@@ -1,6 +1,6 @@
 """timm backbones wrapped so that the model owns its input normalisation.
 
-A :class:`PainNet` takes a float tensor ``(B, 3, H, W)`` with pixels in **[0, 1]** (DESIGN.md,
+A :class:`PainNet` takes a float tensor ``(B, 3, H, W)`` with pixels in **[0, 1]** (docs/design.md,
 "Units and conventions") and returns logits ``(B, K)``. Mean/std normalisation is the first layer
 of the network, so noise ``sigma`` and certified radii are L2 norms in [0, 1] pixel space at the
 model's input resolution. Inputs outside [0, 1] are accepted on purpose: smoothing adds Gaussian
@@ -316,11 +316,11 @@ def _hub_pretrained_backbone(arch: str, drop_rate: float) -> nn.Module:
 
 def create_model(
     arch: str = DEFAULT_ARCH,
+    *,
     num_classes: int = 2,
     pretrained: bool = False,
     weights_path: str | Path | None = None,
     input_size: int = 224,
-    *,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     drop_rate: float = 0.0,

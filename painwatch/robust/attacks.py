@@ -39,6 +39,7 @@ from painwatch.robust.validation import (
     check_count,
     check_generator,
     check_image,
+    check_labels,
     check_logits,
     check_model,
     check_sigma,
@@ -161,15 +162,6 @@ def monte_carlo_smoothed_classifier(
     return classify
 
 
-def _check_labels(labels: object, batch: int) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        labels = torch.as_tensor(labels)
-    if labels.shape != (batch,) or labels.dtype in (torch.bool,) or torch.is_floating_point(labels):
-        raise ValueError(f"labels must be an integer tensor of shape ({batch},), got {labels.dtype} "
-                         f"of shape {tuple(labels.shape)}")
-    return labels.to(torch.long)
-
-
 def _check_eps(eps: float | torch.Tensor | np.ndarray, batch: int) -> np.ndarray:
     if isinstance(eps, torch.Tensor):
         eps = eps.detach().cpu().numpy()
@@ -237,7 +229,7 @@ def pgd_l2(
     check_model(model)
     check_batch(x)
     batch = x.shape[0]
-    labels = _check_labels(labels, batch).to(x.device)
+    labels = check_labels(labels, batch=batch).to(x.device)
     budgets = _check_eps(eps, batch)
     steps = check_count(steps, "steps")
     restarts = check_count(restarts, "restarts", minimum=0)
@@ -253,9 +245,7 @@ def pgd_l2(
                                 category=DeprecationWarning)
         with torch.no_grad():
             num_classes = check_logits(module(x[:1]), 1).shape[1]
-        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-            raise ValueError(f"labels must be in [0, {num_classes}), got values in "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        check_labels(labels, batch=batch, num_classes=num_classes)
         classifier = PyTorchClassifier(
             model=module, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]), nb_classes=num_classes,
             clip_values=(0.0, 1.0), device_type="gpu" if x.is_cuda else "cpu",

@@ -28,6 +28,7 @@ __all__ = [
     "ABSTAIN",
     "BASE_METHODS",
     "METHODS",
+    "SEQUENTIAL_BOUNDS",
     "Certificate",
     "CertificationOutcome",
     "CertificationSettings",
@@ -39,6 +40,12 @@ __all__ = [
 
 ABSTAIN: int = -1
 """The prediction of a certificate that abstains (its radius is 0)."""
+
+SEQUENTIAL_BOUNDS: tuple[str, ...] = ("anytime", "fixed")
+"""The confidence bounds of the smoothing certificates that draw in batches: ``anytime``, the betting
+confidence sequence [WSR23] (valid under any stopping rule); ``fixed``, Clopper-Pearson [CP34] over the
+whole budget, sampling stopped early only to abstain (hard votes only). docs/design.md, "The
+certificates", item 6."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +213,9 @@ class MethodSpec:
         base: the fixed-n method whose classifier and radius formula this one shares (``name`` itself
             for a base method, the names a model bundle may configure).
         runner: see :data:`Runner`.
+        stops_early_to_abstain: with ``stop_early=True`` the runner stops sampling as soon as abstaining
+            is decided, and otherwise certifies from the whole budget with the fixed-n bound (the
+            ``"fixed"`` bound of :data:`SEQUENTIAL_BOUNDS`).
     """
 
     name: str
@@ -216,6 +226,7 @@ class MethodSpec:
     sequential: bool
     base: str
     runner: Runner
+    stops_early_to_abstain: bool = False
 
     def __post_init__(self) -> None:
         for field_name in ("name", "certifies", "base"):

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from painwatch.robust.moments import expected_margin, gaussian_logit_moments
+from painwatch.robust.validation import check_labels
 
 __all__ = [
     "LOSS_NAMES",
@@ -93,24 +94,6 @@ def _check_positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return value
-
-
-def _check_labels(logits_or_batch: int, y: Tensor, num_classes: int | None = None) -> Tensor:
-    """Check ``y`` is an integer tensor of shape (B,) with entries in [0, K)."""
-    if not isinstance(y, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(y).__name__}")
-    if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
-        raise TypeError(f"labels must be an integer tensor, got dtype {y.dtype}")
-    if y.dim() != 1 or y.shape[0] != logits_or_batch:
-        raise ValueError(
-            f"labels must have shape ({logits_or_batch},) to match the batch, got {tuple(y.shape)}"
-        )
-    if y.numel() and num_classes is not None:
-        low, high = int(y.min()), int(y.max())
-        if low < 0 or high >= num_classes:
-            bad = low if low < 0 else high
-            raise ValueError(f"label {bad} is outside [0, {num_classes}) for {num_classes} classes")
-    return y.long()
 
 
 def true_class_margin(logits: Tensor, y: Tensor) -> Tensor:
@@ -183,7 +166,7 @@ def mc_expected_margin_loss(
         _check_positive_int("max_batch", max_batch)
     _check_reduction(reduction)
     batch = x.shape[0]
-    y = _check_labels(batch, y).to(x.device)
+    y = check_labels(y, batch=batch).to(x.device)
 
     # Without noise every draw is the same input: one forward gives the identical value.
     draws = num_draws if sigma > 0 else 1
@@ -253,7 +236,7 @@ def _check_logits(logits: Tensor, y: Tensor) -> Tensor:
         raise TypeError(f"logits must be a floating-point tensor, got {found}")
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must have shape (B, K) with K >= 2, got {tuple(logits.shape)}")
-    return _check_labels(logits.shape[0], y, logits.shape[1]).to(logits.device)
+    return check_labels(y, batch=logits.shape[0], num_classes=logits.shape[1]).to(logits.device)
 
 
 def _check_logit_variance(mean: Tensor, var: Tensor) -> None:

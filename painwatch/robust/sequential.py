@@ -53,6 +53,7 @@ from torch import Tensor
 from painwatch.robust.bounds import BettingLowerBound, best_attainable_lower_bound, clopper_pearson_lower
 from painwatch.robust.certificate import (
     ABSTAIN,
+    SEQUENTIAL_BOUNDS,
     Certificate,
     CertificationOutcome,
     CertificationSettings,
@@ -78,10 +79,6 @@ __all__ = [
     "SequentialCertificate",
     "sequential_certify",
 ]
-
-SEQUENTIAL_BOUNDS: tuple[str, ...] = ("anytime", "fixed")
-"""``anytime``: the betting confidence sequence (any stopping rule); ``fixed``: Clopper-Pearson over the
-whole budget, stopping early only to abstain (hard votes only)."""
 
 SCORE_KINDS: tuple[str, ...] = ("soft", "hard")
 """``soft``: softmax score of the selected class (soft smoothing); ``hard``: 0/1 vote [Cohen19]."""
@@ -322,7 +319,7 @@ _SEQUENTIAL_SPECS: dict[str, MethodSpec] = {
     )),
     "soft": register_method(MethodSpec(
         name="soft_smoothing_sequential",
-        certifies="argmax of the expected softmax scores under Gaussian noise",
+        certifies="argmax of the expected softmax (the mean softmax over Gaussian noise)",
         needs_lipschitz_constant=False,
         needs_noise=True,
         deterministic=False,

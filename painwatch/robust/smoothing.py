@@ -280,11 +280,12 @@ _RANDOMIZED_SMOOTHING = register_method(MethodSpec(
     deterministic=False,
     sequential=False,
     base="randomized_smoothing",
+    stops_early_to_abstain=True,
     runner=_run_randomized_smoothing,
 ))
 _SOFT_SMOOTHING = register_method(MethodSpec(
     name="soft_smoothing",
-    certifies="argmax of the expected softmax scores under Gaussian noise",
+    certifies="argmax of the expected softmax (the mean softmax over Gaussian noise)",
     needs_lipschitz_constant=False,
     needs_noise=True,
     deterministic=False,

@@ -216,3 +216,26 @@ def check_same_device(model: object, x: torch.Tensor, name: str = "x") -> None:
             raise ValueError(f"{name} is on {x.device} but the model's weights are on {tensor.device}; "
                              f"move one of them (e.g. {name}.to({str(tensor.device)!r}))")
         return
+
+
+def check_labels(
+    labels: object, *, batch: int, num_classes: int | None = None, name: str = "labels"
+) -> torch.Tensor:
+    """Integer class labels as a LongTensor of shape ``(batch,)``, each in ``[0, num_classes)`` when given.
+
+    Accepts tensors and anything ``torch.as_tensor`` takes; floats and booleans are refused (a label is
+    a class index). The message names the shape or the first label out of range.
+    """
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.as_tensor(labels)
+    not_integer = labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex()
+    if labels.shape != (batch,) or not_integer:
+        raise ValueError(f"{name} must be an integer tensor of shape ({batch},), got {labels.dtype} "
+                         f"of shape {tuple(labels.shape)}")
+    if labels.numel() and num_classes is not None:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} must be in [0, {num_classes}): label {bad} is outside "
+                             f"[0, {num_classes}) for {num_classes} classes")
+    return labels.to(torch.long)

@@ -1,13 +1,8 @@
-"""The ``painwatch validate`` and ``painwatch demo-data`` sub-commands.
-
-Heavy imports (OpenCV, Pillow, numpy) happen inside the handlers so that ``painwatch --help`` stays
-fast.
-"""
+"""``painwatch validate`` and ``painwatch demo-data``: check a data source, draw the synthetic demo set."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -39,19 +34,15 @@ def _demo_data(args: argparse.Namespace) -> int:
     from painwatch.data.synthetic import make_demo_dataset
 
     started = time.perf_counter()
-    try:
-        manifest = make_demo_dataset(
-            args.out,
-            individuals=args.individuals,
-            frames_per_class=args.frames_per_class,
-            seed=args.seed,
-            image_size=args.size,
-            overwrite=args.overwrite,
-            progress=args.verbose,
-        )
-    except (ValueError, FileExistsError) as error:
-        print(f"painwatch demo-data: error: {error}", file=sys.stderr)
-        return EXIT_PROBLEMS
+    manifest = make_demo_dataset(
+        args.out,
+        individuals=args.individuals,
+        frames_per_class=args.frames_per_class,
+        seed=args.seed,
+        image_size=args.size,
+        overwrite=args.overwrite,
+        progress=args.verbose,
+    )
     frames = 2 * args.individuals * args.frames_per_class
     print(
         f"wrote {frames} SYNTHETIC frames ({args.individuals} individuals x 2 classes x "

@@ -21,7 +21,7 @@ individuals' multiplicities as sample weights, which equals the AUC of the conca
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from sklearn.metrics import (
 )
 
 from painwatch import CLASS_NAMES
+from painwatch.validation import check_labels
 
 #: Default number of equal-width confidence bins for ECE and the reliability diagram.
 DEFAULT_NUM_BINS = 15
@@ -50,30 +51,6 @@ def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
     return np.asarray(value)
-
-
-def check_labels(labels: Any, num_classes: int | None = None, name: str = "labels") -> np.ndarray:
-    """Return ``labels`` as int64 ``(N,)``; raise ``ValueError`` naming the first bad entry."""
-    array = _to_numpy(labels)
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (N,); got shape {array.shape}")
-    if array.size and not np.issubdtype(array.dtype, np.integer):
-        if array.dtype == bool:
-            array = array.astype(np.int64)
-        elif (
-            not np.issubdtype(array.dtype, np.number)
-            or not np.all(np.isfinite(array))
-            or not np.all(array == np.round(array))
-        ):
-            raise ValueError(f"{name} must be integer class indices; got dtype {array.dtype}")
-    array = array.astype(np.int64)
-    upper = num_classes if num_classes is not None else None
-    bad = array < 0 if upper is None else (array < 0) | (array >= upper)
-    if np.any(bad):
-        index = int(np.flatnonzero(bad)[0])
-        allowed = ">= 0" if upper is None else f"in [0, {upper - 1}]"
-        raise ValueError(f"{name} must be {allowed}; found {int(array[index])} at index {index}")
-    return array
 
 
 def check_probabilities(probabilities: Any, num_samples: int | None = None) -> np.ndarray:
@@ -128,7 +105,7 @@ def _prepare(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     probs = check_probabilities(probabilities)
     num_classes = probs.shape[1]
-    y = check_labels(labels, num_classes)
+    y = check_labels(labels, num_classes=num_classes)
     if y.shape[0] != probs.shape[0]:
         raise ValueError(f"labels have {y.shape[0]} entries but probabilities have {probs.shape[0]} rows")
     if y.shape[0] == 0:
@@ -136,7 +113,7 @@ def _prepare(
     if predictions is None:
         pred = predicted_classes(probs)
     else:
-        pred = check_labels(predictions, num_classes, name="predictions")
+        pred = check_labels(predictions, num_classes=num_classes, name="predictions")
         if pred.shape != y.shape:
             raise ValueError(f"predictions have shape {pred.shape}; expected {y.shape}")
     return y, probs, pred, num_classes
@@ -207,7 +184,7 @@ def _ece_from_bin_sums(sums: np.ndarray) -> np.ndarray:
 
 
 def reliability_diagram(
-    labels: Any, probabilities: Any, num_bins: int = DEFAULT_NUM_BINS, predictions: Any | None = None
+    labels: Any, probabilities: Any, *, num_bins: int = DEFAULT_NUM_BINS, predictions: Any | None = None
 ) -> ReliabilityDiagram:
     """Top-label reliability diagram and expected calibration error with equal-width bins.
 
@@ -233,10 +210,10 @@ def reliability_diagram(
 
 
 def expected_calibration_error(
-    labels: Any, probabilities: Any, num_bins: int = DEFAULT_NUM_BINS, predictions: Any | None = None
+    labels: Any, probabilities: Any, *, num_bins: int = DEFAULT_NUM_BINS, predictions: Any | None = None
 ) -> float:
     """Top-label ECE with ``num_bins`` equal-width bins (see :func:`reliability_diagram`)."""
-    return reliability_diagram(labels, probabilities, num_bins, predictions).ece
+    return reliability_diagram(labels, probabilities, num_bins=num_bins, predictions=predictions).ece
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +260,7 @@ def roc_curve_points(
 def classification_metrics(
     labels: Any,
     probabilities: Any,
+    *,
     predictions: Any | None = None,
     class_names: Sequence[str] | None = None,
     num_bins: int = DEFAULT_NUM_BINS,
@@ -319,7 +297,7 @@ def classification_metrics(
         },
         "confusion_matrix": confusion_matrix(y, pred, labels=class_indices).tolist(),
         "roc_auc": roc_auc(y, probs),
-        "ece": reliability_diagram(y, probs, num_bins, pred).ece,
+        "ece": reliability_diagram(y, probs, num_bins=num_bins, predictions=pred).ece,
     }
 
 
@@ -370,10 +348,52 @@ def cluster_bootstrap_counts(num_groups: int, reps: int, rng: np.random.Generato
     return counts
 
 
+def percentile_interval(
+    estimate: float, replicates: np.ndarray, confidence_level: float
+) -> dict[str, float | int | None]:
+    """``{estimate, low, high, valid_reps}``: the percentile interval of the finite replicates (undefined
+    replicates, e.g. a precision with no predicted positive, are left out; None when none is left)."""
+    values = np.asarray(replicates, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    tail = (1.0 - float(confidence_level)) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail]) if values.size else (np.nan, np.nan)
+    return {"estimate": _json_float(estimate), "low": _json_float(low), "high": _json_float(high),
+            "valid_reps": int(values.size)}
+
+
+def bootstrap_group_statistics(
+    per_group: np.ndarray,
+    summarise: Callable[[np.ndarray], Mapping[str, np.ndarray]],
+    *,
+    reps: int,
+    seed: int | np.random.Generator,
+    confidence_level: float = 0.95,
+) -> dict[str, dict[str, float | int | None]]:
+    """The cluster bootstrap (by individual) of quantities that are functions of per-individual sums.
+
+    ``per_group`` is ``(G, S)``: S sufficient statistics (counts) of each of G individuals;
+    ``summarise(totals)`` maps totals ``(..., S)`` to named quantities of shape ``(...)``. Each replicate
+    draws G individuals with replacement and sums their statistics, which equals the statistics of the
+    concatenated resample. Returns ``{name: {estimate, low, high, valid_reps}}``; with fewer than two
+    individuals no interval exists (``low`` and ``high`` are None).
+    """
+    stats = np.asarray(per_group, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        point = summarise(stats.sum(axis=0))
+        if stats.shape[0] < 2:
+            return {name: {"estimate": _json_float(value), "low": None, "high": None, "valid_reps": 0}
+                    for name, value in point.items()}
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        replicates = summarise(cluster_bootstrap_counts(stats.shape[0], int(reps), rng) @ stats)
+    return {name: percentile_interval(value, replicates[name], confidence_level)
+            for name, value in point.items()}
+
+
 def bootstrap_confidence_intervals(
     labels: Any,
     probabilities: Any,
     groups: Any,
+    *,
     predictions: Any | None = None,
     class_names: Sequence[str] | None = None,
     reps: int = DEFAULT_BOOTSTRAP_REPS,
@@ -418,7 +438,7 @@ def bootstrap_confidence_intervals(
     np.add.at(bin_sums_per_group, (group_index, 2, bins), (pred == y).astype(np.float64))
 
     metric_names = scalar_metric_names(names)
-    point = classification_metrics(y, probs, pred, names, num_bins)
+    point = classification_metrics(y, probs, predictions=pred, class_names=names, num_bins=num_bins)
     estimates = _flatten_point(point, names)
 
     result: dict[str, Any] = {
@@ -457,17 +477,10 @@ def bootstrap_confidence_intervals(
                 )
     replicates = np.concatenate([from_confusion, auc[:, None], ece[:, None]], axis=1)
 
-    tail = (1.0 - float(confidence_level)) / 2.0
     for column, name in enumerate(metric_names):
-        values = replicates[:, column]
-        values = values[np.isfinite(values)]
-        low, high = np.quantile(values, [tail, 1.0 - tail]) if len(values) else (np.nan, np.nan)
-        result["metrics"][name] = {
-            "estimate": estimates[name],
-            "low": _json_float(low),
-            "high": _json_float(high),
-            "valid_reps": len(values),
-        }
+        result["metrics"][name] = percentile_interval(
+            np.nan if estimates[name] is None else estimates[name], replicates[:, column], confidence_level
+        )
     if return_replicates:
         result["replicates"] = replicates
         result["names"] = metric_names
@@ -495,6 +508,7 @@ def per_individual_table(
     labels: Any,
     probabilities: Any,
     groups: Any,
+    *,
     predictions: Any | None = None,
     class_names: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
@@ -507,7 +521,7 @@ def per_individual_table(
     rows = []
     for individual in sorted(np.unique(individuals).tolist()):
         mask = individuals == individual
-        metrics = classification_metrics(y[mask], probs[mask], pred[mask], names)
+        metrics = classification_metrics(y[mask], probs[mask], predictions=pred[mask], class_names=names)
         row: dict[str, Any] = {"individual": individual, "frames": int(mask.sum())}
         for name in names:
             row[f"frames_{name}"] = metrics["per_class"][name]["support"]
@@ -525,6 +539,7 @@ def evaluate(
     labels: Any,
     probabilities: Any,
     groups: Any,
+    *,
     predictions: Any | None = None,
     class_names: Sequence[str] | None = None,
     num_bins: int = DEFAULT_NUM_BINS,
@@ -545,11 +560,19 @@ def evaluate(
         "num_frames": len(y),
         "num_individuals": len(np.unique(individuals)),
         "class_names": names,
-        "pooled": classification_metrics(y, probs, pred, names, num_bins),
+        "pooled": classification_metrics(y, probs, predictions=pred, class_names=names, num_bins=num_bins),
         "confidence_intervals": bootstrap_confidence_intervals(
-            y, probs, individuals, pred, names, bootstrap_reps, confidence_level, seed, num_bins
+            y,
+            probs,
+            individuals,
+            predictions=pred,
+            class_names=names,
+            reps=bootstrap_reps,
+            confidence_level=confidence_level,
+            seed=seed,
+            num_bins=num_bins,
         ),
-        "per_individual": per_individual_table(y, probs, individuals, pred, names),
-        "reliability": reliability_diagram(y, probs, num_bins, pred).to_dict(),
+        "per_individual": per_individual_table(y, probs, individuals, predictions=pred, class_names=names),
+        "reliability": reliability_diagram(y, probs, num_bins=num_bins, predictions=pred).to_dict(),
         "roc": roc_curve_points(y, probs, num_classes - 1) if num_classes == 2 else None,
     }

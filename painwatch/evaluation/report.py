@@ -119,6 +119,7 @@ def _cell(row: Mapping[str, Any], column: str, digits: int) -> str:
 
 def table_to_markdown(
     rows: Sequence[Mapping[str, Any]],
+    *,
     columns: Sequence[str] | None = None,
     headers: Sequence[str] | None = None,
     digits: int = 3,
@@ -141,6 +142,7 @@ def table_to_markdown(
 
 def table_to_html(
     rows: Sequence[Mapping[str, Any]],
+    *,
     columns: Sequence[str] | None = None,
     headers: Sequence[str] | None = None,
     digits: int = 3,
@@ -207,6 +209,7 @@ class Report:
     def table(
         self,
         rows: Sequence[Mapping[str, Any]],
+        *,
         columns: Sequence[str] | None = None,
         headers: Sequence[str] | None = None,
         caption: str | None = None,
@@ -245,7 +248,8 @@ class Report:
                 if block["caption"]:
                     out += [f"**{block['caption']}**", ""]
                 out += [
-                    table_to_markdown(block["rows"], block["columns"], block["headers"], block["digits"]),
+                    table_to_markdown(block["rows"], columns=block["columns"], headers=block["headers"],
+                                      digits=block["digits"]),
                     "",
                 ]
             elif kind == "image":
@@ -265,9 +269,8 @@ class Report:
                 body.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in block["items"]) + "</ul>")
             elif kind == "table":
                 body.append(
-                    table_to_html(
-                        block["rows"], block["columns"], block["headers"], block["digits"], block["caption"]
-                    )
+                    table_to_html(block["rows"], columns=block["columns"], headers=block["headers"],
+                                  digits=block["digits"], caption=block["caption"])
                 )
             elif kind == "image":
                 source = html.escape(block["filename"], quote=True)
@@ -295,7 +298,11 @@ class Report:
 # Plots
 # ----------------------------------------------------------------------------------------------
 def plot_confusion_matrix(
-    matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str | os.PathLike[str], title: str = ""
+    matrix: Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
 ) -> Path:
     """Counts with row-normalised shading (rows = true class, columns = predicted class)."""
     counts = np.asarray(matrix, dtype=np.float64)
@@ -328,7 +335,11 @@ def plot_confusion_matrix(
 
 
 def plot_roc(
-    roc: Mapping[str, Sequence[float]], auc: float | None, path: str | os.PathLike[str], label: str = "pain"
+    roc: Mapping[str, Sequence[float]],
+    auc: float | None,
+    path: str | os.PathLike[str],
+    *,
+    label: str = "pain",
 ) -> Path:
     """ROC curve of one class against the rest, with the chance diagonal."""
     figure, axis = new_figure(figsize=(4.2, 4.0))
@@ -390,6 +401,7 @@ def plot_reliability(reliability: Mapping[str, Any], path: str | os.PathLike[str
 def plot_per_individual(
     rows: Sequence[Mapping[str, Any]],
     path: str | os.PathLike[str],
+    *,
     metrics: Sequence[str] = ("accuracy", "recall_pain", "recall_no_pain"),
     reference: float | None = None,
 ) -> Path:
@@ -470,6 +482,7 @@ def write_loio_report(
     run_dir: str | os.PathLike[str],
     evaluation: Mapping[str, Any],
     run_info: Mapping[str, Any],
+    *,
     fold_rows: Sequence[Mapping[str, Any]] = (),
     stem: str = "report",
     notes: Sequence[str] = (),
@@ -486,7 +499,8 @@ def write_loio_report(
     pooled = evaluation["pooled"]
     paths: dict[str, Path] = {}
     paths["confusion_png"] = plot_confusion_matrix(
-        pooled["confusion_matrix"], names, folder / "confusion_matrix.png", "Pooled confusion matrix (LOIO)"
+        pooled["confusion_matrix"], names, folder / "confusion_matrix.png",
+        title="Pooled confusion matrix (LOIO)",
     )
     if evaluation.get("roc"):
         paths["roc_png"] = plot_roc(evaluation["roc"], pooled["roc_auc"], folder / "roc.png", label=names[-1])

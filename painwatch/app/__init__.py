@@ -1,0 +1,108 @@
+"""What the veterinarian's page needs beyond the Predictor, kept free of Streamlit so it can be tested
+on its own: where the bundle comes from (:mod:`~painwatch.app.bundles`), uploads to frames and frames to
+answers (:mod:`~painwatch.app.uploads`), the downloads (:mod:`~painwatch.app.downloads`) and what the
+page shows (:mod:`~painwatch.app.page`). ``app.py`` is a thin Streamlit layer over this package and
+:mod:`painwatch.inference`.
+"""
+
+from painwatch.app.bundles import (
+    BUNDLE_ENV,
+    DEFAULT_BUNDLE,
+    BundleError,
+    bundle_fingerprint,
+    bundle_path_from_args,
+    bundle_problem,
+    read_bundle_metadata,
+)
+from painwatch.app.downloads import (
+    CSV_COLUMNS_FIXED,
+    CSV_COLUMNS_TAIL,
+    Provenance,
+    csv_columns,
+    download_name,
+    results_csv,
+    results_json,
+)
+from painwatch.app.page import (
+    RADIUS_NOTE,
+    TABLE_COLUMNS,
+    THUMBNAIL_SIDE,
+    Summary,
+    describe_radius,
+    gate_lines,
+    is_abstention,
+    overlay_saliency,
+    results_table,
+    summarize,
+    tensor_to_image,
+    thumbnail_with_crop,
+    time_course,
+)
+from painwatch.app.uploads import (
+    CLIP_SUFFIXES,
+    IMAGE_SUFFIXES,
+    MAX_ASPECT_RATIO,
+    MAX_CLIP_BYTES,
+    MAX_FRAMES_PER_CLIP,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    MEGABYTE,
+    FileProblem,
+    Frame,
+    Upload,
+    check_aligned,
+    classify_frames,
+    decode_uploads,
+    suffix_of,
+    uploads_digest,
+)
+from painwatch.inference import ABSTAIN_LABEL
+from painwatch.robust import BASE_METHODS
+
+__all__ = [
+    "ABSTAIN_LABEL",
+    "BASE_METHODS",
+    "BUNDLE_ENV",
+    "CLIP_SUFFIXES",
+    "CSV_COLUMNS_FIXED",
+    "CSV_COLUMNS_TAIL",
+    "DEFAULT_BUNDLE",
+    "IMAGE_SUFFIXES",
+    "MAX_ASPECT_RATIO",
+    "MAX_CLIP_BYTES",
+    "MAX_FRAMES_PER_CLIP",
+    "MAX_IMAGE_BYTES",
+    "MAX_IMAGE_PIXELS",
+    "MEGABYTE",
+    "RADIUS_NOTE",
+    "TABLE_COLUMNS",
+    "THUMBNAIL_SIDE",
+    "BundleError",
+    "FileProblem",
+    "Frame",
+    "Provenance",
+    "Summary",
+    "Upload",
+    "bundle_fingerprint",
+    "bundle_path_from_args",
+    "bundle_problem",
+    "check_aligned",
+    "classify_frames",
+    "csv_columns",
+    "decode_uploads",
+    "describe_radius",
+    "download_name",
+    "gate_lines",
+    "is_abstention",
+    "overlay_saliency",
+    "read_bundle_metadata",
+    "results_csv",
+    "results_json",
+    "results_table",
+    "suffix_of",
+    "summarize",
+    "tensor_to_image",
+    "thumbnail_with_crop",
+    "time_course",
+    "uploads_digest",
+]

@@ -1,0 +1,235 @@
+"""What the page shows, kept free of Streamlit: the results table, the summary, the time course, the
+radius in words, the gate verdicts, thumbnails and the saliency overlay.
+
+Units (docs/design.md, "Units and conventions"): a radius is an L2 norm in [0, 1]-pixel space at the
+model's input resolution; its 8-bit grey-level equivalent is ``255 * r / sqrt(C*H*W)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+
+from painwatch.app.uploads import Frame, check_aligned
+from painwatch.data import centre_square
+from painwatch.inference import ABSTAIN_LABEL
+from painwatch.models import GateVerdict
+
+
+def is_abstention(result: Any) -> bool:
+    """True when the Predictor abstained on this frame (class index -1)."""
+    return int(result.class_index) < 0
+
+
+TABLE_COLUMNS: tuple[str, ...] = (
+    "frame", "file", "time (s)", "class", "confidence", "certified radius (L2)",
+    "radius (grey levels)", "method", "status",
+)
+"""Columns of the on-page results table, in order."""
+
+
+def results_table(frames: Sequence[Frame], results: Sequence[Any]) -> Any:
+    """The on-page results table (a pandas DataFrame), one row per frame, in upload order.
+
+    ``class`` is the predicted class name or "abstain"; ``confidence`` is the calibrated probability
+    of the predicted class (empty for abstentions); radii are exactly the Predictor's values
+    (``radius`` and ``radius_grey_levels``); ``status`` says "certified", "not certified
+    (radius 0)" or "abstained".
+    """
+
+    check_aligned(frames, results)
+    rows = []
+    for frame, result in zip(frames, results, strict=True):
+        abstained = is_abstention(result)
+        if abstained:
+            status = "abstained"
+        elif float(result.radius) > 0:
+            status = "certified"
+        else:
+            status = "not certified (radius 0)"
+        rows.append(
+            {
+                "frame": frame.name,
+                "file": frame.source,
+                "time (s)": frame.time_s,
+                "class": ABSTAIN_LABEL if abstained else str(result.label),
+                "confidence": None if abstained else float(result.confidence),
+                "certified radius (L2)": float(result.radius),
+                "radius (grey levels)": float(result.radius_grey_levels),
+                "method": str(result.method),
+                "status": status,
+            }
+        )
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    table["time (s)"] = table["time (s)"].astype("float64")
+    table["confidence"] = table["confidence"].astype("float64")
+    return table
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Counts over a batch; ``pain_share`` is over frames with an answer (abstentions excluded)."""
+
+    frames: int
+    pain: int
+    no_pain: int
+    abstained: int
+    certified: int
+
+    @property
+    def decided(self) -> int:
+        return self.frames - self.abstained
+
+    @property
+    def pain_share(self) -> float | None:
+        """Share of pain among frames with an answer, in [0, 1]; ``None`` when every frame abstained."""
+        return self.pain / self.decided if self.decided else None
+
+
+def summarize(results: Sequence[Any], pain_label: str = "pain") -> Summary:
+    """Count pain / no-pain / abstained / certified (radius > 0) frames."""
+    abstained = sum(1 for r in results if is_abstention(r))
+    pain = sum(1 for r in results if not is_abstention(r) and r.label == pain_label)
+    certified = sum(1 for r in results if not is_abstention(r) and float(r.radius) > 0)
+    return Summary(len(results), pain, len(results) - abstained - pain, abstained, certified)
+
+
+def time_course(frames: Sequence[Frame], results: Sequence[Any], pain_label: str = "pain") -> Any:
+    """Per clip frame: clip, time (s), probability of pain, class; an empty DataFrame without clips."""
+
+    check_aligned(frames, results)
+    rows = [
+        {
+            "clip": frame.source,
+            "time (s)": frame.time_s,
+            "P(pain)": float(result.probabilities.get(pain_label, float("nan"))),
+            "class": ABSTAIN_LABEL if is_abstention(result) else str(result.label),
+        }
+        for frame, result in zip(frames, results, strict=True)
+        if frame.time_s is not None
+    ]
+    return pd.DataFrame(rows, columns=["clip", "time (s)", "P(pain)", "class"])
+
+
+def describe_radius(radius: float, grey_levels: float, *, method: str, alpha: float) -> str:
+    """One plain-language sentence on what a certified radius guarantees."""
+    if radius <= 0:
+        return (
+            "No guarantee for this frame: a small change of the pixels might change the answer. "
+            "Treat it with more caution or look at another frame."
+        )
+    sentence = (
+        f"The answer cannot change for any pixel noise whose total L2 size is below {radius:.3g} "
+        f"(pixels counted from 0 to 1); spread evenly over the image that is about {grey_levels:.2g} "
+        "grey levels (of 255) per pixel."
+    )
+    if method == "lipschitz":
+        return sentence + " This bound is exact for the network itself (no sampling)."
+    return sentence + (
+        f" It holds for the noise-averaged model and was established from random samples, so it can be "
+        f"wrong with probability at most {alpha:g}."
+    )
+
+
+RADIUS_NOTE = (
+    "**What the radius means.** For each frame the model gives a *certified radius* r: the answer "
+    "cannot change for any change of the pixels whose total size (L2 norm, pixels from 0 to 1) is below "
+    "r. Spread evenly over all pixels that is about *g* grey levels of 255 per pixel (the "
+    "'grey levels' column). Larger is sturdier. A radius of 0 means no guarantee; 'abstain' means "
+    "the model would not commit to an answer for that frame. The radius says nothing about whether "
+    "the answer is medically right: that is what the model card's accuracy is for."
+)
+
+
+def overlay_saliency(image: np.ndarray, saliency: np.ndarray, opacity: float = 0.45) -> np.ndarray:
+    """Blend a saliency map (HxW, values in [0, 1]) over an RGB uint8 image as a heat map.
+
+    The map is resized to the image (bilinear) when sizes differ. Returns HxWx3 uint8.
+    """
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+    if saliency.ndim != 2:
+        raise ValueError(f"saliency must be a 2-D map, got shape {saliency.shape}")
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    heat = np.nan_to_num(saliency.astype(np.float32), nan=0.0)
+    if heat.shape != image.shape[:2]:
+        heat = cv2.resize(heat, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+    heat = np.clip(heat, 0.0, 1.0)
+    colours = colormaps["jet"](heat)[..., :3] * 255.0
+    blended = (1.0 - opacity) * image.astype(np.float32) + opacity * colours
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def tensor_to_image(x: Any) -> np.ndarray:
+    """A model input ``(3, H, W)`` float tensor with pixels in [0, 1] as an HxWx3 uint8 RGB array."""
+    array = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    if array.ndim != 3 or array.shape[0] != 3:
+        raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(array.shape)}")
+    return np.clip(np.rint(array.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
+
+
+THUMBNAIL_SIDE = 480
+"""Longest side, in pixels, of the copy of each uploaded frame the page keeps for display."""
+
+
+def thumbnail_with_crop(image: np.ndarray, max_side: int = THUMBNAIL_SIDE) -> np.ndarray:
+    """A copy of an RGB uint8 frame with its longest side at most ``max_side`` pixels, and the centre
+    square the model sees outlined (2 px, white on dark, so it shows on any frame).
+
+    Frames already small enough keep their size. Returns HxWx3 uint8.
+    """
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+    if not isinstance(max_side, int) or max_side < 16:
+        raise ValueError(f"max_side must be an integer >= 16 pixels, got {max_side!r}")
+    height, width = image.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    small = image if scale == 1.0 else cv2.resize(
+        image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA
+    )
+    small = np.ascontiguousarray(small).copy()
+    if height != width:  # a square frame is seen whole: no outline needed
+        top, left, side = centre_square(*small.shape[:2])
+        corner0, corner1 = (left, top), (left + side - 1, top + side - 1)
+        cv2.rectangle(small, corner0, corner1, (20, 20, 20), 4)
+        cv2.rectangle(small, corner0, corner1, (255, 255, 255), 2)
+    return small
+
+
+def gate_lines(gate: GateVerdict | None) -> tuple[str, list[str]]:
+    """One gate verdict in words for the page: ``(headline, failed_checks)``.
+
+    ``headline`` names the gate file and says passed / FAILED / not run, when, and on how many frames
+    and individuals; ``failed_checks`` has one line per failed threshold ("accuracy (point estimate)
+    >= 0.6: got 0.425"). Unknown or missing fields are left out rather than guessed.
+    """
+    if gate is None:
+        return "not run", []
+    parts = [f"{gate.gate_file}: {'passed' if gate.passed else 'FAILED'}"]
+    if gate.date:
+        try:
+            stamp = datetime.fromisoformat(gate.date)
+            parts.append(f"on {stamp.astimezone(UTC):%Y-%m-%d %H:%M} UTC")
+        except ValueError:
+            parts.append(f"on {gate.date}")
+    frames, individuals = gate.details.get("num_frames"), gate.details.get("individuals")
+    if isinstance(frames, int) and isinstance(individuals, list) and individuals:
+        held = "held-out " if gate.held_out else ""
+        parts.append(f"({frames} frames of {len(individuals)} {held}individuals)")
+    failed = []
+    for check in gate.results:
+        if check.get("passed") is False:
+            what = check.get("detail") or check.get("name") or "a check"
+            value = check.get("value")
+            failed.append(f"{what}: got {value:.3g}" if isinstance(value, int | float) else str(what))
+    return " ".join(parts), failed

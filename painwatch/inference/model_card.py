@@ -1,0 +1,101 @@
+"""The model card: what a bundle is for, what it was trained on, how its answers are certified, its
+gate verdicts and its limits, as a dict (for reports and downloads) and as Markdown (for the page)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from painwatch.inference.settings import PredictorSettings
+from painwatch.models import BundleMetadata
+
+INTENDED_USE = (
+    "Supports, and never replaces, a veterinarian's judgement of pain in Japanese macaques "
+    "(Macaca fuscata) from facial frames. A certified radius is a statement about pixel noise of a "
+    "given L2 size only, not about other changes of the image (pose, lighting, another animal)."
+)
+
+KNOWN_LIMITS: tuple[str, ...] = (
+    "Single frames only: no temporal context, no behaviour, no body posture.",
+    "Trained on a small number of individuals; individuals unlike them may be classified worse.",
+    "Face crops matter: the published study found contour crops without background did better "
+    "(64% vs 48-54% accuracy).",
+    "Certificates are probabilistic (error probability alpha per frame) and hold for the smoothed "
+    "classifier the app reports, at the model's input resolution.",
+)
+
+SYNTHETIC_WARNING = (
+    "This model was trained on SYNTHETIC frames drawn by a program (the demo set), not on photographs "
+    "of macaques: its answers say nothing about real animals."
+)
+
+
+def model_card_dict(metadata: BundleMetadata, settings: PredictorSettings | None = None) -> dict[str, Any]:
+    """A model card from a bundle's metadata (and the settings in force, when given)."""
+    training = dict(metadata.training)
+    individuals = training.get("individuals") or []
+    return {
+        "intended_use": INTENDED_USE,
+        "model": {
+            "architecture": metadata.architecture,
+            "classes": list(metadata.classes),
+            "input_size": metadata.input_size,
+            "weights_sha256": metadata.weights_sha256,
+        },
+        "training_data": {
+            "individuals": list(individuals),
+            "num_individuals": len(individuals),
+            "num_frames": training.get("num_frames"),
+            "data_hash": training.get("data_hash"),
+            "loss": training.get("loss"),
+            "noise_sigma": training.get("noise_sigma"),
+            "epochs": training.get("epochs"),
+            "synthetic": metadata.synthetic,
+        },
+        "calibration": {"temperature": metadata.temperature},
+        "certification": settings.to_dict() if settings is not None else metadata.certification.to_dict(),
+        "gates": {name: verdict.to_dict() for name, verdict in metadata.gates.items()},
+        "limits": list(KNOWN_LIMITS),
+    }
+
+
+def model_card_markdown(card: Mapping[str, Any]) -> str:
+    """Render :func:`model_card_dict` as Markdown."""
+    model, data, cert = card["model"], card["training_data"], card["certification"]
+    lines = []
+    if data.get("synthetic"):
+        lines += [f"**{SYNTHETIC_WARNING}**", ""]
+    lines += [
+        "**Intended use.** " + card["intended_use"],
+        "",
+        f"**Model.** `{model['architecture']}`, input {model['input_size']} x {model['input_size']} pixels, "
+        f"classes {', '.join(model['classes'])}; weights SHA-256 `{str(model['weights_sha256'])[:16]}...`.",
+        "",
+        f"**Training data.** {data['num_individuals']} individuals"
+        + (f" ({', '.join(data['individuals'][:12])}{', ...' if data['num_individuals'] > 12 else ''})"
+           if data["individuals"] else "")
+        + f", {data['num_frames'] if data['num_frames'] is not None else 'unknown number of'} frames"
+        + (" (SYNTHETIC demo data)" if data.get("synthetic") else "")
+        + f"; loss {data['loss']}, training noise sigma {data['noise_sigma']}, {data['epochs']} epochs; "
+        f"data hash `{str(data['data_hash'])[:16]}...`.",
+        "",
+        f"**Calibration.** Temperature {card['calibration']['temperature']}.",
+        "",
+        f"**Certification.** {cert.get('method')}"
+        + (" (sequential, stops early)" if cert.get("sequential") else "")
+        + f", sigma {cert.get('sigma')}, alpha {cert.get('alpha')}, n {cert.get('n')}.",
+        "",
+    ]
+    gates = card.get("gates") or {}
+    if not gates:
+        lines.append("**Certification gate.** Not run.")
+    for name, gate in gates.items():
+        verdict = "PASSED" if gate.get("passed") else "FAILED"
+        lines.append(f"**Certification gate `{name}`.** {verdict} on {gate.get('date') or '?'}.")
+        for check in gate.get("results") or []:
+            mark = "pass" if check.get("passed") else "FAIL"
+            lines.append(f"- {check.get('name')}: {check.get('value')} "
+                         f"(threshold {check.get('threshold')}) {mark}")
+        lines.append("")
+    lines += ["", "**Limits.**"] + [f"- {limit}" for limit in card["limits"]]
+    return "\n".join(lines)

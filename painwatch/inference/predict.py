@@ -1,0 +1,344 @@
+"""The single entry point of the page: classify frames and certify each answer.
+
+:class:`Predictor` wraps a model bundle (``weights.safetensors`` + ``model.json``). For every frame
+(an ``H x W x 3`` uint8 RGB array, already face-cropped or a whole frame) it
+
+1. applies the deterministic evaluation transform (``painwatch.data.eval_transform`` at the model's
+   input size: shorter side resized, centre square kept, pixels in [0, 1]);
+2. certifies the frame with the bundle's method (``model.json`` -> ``certification``), optionally
+   overridden within the bundle's bounds;
+3. returns a :class:`FrameResult`: the class *of the classifier the certificate is about*, its
+   temperature-calibrated probability, the certified L2 radius (pixels in [0, 1], at the model's
+   input size) with its per-pixel RMS and 8-bit grey-level equivalents, and the forward passes spent.
+
+Which classifier answers (``FrameResult.classifier`` says it in words):
+
+- ``soft_smoothing``: the soft smoothed classifier ``argmax_k E_xi softmax(f(x + xi) / T)_k``,
+  ``xi ~ N(0, sigma^2 I)``, with the score temperature ``T`` of ``model.json`` (``score_temperature``;
+  0.1 for new bundles, which sharpens the scores towards votes; 1 when absent). Certified with the
+  anytime-valid sequential bound of :mod:`painwatch.robust.sequential`, which stops sampling once the
+  answer is decided (``n`` is then the budget); ``sequential=False`` uses the fixed-``n``
+  :func:`painwatch.robust.soft_smoothing_certify`.
+- ``randomized_smoothing`` (the default of new bundles): the vote classifier ``g`` of [Cohen19]. With
+  ``model.json``'s ``bound: "fixed"`` it is Cohen's CERTIFY over the whole budget (Clopper-Pearson),
+  stopping early only to abstain; with ``"anytime"`` the sequential hard-vote bound, which may also stop
+  early once the radius is decided; ``sequential=False`` runs the plain fixed-``n`` CERTIFY of
+  :class:`painwatch.robust.SmoothedClassifier`. At the default budget of 1 000 forward passes the fixed
+  bound certifies the largest radii (``scripts/bench_certify_clinical.py``).
+- ``smoothed_margin`` / ``lipschitz``: need a sound Lipschitz bound of the network; loading refuses
+  them with a clear message for networks whose bound painwatch cannot compute (e.g. ResNets).
+
+Abstention is an answer: ``label == "abstain"``, ``class_index == -1``, ``radius == 0.0``.
+Every noise draw is seeded from ``(seed, frame content)``: the same frame with the same settings gets
+the same certificate, whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from painwatch.calibration import calibrated_probabilities
+from painwatch.data import eval_transform
+from painwatch.inference.model_card import model_card_dict, model_card_markdown
+from painwatch.inference.saliency import gradcam
+from painwatch.inference.settings import PredictorSettings, resolve_settings, sound_lipschitz_constant
+from painwatch.models import BundleMetadata, GateVerdict, load_bundle
+from painwatch.robust import certify, method_spec
+
+__all__ = ["ABSTAIN_LABEL", "FrameResult", "Predictor", "frame_seed"]
+
+ABSTAIN_LABEL = "abstain"
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """The answer for one frame.
+
+    Attributes:
+        name: the frame's name (file name, or ``frame-<i>``).
+        label: ``"pain"``, ``"no_pain"`` or ``"abstain"``.
+        class_index: 1 (pain), 0 (no_pain) or -1 (abstain).
+        confidence: the temperature-calibrated probability of ``label`` (of the most probable class
+            when abstaining), in [0, 1].
+        probabilities: calibrated probability per class name. For sequential smoothing these are the
+            mean of ``softmax(f(x + xi) / T)`` over the noise draws, i.e. of the smoothed classifier
+            that answers; otherwise ``softmax(f(x) / T)`` of the clean frame.
+        radius: certified L2 radius in [0, 1] pixel units at the model's input size (0 on abstain).
+        radius_rms: ``radius / sqrt(C * H * W)``, the per-pixel RMS change, pixels in [0, 1].
+        radius_grey_levels: ``255 * radius_rms``, the same in 8-bit grey levels.
+        method: the certification method (``soft_smoothing_sequential``, ``soft_smoothing``,
+            ``randomized_smoothing_sequential``, ``randomized_smoothing``, ...).
+        sigma, n, alpha: the noise level, the estimation draws actually used, the error probability.
+        forward_passes: network evaluations spent on this frame (certificate and probabilities).
+        time_s: the frame's time in its clip (None for still images).
+        bound: the statistic the radius came from (lower confidence bound or margin).
+        classifier: in words, the classifier that produced ``label`` and that the radius is about.
+        stop_reason: why a sequential certificate stopped sampling (None for fixed-n methods).
+    """
+
+    name: str
+    label: str
+    class_index: int
+    confidence: float
+    probabilities: dict[str, float]
+    radius: float
+    radius_rms: float
+    radius_grey_levels: float
+    method: str
+    sigma: float
+    n: int
+    alpha: float
+    forward_passes: int
+    time_s: float | None = None
+    bound: float = math.nan
+    classifier: str = ""
+    stop_reason: str | None = field(default=None)
+
+    @property
+    def abstained(self) -> bool:
+        return self.class_index < 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (NaN becomes None)."""
+        record = asdict(self)
+        for key, value in record.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                record[key] = None
+        return record
+
+
+def frame_seed(seed: int, x: torch.Tensor) -> int:
+    """The noise seed of one preprocessed frame: a 63-bit hash of ``seed`` and the frame's pixels.
+
+    Same seed and same pixels give the same seed (hence the same certificate), independent of the
+    frame's position in a batch.
+    """
+    digest = hashlib.sha256()
+    digest.update(int(seed).to_bytes(16, "little", signed=True))
+    digest.update(str(tuple(x.shape)).encode())
+    digest.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class Predictor:
+    """Classify and certify frames with a model bundle (see the module docstring).
+
+    Use :meth:`load`. Attributes: ``model`` (eval mode), ``metadata`` (the bundle's checked
+    ``model.json``), ``bundle_path``, ``settings`` (:class:`PredictorSettings`), ``classes``,
+    ``input_shape`` ``(C, H, W)``, ``temperature``, ``seed``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        metadata: BundleMetadata,
+        bundle_path: str | Path,
+        settings: PredictorSettings,
+        *,
+        seed: int | None = 0,
+        lipschitz_constant: float | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.metadata = metadata
+        self.bundle_path = Path(bundle_path)
+        self.settings = settings
+        self.seed = seed
+        self.classes: tuple[str, ...] = tuple(metadata.classes)
+        self.input_shape: tuple[int, int, int] = metadata.input_shape
+        self.temperature = float(metadata.temperature)
+        self.transform = eval_transform(metadata.input_size)
+        self.lipschitz_constant = lipschitz_constant
+        self.device = next(model.parameters()).device
+
+    # ------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def load(
+        cls,
+        bundle_dir: str | Path,
+        *,
+        method: str | None = None,
+        sigma: float | None = None,
+        alpha: float | None = None,
+        n: int | None = None,
+        sequential: bool | None = None,
+        score_temperature: float | None = None,
+        seed: int | None = 0,
+        device: str | torch.device = "cpu",
+    ) -> Predictor:
+        """Load a bundle; ``method``/``sigma``/``alpha``/``n`` override ``model.json`` within its bounds.
+
+        ``sequential`` (default: True for the smoothing methods) picks the sampler that stops early (with
+        the bundle's ``bound``: only to abstain when ``"fixed"``); ``score_temperature`` overrides the
+        soft scores' temperature (within the bounds); ``seed`` seeds every noise draw (None: fresh
+        randomness each call).
+
+        Raises:
+            painwatch.models.BundleError: the folder is not a valid bundle.
+            SettingsError: an override is unknown or out of bounds, or the method cannot be used
+                with this network.
+        """
+        bundle = load_bundle(bundle_dir, device=device)
+        settings = resolve_settings(bundle.metadata.certification, method=method, sigma=sigma, alpha=alpha,
+                                    n=n, sequential=sequential, score_temperature=score_temperature,
+                                    source=str(Path(bundle_dir) / "model.json"))
+        lipschitz_constant = None
+        if method_spec(settings.method).needs_lipschitz_constant:
+            lipschitz_constant = sound_lipschitz_constant(
+                bundle.model, bundle.metadata.input_shape, method=settings.method,
+                architecture=bundle.metadata.architecture,
+            )
+        return cls(bundle.model, bundle.metadata, bundle.path, settings, seed=seed,
+                   lipschitz_constant=lipschitz_constant)
+
+    # ---------------------------------------------------------------------------------- properties
+
+    @property
+    def gates(self) -> Mapping[str, GateVerdict]:
+        """The certification-gate verdicts recorded in the bundle, by gate file (empty when never run)."""
+        return self.metadata.gates
+
+    @property
+    def gate(self) -> GateVerdict | None:
+        """The most recent gate verdict (None when the bundle was never certified)."""
+        return self.metadata.latest_gate
+
+    @property
+    def classifier_description(self) -> str:
+        """The classifier whose answer is reported and certified, in words."""
+        s = self.settings
+        spec = method_spec(s.method)
+        if not spec.needs_noise:
+            return f"{spec.certifies} (worst-case Lipschitz margin)"
+        details = f"sigma={s.sigma:g} per pixel, L2 in [0, 1] pixels"
+        if s.method == "soft_smoothing" and s.score_temperature != 1.0:
+            details += f", scores softmax(logits / {s.score_temperature:g})"
+        return f"smoothed classifier: {spec.certifies} ({details})"
+
+    # ---------------------------------------------------------------------------------- prediction
+
+    def preprocess(self, image: np.ndarray, name: str = "image") -> torch.Tensor:
+        """The evaluation transform of one uint8 RGB frame: a float tensor ``input_shape`` in [0, 1]."""
+        if not isinstance(image, np.ndarray):
+            raise ValueError(f"{name}: expected an (H, W, 3) uint8 RGB array, got {type(image).__name__}")
+        try:
+            return self.transform(image)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from error
+
+    def generator_for(self, x: torch.Tensor) -> torch.Generator | None:
+        """The noise generator of one preprocessed frame (None when the predictor is unseeded)."""
+        if self.seed is None:
+            return None
+        return torch.Generator().manual_seed(frame_seed(self.seed, x))
+
+    def _clean_probabilities(self, x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            logits = self.model(x.unsqueeze(0).to(self.device)).detach().to("cpu", torch.float64)
+        return calibrated_probabilities(logits.numpy(), self.temperature)[0]
+
+    def certify_tensor(self, x: torch.Tensor) -> tuple[Any, np.ndarray, int, str | None]:
+        """Certify one preprocessed frame ``(C, H, W)`` in [0, 1].
+
+        Returns ``(certificate, probabilities, forward_passes, stop_reason)``; the certificate is the
+        one :func:`painwatch.robust.certify` returns for these settings and this frame's generator.
+        """
+        s = self.settings
+        x = x.to(self.device)
+        totals = torch.zeros(len(self.classes), dtype=torch.float64)
+
+        def collect(logits: torch.Tensor) -> None:
+            totals.add_(torch.softmax(logits.cpu() / self.temperature, dim=1).sum(dim=0))
+
+        outcome = certify(
+            s.method_name, self.model, x, sigma=s.sigma, alpha=s.alpha, n0=s.n0, n=s.n,
+            batch_size=s.batch_size, generator=self.generator_for(x),
+            lipschitz_constant=self.lipschitz_constant, score_temperature=s.score_temperature,
+            stop_early=s.sequential, rel_tol=s.rel_tol,
+            min_radius=s.min_radius, logits_callback=collect if s.sequential else None,
+        )
+        certificate = outcome.certificate
+        if s.sequential:
+            # The probabilities come from the noisy logits already drawn: no extra forward pass.
+            return certificate, (totals / totals.sum()).numpy(), outcome.forward_passes, outcome.stop_reason
+        passes = int(certificate.forward_passes) + 1  # + the clean pass for the probabilities
+        return certificate, self._clean_probabilities(x), passes, None
+
+    def _result(self, name: str, certificate: Any, probabilities: np.ndarray, passes: int,
+                stop_reason: str | None) -> FrameResult:
+        s = self.settings
+        numel = math.prod(self.input_shape)
+        index = int(certificate.prediction)
+        shown = index if index >= 0 else int(np.argmax(probabilities))
+        method = s.method_name
+        radius = float(certificate.radius)
+        return FrameResult(
+            name=name,
+            label=self.classes[index] if index >= 0 else ABSTAIN_LABEL,
+            class_index=index,
+            confidence=float(probabilities[shown]),
+            probabilities={c: float(p) for c, p in zip(self.classes, probabilities, strict=True)},
+            radius=radius,
+            radius_rms=radius / math.sqrt(numel),
+            radius_grey_levels=255.0 * radius / math.sqrt(numel),
+            method=method,
+            sigma=float(s.sigma) if method_spec(s.method).needs_noise else 0.0,
+            n=int(certificate.n),
+            alpha=float(certificate.alpha),
+            forward_passes=int(passes),
+            bound=float(certificate.bound),
+            classifier=self.classifier_description,
+            stop_reason=stop_reason,
+        )
+
+    def predict(
+        self,
+        images: Sequence[np.ndarray],
+        names: Sequence[str] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[FrameResult]:
+        """Classify and certify frames (``H x W x 3`` uint8 RGB arrays), in order.
+
+        ``progress(done, total)`` is called after each frame. Raises ``ValueError`` naming the frame
+        when an image is not an RGB uint8 array (the app decodes and checks files before this).
+        """
+        images = list(images)
+        if names is None:
+            names = [f"frame-{i}" for i in range(len(images))]
+        names = list(names)
+        if len(names) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(names)} names")
+        results = []
+        for done, (image, name) in enumerate(zip(images, names, strict=True), start=1):
+            x = self.preprocess(image, name)
+            results.append(self._result(name, *self.certify_tensor(x)))
+            if progress is not None:
+                progress(done, len(images))
+        return results
+
+    # ----------------------------------------------------------------------------------- saliency
+
+    def saliency(self, image: np.ndarray, class_index: int | None = None) -> np.ndarray:
+        """Grad-CAM of the network for one frame, as an ``H x W`` map in [0, 1] over the frame (see
+        :func:`painwatch.inference.saliency.gradcam`)."""
+        x = self.preprocess(image)
+        return gradcam(self.model, x, frame_shape=image.shape[:2], class_index=class_index)
+
+    # --------------------------------------------------------------------------------- model card
+
+    def model_card_dict(self) -> dict[str, Any]:
+        """The model card as a dict: intended use, model, training data, calibration, certification,
+        gate verdicts, limits."""
+        return model_card_dict(self.metadata, self.settings)
+
+    def model_card(self) -> str:
+        """The model card as Markdown (for the page and the certification report)."""
+        return model_card_markdown(self.model_card_dict())
