@@ -16,7 +16,9 @@ Modules (arrows point to what a module imports; there are no cycles):
   smoothed robustness [RC]; ``sequential`` (-> certificate, noise, bounds) anytime-valid and
   fixed-budget certificates [WSR23]; ``smoothing`` (-> certificate, noise, bounds, sequential)
   randomized smoothing [Cohen19] and soft smoothing [Salman19];
-- ``spectral`` dense and convolution operator norms [Sedghi19]; ``lipschitz`` (-> spectral) sound
+- ``spectral`` dense and convolution operator norms [Sedghi19]; ``lipschitz_rules`` (-> spectral)
+  per-layer bounds and ``lipschitz_extensions`` (-> lipschitz_rules, spectral) those of timm and
+  deel-torchlip layers; ``lipschitz`` (-> lipschitz_rules, lipschitz_extensions, spectral) sound
   network bounds; ``layers`` (-> spectral) orthogonal layers [Li19; Anil19];
 - ``moments`` (-> layers) Gaussian moment propagation; ``losses`` (-> moments) margin losses;
   ``attacks`` (-> margin, noise, smoothing) PGD-L2 checks [Madry18]; ``evaluation`` certified accuracy.

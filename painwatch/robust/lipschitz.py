@@ -9,8 +9,12 @@ in the units of the input (pixels in [0, 1] for painwatch models). The Lipschitz
 - :func:`lipschitz_upper_bound` - a *sound* upper bound, composed layer by layer along ``nn.Sequential``:
   exact spectral norm for dense layers, the FFT bound [Sedghi19] for convolutions (both in
   :mod:`painwatch.robust.spectral`), exact constants for activations, pooling and normalisation
-  layers, and the declared bounds of the orthogonal layers of :mod:`painwatch.robust.layers`. Layers
-  it cannot bound raise :class:`UnsupportedLayerError` naming the layer. Use it for certificates.
+  layers (the rules of :mod:`painwatch.robust.lipschitz_rules`, and of
+  :mod:`painwatch.robust.lipschitz_extensions` for timm and deel-torchlip layers), and the declared
+  bounds of the orthogonal layers of :mod:`painwatch.robust.layers`. A layer is bounded by a rule only
+  when it computes what the rule's class computes: a subclass overriding ``forward``, and a layer with
+  forward hooks, are refused unless they declare their own bound. Layers it cannot bound raise
+  :class:`UnsupportedLayerError` naming the layer and the reason. Use it for certificates.
 - :func:`lipschitz_lower_estimate` - power iteration on the Jacobian at random points: a *lower*
   estimate of the Lipschitz constant, for tests and reports. Never use it for a certificate.
 """
@@ -23,8 +27,19 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
+from torch.nn.modules import module as module_machinery
+from torch.nn.utils import parametrize
 
-from painwatch.robust.spectral import FLOAT_SAFETY, conv_layer_norm_bound, dense_operator_norm
+from painwatch.robust.lipschitz_extensions import extension_refusals, extension_rules
+from painwatch.robust.lipschitz_rules import (
+    TORCH_REFUSALS,
+    TORCH_RULES,
+    LayerContext,
+    LayerRule,
+    UnsupportedLayerError,
+    preserved_buffers,
+)
+from painwatch.robust.spectral import FLOAT_SAFETY
 from painwatch.robust.validation import check_input_shape
 
 __all__ = [
@@ -35,20 +50,11 @@ __all__ = [
 
 _ROOT = "<root>"
 
+_SEQUENTIAL_METHODS = ("forward", "__iter__")
+"""nn.Sequential is composed child by child; a subclass must keep its forward and its iteration order."""
 
-class UnsupportedLayerError(TypeError):
-    """Raised when :func:`lipschitz_upper_bound` meets a layer it cannot soundly bound.
-
-    Attributes ``path`` (dotted path of the layer in the module tree, ``<root>`` for the top module)
-    and ``layer_type`` (class name) identify the layer.
-    """
-
-    def __init__(self, path: str, module: nn.Module, reason: str) -> None:
-        self.path = path
-        self.layer_type = type(module).__name__
-        super().__init__(
-            f"cannot bound the Lipschitz constant of layer '{path}' ({self.layer_type}): {reason}"
-        )
+_CALL_MACHINERY = ("__call__", "_wrapped_call_impl", "_call_impl")
+"""nn.Module's calling code (it runs the hooks, then forward); overriding it changes the computation."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -67,11 +73,14 @@ def lipschitz_upper_bound(module: nn.Module, input_shape: Sequence[int]) -> floa
         stride, padding (zeros, circular, reflect, replicate), dilation and groups (FFT bound, see
         :func:`painwatch.robust.spectral.conv_operator_norm_bound`) and their transposes, batch norm
         in eval mode, a normalisation layer with ``mean``/``std`` attributes computing ``(x - mean) / std``,
-        max/average pooling (plain and adaptive), padding layers, Flatten/Unflatten/Identity/Dropout,
-        the usual activations (ReLU, LeakyReLU, ELU, Tanh, Sigmoid, GELU, SiLU, ...), and the layers
-        of :mod:`painwatch.robust.layers`. Any module may declare its own bound by defining a method
-        ``lipschitz_upper_bound(input_shape) -> float``; that method is trusted. Anything else
-        raises :class:`UnsupportedLayerError` naming the layer.
+        max/average/L2 pooling (plain and adaptive), padding layers, pixel (un)shuffle,
+        Flatten/Unflatten/Identity/Dropout, the usual activations (ReLU, LeakyReLU, ELU, Tanh, Sigmoid,
+        GELU, SiLU, ...), the layers of :mod:`painwatch.robust.layers`, timm's batch norm with a fused
+        activation and deel-torchlip's layers (see :mod:`painwatch.robust.lipschitz_extensions`).
+        Weights under ``torch.nn.utils.parametrize`` are bounded as computed. Any module may declare its
+        own bound by defining a method ``lipschitz_upper_bound(input_shape) -> float``; that method is
+        trusted for everything the module computes, its own hooks included. Anything else raises
+        :class:`UnsupportedLayerError` naming the layer.
     input_shape:
         Shape of one sample, without the batch dimension, e.g. ``(C, H, W)``. Convolution and pooling
         bounds depend on it (the FFT grid), so pass the true input resolution.
@@ -80,22 +89,43 @@ def lipschitz_upper_bound(module: nn.Module, input_shape: Sequence[int]) -> floa
     -------
     float
         ``L`` such that ``||module(x) - module(y)||_2 <= L * ||x - y||_2`` for all samples ``x, y`` of
-        that shape, in exact arithmetic, with the weights the module holds now. Power iteration is never
-        used: every layer bound is exact or provably an upper bound (computed in float64 with a relative
-        margin :data:`FLOAT_SAFETY`).
+        that shape, in exact arithmetic, with the weights the module holds now (for a parametrized
+        weight, the one its next forward pass computes). Power iteration is never used: every layer
+        bound is exact or provably an upper bound (computed in float64 with a relative margin
+        :data:`FLOAT_SAFETY`). Bounding leaves every buffer of the module as it was.
 
     Raises
     ------
     UnsupportedLayerError
-        For a layer without a sound bound (its path and type are in the message), for batch norm in
-        training mode, and for containers whose ``forward`` is not a plain composition.
+        For a layer without a sound bound (its path and type are in the message, with the reason): a
+        layer type without a rule; a subclass of a supported layer that overrides ``forward`` (or
+        another method its computation runs), or replaces it on the instance; a layer with a forward
+        hook or forward pre-hook, and any global forward hook
+        (``torch.nn.modules.module.register_module_forward_hook``), since a hook may change what a
+        layer computes; a parametrized weight that differs between two evaluations; batch norm in
+        training mode; containers whose ``forward`` is not a plain composition.
     ValueError
         For a bad ``input_shape`` or when a layer rejects the activation shape it receives.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     shape = check_input_shape(input_shape)
-    bound, _ = _bound(module, shape, _ROOT)
+    global_hooks = _hook_description(
+        getattr(module_machinery, "_global_forward_pre_hooks", {}),
+        getattr(module_machinery, "_global_forward_hooks", {}),
+    )
+    if global_hooks:
+        raise UnsupportedLayerError(
+            _ROOT,
+            module,
+            f"a global {global_hooks} is registered; it runs on every layer and can change what each "
+            "computes, so no layer's bound holds; remove it first",
+        )
+    walk = _BoundWalk(
+        rules={rule.layer_class: rule for rule in (*TORCH_RULES, *extension_rules())},
+        refusals=[*TORCH_REFUSALS, *extension_refusals()],
+    )
+    bound, _ = walk.bound(module, shape, _ROOT)
     return float(bound)
 
 
@@ -113,88 +143,138 @@ def _probe_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
 def _output_shape(module: nn.Module, shape: tuple[int, ...], path: str) -> tuple[int, ...]:
     """Shape of one output sample, by a forward pass on zeros (buffers restored afterwards)."""
     dtype, device = _probe_dtype_device(module)
-    saved_buffers = [buffer.detach().clone() for buffer in module.buffers()]
     try:
-        with torch.no_grad():
+        with preserved_buffers(module), torch.no_grad():
             out = module(torch.zeros((1, *shape), dtype=dtype, device=device))
     except Exception as error:  # the layer's own message says what is wrong
         raise ValueError(
             f"layer '{path}' ({type(module).__name__}) rejects an input of shape {shape}: {error}"
         ) from error
-    finally:
-        with torch.no_grad():
-            for buffer, saved in zip(module.buffers(), saved_buffers, strict=True):
-                buffer.copy_(saved)
     if not isinstance(out, torch.Tensor):
         raise UnsupportedLayerError(path, module, f"its forward returns {type(out).__name__}, not a tensor")
     return tuple(out.shape[1:])
 
 
-def _bound(module: nn.Module, shape: tuple[int, ...], path: str) -> tuple[float, tuple[int, ...]]:
-    """(bound, output shape) of ``module`` on samples of ``shape``."""
-    own = getattr(type(module), "lipschitz_upper_bound", None)
-    if callable(own):
-        value = module.lipschitz_upper_bound(shape)
-        value = float(value)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"layer '{path}' ({type(module).__name__}) declared an invalid bound {value!r}")
-        return value, _output_shape(module, shape, path)
-    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
-        total = 1.0
-        for name, child in module.named_children():
-            value, shape = _bound(child, shape, _child_path(path, name))
-            total *= value
-        return total, shape
-    for layer_types, handler in _HANDLERS:
-        if isinstance(module, layer_types):
+def _hook_description(pre_hooks: dict, hooks: dict) -> str:
+    """'forward pre-hook (f)' / 'forward hook (g, h)' for non-empty hook dictionaries, else ''."""
+
+    def names(registered: dict) -> str:
+        return ", ".join(getattr(hook, "__qualname__", type(hook).__name__) for hook in registered.values())
+
+    parts = []
+    if pre_hooks:
+        parts.append(f"forward pre-hook ({names(pre_hooks)})")
+    if hooks:
+        parts.append(f"forward hook ({names(hooks)})")
+    return " and a ".join(parts)
+
+
+def _override_reason(module: nn.Module, layer_class: type, methods: tuple[str, ...]) -> str | None:
+    """Why ``module`` may not compute what ``layer_class`` computes (it resolves one of ``methods`` or
+    of nn.Module's calling code to another function), or None when it does."""
+    parent = f"{layer_class.__module__}.{layer_class.__qualname__}"
+    for name in (*methods, *_CALL_MACHINERY):
+        if name in vars(module):
+            return f"replaces {name} on the instance, so the bound of {parent} does not apply"
+        if getattr(type(module), name, None) is not getattr(layer_class, name, None):
+            owner = next((c for c in type(module).__mro__ if name in vars(c)), type(module))
+            return (
+                f"overrides {name} (in {owner.__qualname__}), so the bound of its parent {parent} does not "
+                "apply; define lipschitz_upper_bound(input_shape) on it"
+            )
+    return None
+
+
+class _BoundWalk:
+    """One traversal of a module tree with the rules and refusals in force for it."""
+
+    def __init__(self, rules: dict[type, LayerRule], refusals: list[tuple[tuple[type, ...], str]]) -> None:
+        self.rules = rules
+        self.refusals = refusals
+
+    def bound(self, module: nn.Module, shape: tuple[int, ...], path: str) -> tuple[float, tuple[int, ...]]:
+        """(bound, output shape) of ``module`` on samples of ``shape``."""
+        own = getattr(type(module), "lipschitz_upper_bound", None)
+        if callable(own):
+            value = float(module.lipschitz_upper_bound(shape))
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"layer '{path}' ({type(module).__name__}) declared an invalid bound {value!r}"
+                )
+            return value, _output_shape(module, shape, path)
+        hooks = _hook_description(module._forward_pre_hooks, module._forward_hooks)
+        if hooks:
+            raise UnsupportedLayerError(
+                path,
+                module,
+                f"has a {hooks}, which can change what it computes; bound it without the hook (a weight "
+                "normalisation hook has a torch.nn.utils.parametrizations version, bounded as computed)",
+            )
+        for layer_types, reason in self.refusals:
+            if isinstance(module, layer_types):
+                raise UnsupportedLayerError(path, module, reason)
+        rule = next((self.rules[c] for c in type(module).__mro__ if c in self.rules), None)
+        if rule is not None:
+            reason = _override_reason(module, rule.layer_class, rule.methods)
+            if reason is not None:
+                raise UnsupportedLayerError(path, module, reason)
+            return self._rule_bound(module, rule, shape, path)
+        if isinstance(module, nn.Sequential):
+            reason = _override_reason(module, nn.Sequential, _SEQUENTIAL_METHODS)
+            if reason is not None:
+                raise UnsupportedLayerError(path, module, reason)
+            total = 1.0
+            for name, child in module.named_children():
+                value, shape = self.bound(child, shape, _child_path(path, name))
+                total *= value
+            return total, shape
+        if _is_standardizer(module):
             out_shape = _output_shape(module, shape, path)
-            return handler(module, shape, out_shape, path), out_shape
-    if _is_standardizer(module):
+            return _standardizer_bound(module, shape, path), out_shape
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or len(list(module.children())) > 0:
+            raise UnsupportedLayerError(
+                path,
+                module,
+                "its forward is not known to be a plain composition of its children (only nn.Sequential is "
+                "composed automatically); define lipschitz_upper_bound(input_shape) on it or restructure it "
+                "as nn.Sequential",
+            )
+        raise UnsupportedLayerError(path, module, "no sound Lipschitz bound is known for this layer type")
+
+    def _rule_bound(
+        self, module: nn.Module, rule: LayerRule, shape: tuple[int, ...], path: str
+    ) -> tuple[float, tuple[int, ...]]:
+        _check_parametrizations_are_stable(module, path)
         out_shape = _output_shape(module, shape, path)
-        return _standardizer_bound(module, shape, out_shape, path), out_shape
-    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or len(list(module.children())) > 0:
-        raise UnsupportedLayerError(
-            path,
-            module,
-            "its forward is not known to be a plain composition of its children (only nn.Sequential is "
-            "composed automatically); define lipschitz_upper_bound(input_shape) on it or restructure it "
-            "as nn.Sequential",
+
+        def bound_child(child: nn.Module, name: str, child_shape: tuple[int, ...]):
+            return self.bound(child, child_shape, _child_path(path, name))
+
+        context = LayerContext(
+            path=path, input_shape=shape, output_shape=out_shape, bound_child=bound_child
         )
-    raise UnsupportedLayerError(path, module, "no sound Lipschitz bound is known for this layer type")
+        with preserved_buffers(module):
+            value = float(rule.bound(module, context))
+        if not math.isfinite(value) or value < 0:
+            raise UnsupportedLayerError(path, module, f"its computed bound {value!r} is not a finite L >= 0")
+        return value, out_shape
 
 
-# --- dense and convolution -------------------------------------------------------------------------
-
-
-def _linear_bound(module: nn.Linear, shape, out_shape, path) -> float:
-    return dense_operator_norm(module.weight)
-
-
-def _conv_bound(module: nn.modules.conv._ConvNd, shape, out_shape, path) -> float:
-    """FFT bound of a convolution or a transposed convolution (:func:`conv_layer_norm_bound`)."""
-    if len(shape) != module.weight.dim() - 1:
-        raise ValueError(
-            f"layer '{path}' ({type(module).__name__}) needs (C, *spatial) inputs, got shape {shape}"
-        )
-    return conv_layer_norm_bound(module, shape, out_shape)
-
-
-# --- normalisation -----------------------------------------------------------------------------------
-
-
-def _batchnorm_bound(module: nn.modules.batchnorm._BatchNorm, shape, out_shape, path) -> float:
-    if module.training:
-        raise UnsupportedLayerError(
-            path, module, "batch norm in training mode uses batch statistics; call model.eval() first"
-        )
-    if module.running_var is None:
-        raise UnsupportedLayerError(
-            path, module, "batch norm without running statistics (track_running_stats=False)"
-        )
-    scale = 1.0 / torch.sqrt(module.running_var.detach().to(torch.float64) + module.eps)
-    if module.weight is not None:
-        scale = scale * module.weight.detach().to(torch.float64).abs()
-    return float(scale.max()) * (1.0 + FLOAT_SAFETY)
+def _check_parametrizations_are_stable(module: nn.Module, path: str) -> None:
+    """A bound is computed from a parametrized tensor as the next forward pass computes it (buffers
+    restored in between, as a power iteration in training mode updates them); a tensor that still
+    differs between two evaluations (a random parametrization) has no single bound."""
+    if not parametrize.is_parametrized(module):
+        return
+    for name in module.parametrizations:
+        values = []
+        for _ in range(2):
+            with preserved_buffers(module), torch.no_grad():
+                values.append(getattr(module, name).detach().clone())
+        if not torch.equal(values[0], values[1]):
+            raise UnsupportedLayerError(
+                path, module, f"its parametrized {name!r} differs between two evaluations"
+            )
 
 
 def _is_standardizer(module: nn.Module) -> bool:
@@ -207,7 +287,7 @@ def _is_standardizer(module: nn.Module) -> bool:
     )
 
 
-def _standardizer_bound(module: nn.Module, shape, out_shape, path) -> float:
+def _standardizer_bound(module: nn.Module, shape: tuple[int, ...], path: str) -> float:
     """1 / min |std|, after checking numerically that the layer really computes (x - mean) / std."""
     dtype, device = _probe_dtype_device(module)
     try:
@@ -233,176 +313,6 @@ def _standardizer_bound(module: nn.Module, shape, out_shape, path) -> float:
             path, module, "it has mean/std attributes but does not compute (x - mean) / std"
         )
     return float(1.0 / std.abs().min()) * (1.0 + FLOAT_SAFETY)
-
-
-# --- pooling and padding -------------------------------------------------------------------------------
-
-
-def _as_tuple(value, spatial: int) -> tuple[int, ...]:
-    if isinstance(value, (tuple, list)):
-        return tuple(int(v) for v in value)
-    return (int(value),) * spatial
-
-
-def _max_window_coverage(
-    length: int, out_length: int, kernel: int, stride: int, pad: int, dilation: int
-) -> int:
-    counts = torch.zeros(length, dtype=torch.long)
-    for out_index in range(out_length):
-        positions = out_index * stride - pad + dilation * torch.arange(kernel)
-        positions = positions[(positions >= 0) & (positions < length)]
-        counts[positions] += 1
-    return int(counts.max())
-
-
-def _adaptive_window_coverage(length: int, out_length: int) -> int:
-    counts = torch.zeros(length, dtype=torch.long)
-    for out_index in range(out_length):
-        start = (out_index * length) // out_length
-        end = -((-(out_index + 1) * length) // out_length)
-        counts[start:end] += 1
-    return int(counts.max())
-
-
-def _maxpool_bound(module, shape, out_shape, path) -> float:
-    """sqrt(largest number of windows covering one pixel): each output moves at most by the largest
-    change inside its window, and each squared input change is counted once per covering window."""
-    if getattr(module, "return_indices", False):
-        raise UnsupportedLayerError(path, module, "return_indices=True returns a tuple")
-    spatial = len(shape) - 1
-    sizes, out_sizes = shape[1:], out_shape[1:]
-    coverage = 1
-    if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
-        for dim in range(spatial):
-            coverage *= _adaptive_window_coverage(sizes[dim], out_sizes[dim])
-    else:
-        kernel = _as_tuple(module.kernel_size, spatial)
-        stride = _as_tuple(module.stride if module.stride is not None else module.kernel_size, spatial)
-        pad = _as_tuple(module.padding, spatial)
-        dilation = _as_tuple(module.dilation, spatial)
-        for dim in range(spatial):
-            coverage *= _max_window_coverage(
-                sizes[dim], out_sizes[dim], kernel[dim], stride[dim], pad[dim], dilation[dim]
-            )
-    return math.sqrt(coverage)
-
-
-def _nonnegative_linear_bound(module, shape, out_shape, path) -> float:
-    """Schur test sqrt(max row sum * max column sum) for a channel-wise linear map with entries of one
-    sign (average pooling): exact for non-overlapping windows, an upper bound otherwise."""
-    ones = torch.ones((1, 1, *shape[1:]), dtype=torch.float64, requires_grad=True)
-    out = module(ones)
-    (column_sums,) = torch.autograd.grad(out.sum(), ones)
-    row_max = float(out.detach().abs().max())
-    column_max = float(column_sums.abs().max())
-    return math.sqrt(row_max * column_max) * (1.0 + FLOAT_SAFETY)
-
-
-def _copying_pad_bound(module, shape, out_shape, path) -> float:
-    """Reflection/replication/circular padding is a row selection: sqrt(most copies of one pixel)."""
-    numel = math.prod(shape[1:])
-    index = torch.arange(numel, dtype=torch.float64).reshape(1, 1, *shape[1:])
-    copies = torch.bincount(module(index).reshape(-1).round().long(), minlength=numel)
-    return math.sqrt(int(copies.max()))
-
-
-# --- activations and shape layers ---------------------------------------------------------------------
-
-
-def _dropout_bound(module, shape, out_shape, path) -> float:
-    # In eval mode dropout is the identity; in training mode it scales kept units by 1 / (1 - p).
-    return 1.0 / (1.0 - module.p) if module.training and module.p < 1 else 1.0
-
-
-def _constant(value: float):
-    return lambda module, shape, out_shape, path: value
-
-
-def _leaky_relu_bound(module, shape, out_shape, path) -> float:
-    return max(1.0, abs(float(module.negative_slope)))
-
-
-def _elu_bound(module, shape, out_shape, path) -> float:
-    return max(1.0, abs(float(module.alpha)))
-
-
-def _selu_bound(module, shape, out_shape, path) -> float:
-    # scale * x for x > 0, scale * alpha * exp(x) (derivative <= scale * alpha) for x <= 0
-    return 1.0507009873554804934193349852946 * 1.6732632423543772848170429916717 * (1.0 + FLOAT_SAFETY)
-
-
-def _prelu_bound(module, shape, out_shape, path) -> float:
-    return max(1.0, float(module.weight.detach().abs().max()))
-
-
-def _hardtanh_bound(module, shape, out_shape, path) -> float:
-    return 1.0 if module.max_val > module.min_val else 0.0
-
-
-_ACTIVATION_CONSTANTS: list[tuple[tuple[type, ...], float]] = [
-    (
-        (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Softsign, nn.Softplus, nn.Tanhshrink, nn.Softshrink),
-        1.0,
-    ),
-    ((nn.Identity, nn.Flatten, nn.Unflatten, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d), 1.0),
-    ((nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d), 1.0),
-    ((nn.Sigmoid,), 0.25),
-    ((nn.Hardsigmoid,), 1.0 / 6.0),
-    ((nn.Hardswish,), 1.5),
-    # Largest |derivative|, rounded up: GELU 1.12899 (tanh approximation 1.12900), SiLU 1.09984, Mish 1.08850.
-    ((nn.GELU,), 1.1291),
-    ((nn.SiLU,), 1.0999),
-    ((nn.Mish,), 1.0886),
-]
-
-_HANDLERS: list[tuple[tuple[type, ...], Callable]] = [
-    ((nn.Linear,), _linear_bound),
-    ((nn.modules.conv._ConvNd,), _conv_bound),
-    ((nn.modules.batchnorm._BatchNorm,), _batchnorm_bound),
-    (
-        (
-            nn.MaxPool1d,
-            nn.MaxPool2d,
-            nn.MaxPool3d,
-            nn.AdaptiveMaxPool1d,
-            nn.AdaptiveMaxPool2d,
-            nn.AdaptiveMaxPool3d,
-        ),
-        _maxpool_bound,
-    ),
-    (
-        (
-            nn.AvgPool1d,
-            nn.AvgPool2d,
-            nn.AvgPool3d,
-            nn.AdaptiveAvgPool1d,
-            nn.AdaptiveAvgPool2d,
-            nn.AdaptiveAvgPool3d,
-        ),
-        _nonnegative_linear_bound,
-    ),
-    (
-        (
-            nn.ReflectionPad1d,
-            nn.ReflectionPad2d,
-            nn.ReflectionPad3d,
-            nn.ReplicationPad1d,
-            nn.ReplicationPad2d,
-            nn.ReplicationPad3d,
-            nn.CircularPad1d,
-            nn.CircularPad2d,
-            nn.CircularPad3d,
-        ),
-        _copying_pad_bound,
-    ),
-    ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d), _dropout_bound),
-    ((nn.LeakyReLU,), _leaky_relu_bound),
-    ((nn.ELU, nn.CELU), _elu_bound),
-    ((nn.SELU,), _selu_bound),
-    ((nn.PReLU,), _prelu_bound),
-    ((nn.Hardtanh,), _hardtanh_bound),
-    *[(types, _constant(value)) for types, value in _ACTIVATION_CONSTANTS],
-]
 
 
 # ---------------------------------------------------------------------------------------------------
