@@ -23,8 +23,9 @@ from painwatch.inference import Predictor, SettingsError
 st.set_page_config(page_title="painwatch: pain check for macaque faces", page_icon=":material/pets:",
                    layout="wide")
 
-SEED = 0
-"""Seed of every certification draw on this page: the same frames and settings give the same answer."""
+SEED = None
+"""No fixed seed: every frame's noise comes from the operating system's entropy, so nobody who sends a
+frame can predict its draws; each result records its noise seed, which reproduces it."""
 
 
 # --------------------------------------------------------------------------- cached resources
@@ -272,8 +273,9 @@ def show_table(batch: Batch) -> None:
     cert = batch.provenance.certification
     st.caption(
         f"Bundle weights SHA-256 {batch.provenance.weights_sha256[:16]}…; method {cert.get('method')}, "
-        f"σ = {cert.get('sigma'):g}, α = {cert.get('alpha'):g}, budget n = {cert.get('n')} per frame, "
-        f"seed {batch.provenance.seed}. The downloads carry the full hash and settings."
+        f"σ = {cert.get('sigma'):g}, α = {cert.get('alpha'):g}, budget n = {cert.get('n')} per frame. "
+        "Each frame's noise was drawn unpredictably; the downloads carry its noise seed (which reproduces "
+        "the certificate), the full hash and the settings."
     )
 
 

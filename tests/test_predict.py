@@ -254,3 +254,65 @@ def test_pgd_does_not_break_certified_smoothed_predictions(bundle: Path) -> None
     assert report.num_attacked >= 4
     assert report.num_flipped == 0
     assert report.max_budget_used <= 0.99 + 1e-6
+
+
+def test_deployed_noise_is_unpredictable_recorded_and_reproducible(bundle: Path, monkeypatch) -> None:
+    import secrets
+
+    import painwatch.inference.predict as predict_module
+
+    images = _frames(125, 3, 30)
+    deployed = Predictor.load(bundle, n=200)  # no seed: as the page and bulk prediction run
+    assert deployed.seed is None
+    first, second = deployed.predict(images), deployed.predict(images)
+    seeds = [r.noise_seed for r in first]
+    assert all(isinstance(seed, int) and 0 <= seed < 2**63 for seed in seeds)
+    assert seeds != [r.noise_seed for r in second]  # the same frames get fresh, unpredictable noise
+    # Anyone can re-check a certificate later: the recorded seeds give the results again, exactly.
+    assert deployed.predict(images, noise_seeds=seeds) == first
+    assert Predictor.load(bundle, n=200, seed=7).predict(images, noise_seeds=seeds) == first
+    with pytest.raises(ValueError, match="2 noise seeds"):
+        deployed.predict(images, noise_seeds=seeds[:2])
+    # The seeds come from the operating system's entropy (secrets), not from a public default.
+    drawn = []
+    monkeypatch.setattr(predict_module.secrets, "randbits", lambda bits: drawn.append(bits) or 12345)
+    (result,) = deployed.predict(images[:1])
+    assert drawn == [63] and result.noise_seed == 12345
+    assert secrets.randbits is predict_module.secrets.randbits
+
+
+def test_an_experiment_seed_fixes_every_frame_s_noise(bundle: Path) -> None:
+    images = _frames(125, 2, 31)
+    fixed = Predictor.load(bundle, n=200, seed=3)
+    first = fixed.predict(images)
+    reordered = fixed.predict(list(reversed(images)), names=["frame-1", "frame-0"])[::-1]
+    assert first == reordered  # per frame, whatever else is in the batch
+    assert [r.noise_seed for r in first] == [frame_seed(3, fixed.preprocess(i)) for i in images]
+
+
+class _CoinFlip(torch.nn.Module):
+    """Logits ``(s, -s)`` with ``s`` the summed deviation from mid-grey: under noise, a mid-grey frame
+    gets each class half the time, so no smoothed answer is clear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # the Predictor reads the device off a parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = (x - 128 / 255).flatten(1).sum(dim=1)
+        return torch.stack([s, -s], dim=1)
+
+
+def test_abstentions_say_why_in_words(bundle: Path) -> None:
+    from painwatch.inference import resolve_settings
+    from painwatch.models import read_metadata
+
+    metadata = read_metadata(bundle)
+    settings = resolve_settings(metadata.certification, method="randomized_smoothing", n=200)
+    coin = Predictor(_CoinFlip(), metadata, bundle, settings, seed=0)
+    grey = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    (refused,) = coin.predict([grey])
+    assert refused.abstained and refused.abstain_code == "unclear_under_noise"
+    assert "no clear majority under noise" in refused.abstain_reason
+    answered = Predictor.load(bundle, n=200, seed=0).predict(_frames(180, 2, 33))
+    assert all(not r.abstained and r.abstain_reason is None and r.abstain_code is None for r in answered)

@@ -69,11 +69,13 @@ CSV_COLUMNS_FIXED: tuple[str, ...] = (
     "frame", "file", "time_s", "label", "class_index", "confidence",
 )
 CSV_COLUMNS_TAIL: tuple[str, ...] = (
-    "radius_l2", "radius_rms", "radius_grey_levels", "method", "sigma", "alpha", "n", "n_budget",
-    "forward_passes", "seed", "bundle_weights_sha256", "painwatch_version",
+    "abstain_reason", "radius_l2", "radius_rms", "radius_grey_levels", "method", "sigma", "alpha", "n",
+    "n_budget", "forward_passes", "noise_seed", "seed", "bundle_weights_sha256", "painwatch_version",
 )
-"""After the per-class probabilities: the certificate, the settings (``n`` = estimation draws used for
-this frame, ``n_budget`` = the most allowed), the seed and the bundle's weights hash."""
+"""After the per-class probabilities: why a frame was refused (in words), the certificate, the settings
+(``n`` = estimation draws used for this frame, ``n_budget`` = the most allowed), the frame's noise seed
+(give it back to re-check the certificate), the predictor's fixed seed (empty in deployment, where every
+frame's seed is unpredictable) and the bundle's weights hash."""
 
 
 def csv_columns(classes: Sequence[str]) -> list[str]:
@@ -94,6 +96,7 @@ def _row(frame: Frame, result: Any, provenance: Provenance) -> dict[str, Any]:
         row[f"prob_{name}"] = float(result.probabilities[name])
     row.update(
         {
+            "abstain_reason": result.abstain_reason,
             "radius_l2": float(result.radius),
             "radius_rms": float(result.radius_rms),
             "radius_grey_levels": float(result.radius_grey_levels),
@@ -103,6 +106,7 @@ def _row(frame: Frame, result: Any, provenance: Provenance) -> dict[str, Any]:
             "n": int(result.n),
             "n_budget": provenance.budget,
             "forward_passes": int(result.forward_passes),
+            "noise_seed": result.noise_seed,
             "seed": provenance.seed,
             "bundle_weights_sha256": provenance.weights_sha256,
             "painwatch_version": __version__,

@@ -55,6 +55,7 @@ from painwatch.inference import (
     PredictorSettings,
     SettingsError,
     model_card_dict,
+    random_noise_seed,
     resolve_settings,
     sound_lipschitz_constant,
 )
@@ -209,8 +210,9 @@ def measure(
 ) -> Measurements:
     """Certify every frame with every predictor and measure the network under noise and corruptions.
 
-    Every draw is seeded (``seed`` for the noise study, each predictor's own seed for certificates), so
-    the same inputs give the same measurements.
+    Every draw is seeded: ``seed`` for the noise study and the corruptions, each predictor's seed policy
+    for the certificates (its ``seed``, or unpredictable per-frame seeds from the operating system when
+    it has none; every frame's noise seed is recorded), so fixed seeds give the same measurements.
     """
     main = predictors[main_method]
     model, device = main.model, main.device
@@ -231,11 +233,12 @@ def measure(
         frame: dict[str, Any] = {"file": str(record.path), "individual": record.individual,
                                  "label": main.classes[record.label]}
         for name, predictor in predictors.items():
-            certificate, _, spent, stop = predictor.certify_tensor(x)
+            noise_seed = predictor.noise_seed_for(x)
+            certificate, _, spent, stop = predictor.certify_tensor(x, noise_seed=noise_seed)
             result.forward_passes += spent
             entry = {"prediction": int(certificate.prediction), "radius": float(certificate.radius),
                      "correct": int(certificate.prediction) == record.label, "forward_passes": int(spent),
-                     "stop_reason": stop, "bound": float(certificate.bound)}
+                     "stop_reason": stop, "bound": float(certificate.bound), "noise_seed": noise_seed}
             result.per_method[name].append(entry)
             frame[name] = entry
         for column, noise_sigma in enumerate(sigmas):
@@ -374,7 +377,7 @@ def _check_paths(settings: CertifySettings) -> None:
 
 
 def _predictors(
-    bundle: Bundle, main: PredictorSettings, methods: Sequence[str], seed: int
+    bundle: Bundle, main: PredictorSettings, methods: Sequence[str], seed: int | None
 ) -> dict[str, Predictor]:
     predictors = {}
     for name in methods:
@@ -402,14 +405,17 @@ def run_certification(
     main = resolve_settings(bundle.metadata.certification, method=settings.method, sigma=settings.sigma,
                             alpha=settings.alpha, n=settings.n, source=str(settings.bundle / "model.json"))
     records, overlap = _held_out_records(settings, bundle, warn)
-    chosen = select_frames(records, settings.max_frames, settings.seed)
+    # Without a seed the certificates draw unpredictable noise, as deployed; the analysis (frame choice,
+    # noise study, bootstrap) still needs one seed, drawn here and recorded in the report.
+    analysis_seed = random_noise_seed() % 2**32 if settings.seed is None else settings.seed
+    chosen = select_frames(records, settings.max_frames, analysis_seed)
     methods = [main.method] if settings.main_method_only else applicable_methods(bundle, main.method)
     predictors = _predictors(bundle, main, methods, settings.seed)
     sigmas = sorted({float(s) for s in settings.noise_sigmas} | {float(main.sigma)})
     measurements = measure(predictors, chosen, main_method=main.method, sigmas=sigmas,
-                           noise_draws=settings.noise_draws, seed=settings.seed, progress=settings.progress)
+                           noise_draws=settings.noise_draws, seed=analysis_seed, progress=settings.progress)
     summary = summarise(measurements, predictors, main_method=main.method,
-                        bootstrap_reps=settings.bootstrap_reps, seed=settings.seed)
+                        bootstrap_reps=settings.bootstrap_reps, seed=analysis_seed)
     measured = summary.pop("measured")
     gate_results = evaluate_gate(gate, measured)
     passed = all(r["passed"] for r in gate_results)
@@ -429,7 +435,10 @@ def run_certification(
                  "synthetic": is_synthetic(settings.data)},
         "settings": {"main": main.to_dict(), "methods": methods, "noise_sigmas": sigmas,
                      "noise_draws": settings.noise_draws, "bootstrap_reps": settings.bootstrap_reps,
-                     "seed": settings.seed, "corruptions": list(CORRUPTIONS)},
+                     "seed": settings.seed, "analysis_seed": analysis_seed,
+                     "certificate_noise": "from --seed" if settings.seed is not None else
+                     "unpredictable (operating-system entropy), one recorded noise_seed per frame",
+                     "corruptions": list(CORRUPTIONS)},
         **summary,
         "model_card": model_card_dict(bundle.metadata, main),
         "gate": {"file": str(gate.path), "thresholds": gate.to_dict(), "results": gate_results,

@@ -143,7 +143,12 @@ class CertifySettings:
     )
     noise_draws: int = setting(32, help="noisy copies per frame per sigma")
     bootstrap_reps: int = setting(1000, help="bootstrap replicates for the CIs")
-    seed: int = setting(0, help="seed of every random draw")
+    seed: int | None = setting(
+        None,
+        help="seed of every random draw, for a reproducible experiment; by default the certificates' noise "
+        "comes from the operating system's entropy, as deployed, and the other draws (frames, bootstrap, "
+        "noise study) from a random seed recorded in the report",
+    )
     device: str = setting("auto", help="cpu, cuda, or auto (cuda when available)")
     main_method_only: bool = setting(False, help="certify with the bundle's method only (faster)")
     write_bundle: bool = setting(True, help="write the verdict into the bundle", cli=False)

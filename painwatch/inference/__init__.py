@@ -9,7 +9,14 @@ from painwatch.inference.model_card import (
     model_card_dict,
     model_card_markdown,
 )
-from painwatch.inference.predict import ABSTAIN_LABEL, FrameResult, Predictor, frame_seed
+from painwatch.inference.predict import (
+    ABSTAIN_LABEL,
+    ABSTAIN_REASONS,
+    FrameResult,
+    Predictor,
+    frame_seed,
+    random_noise_seed,
+)
 from painwatch.inference.saliency import gradcam
 from painwatch.inference.settings import (
     PredictorSettings,
@@ -21,6 +28,7 @@ from painwatch.inference.settings import (
 
 __all__ = [
     "ABSTAIN_LABEL",
+    "ABSTAIN_REASONS",
     "INTENDED_USE",
     "KNOWN_LIMITS",
     "SYNTHETIC_WARNING",
@@ -32,6 +40,7 @@ __all__ = [
     "gradcam",
     "model_card_dict",
     "model_card_markdown",
+    "random_noise_seed",
     "resolve_settings",
     "sequential_variant",
     "sound_lipschitz_constant",

@@ -28,15 +28,22 @@ Which classifier answers (``FrameResult.classifier`` says it in words):
 - ``smoothed_margin`` / ``lipschitz``: need a sound Lipschitz bound of the network; loading refuses
   them with a clear message for networks whose bound painwatch cannot compute (e.g. ResNets).
 
-Abstention is an answer: ``label == "abstain"``, ``class_index == -1``, ``radius == 0.0``.
-Every noise draw is seeded from ``(seed, frame content)``: the same frame with the same settings gets
-the same certificate, whatever else is in the batch.
+Abstention is an answer: ``label == "abstain"``, ``class_index == -1``, ``radius == 0.0``, with the
+reason in words (``abstain_reason``, from :data:`ABSTAIN_REASONS`).
+
+Noise that nobody can predict (docs/design.md, "Noise seeds"): in deployment (``seed=None``, the
+default) every frame's noise seed comes from the operating system's entropy (:mod:`secrets`), so
+whoever sends a frame cannot search offline for a frame whose draws give a wrong certificate. Every
+:class:`FrameResult` records its ``noise_seed``; ``predict(images, noise_seeds=[...])`` reproduces the
+results exactly, so anyone can re-check a certificate later. Experiments fix ``seed``: each frame's
+seed is then a hash of ``(seed, frame pixels)``, the same whatever else is in the batch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,9 +60,22 @@ from painwatch.inference.settings import PredictorSettings, resolve_settings, so
 from painwatch.models import BundleMetadata, GateVerdict, load_bundle
 from painwatch.robust import certify, method_spec
 
-__all__ = ["ABSTAIN_LABEL", "FrameResult", "Predictor", "frame_seed"]
+__all__ = ["ABSTAIN_LABEL", "ABSTAIN_REASONS", "FrameResult", "Predictor", "frame_seed", "random_noise_seed"]
 
 ABSTAIN_LABEL = "abstain"
+
+ABSTAIN_REASONS: dict[str, str] = {
+    "unclear_under_noise": (
+        "no clear answer: the answer changes too often when the picture is slightly disturbed "
+        "(no clear majority under noise)"
+    ),
+    "not_like_training_frames": (
+        "this picture does not look like the macaque face crops the model was trained on"
+    ),
+}
+"""Why a frame was refused, by code, in words a veterinarian can act on."""
+
+NOISE_SEED_BITS = 63
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,10 @@ class FrameResult:
         bound: the statistic the radius came from (lower confidence bound or margin).
         classifier: in words, the classifier that produced ``label`` and that the radius is about.
         stop_reason: why a sequential certificate stopped sampling (None for fixed-n methods).
+        noise_seed: the seed of this frame's noise draws (None for methods without noise):
+            ``predict(..., noise_seeds=[noise_seed])`` gives this result again.
+        abstain_code: why the frame was refused, a key of :data:`ABSTAIN_REASONS` (None unless it was).
+        abstain_reason: the same in words (None unless the frame was refused).
     """
 
     name: str
@@ -101,6 +125,9 @@ class FrameResult:
     bound: float = math.nan
     classifier: str = ""
     stop_reason: str | None = field(default=None)
+    noise_seed: int | None = None
+    abstain_code: str | None = None
+    abstain_reason: str | None = None
 
     @property
     def abstained(self) -> bool:
@@ -113,6 +140,11 @@ class FrameResult:
             if isinstance(value, float) and not math.isfinite(value):
                 record[key] = None
         return record
+
+
+def random_noise_seed() -> int:
+    """A 63-bit noise seed from the operating system's entropy: nobody can predict it."""
+    return secrets.randbits(NOISE_SEED_BITS)
 
 
 def frame_seed(seed: int, x: torch.Tensor) -> int:
@@ -143,7 +175,7 @@ class Predictor:
         bundle_path: str | Path,
         settings: PredictorSettings,
         *,
-        seed: int | None = 0,
+        seed: int | None = None,
         lipschitz_constant: float | None = None,
     ) -> None:
         self.model = model.eval()
@@ -171,15 +203,16 @@ class Predictor:
         n: int | None = None,
         sequential: bool | None = None,
         score_temperature: float | None = None,
-        seed: int | None = 0,
+        seed: int | None = None,
         device: str | torch.device = "cpu",
     ) -> Predictor:
         """Load a bundle; ``method``/``sigma``/``alpha``/``n`` override ``model.json`` within its bounds.
 
         ``sequential`` (default: True for the smoothing methods) picks the sampler that stops early (with
         the bundle's ``bound``: only to abstain when ``"fixed"``); ``score_temperature`` overrides the
-        soft scores' temperature (within the bounds); ``seed`` seeds every noise draw (None: fresh
-        randomness each call).
+        soft scores' temperature (within the bounds). ``seed`` None (deployment) draws every frame's
+        noise seed from the operating system's entropy; an integer makes experiments reproducible
+        (each frame's seed is then a hash of the seed and its pixels).
 
         Raises:
             painwatch.models.BundleError: the folder is not a valid bundle.
@@ -234,22 +267,30 @@ class Predictor:
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from error
 
-    def generator_for(self, x: torch.Tensor) -> torch.Generator | None:
-        """The noise generator of one preprocessed frame (None when the predictor is unseeded)."""
-        if self.seed is None:
-            return None
-        return torch.Generator().manual_seed(frame_seed(self.seed, x))
+    def noise_seed_for(self, x: torch.Tensor) -> int:
+        """The noise seed of one preprocessed frame: unpredictable (:func:`random_noise_seed`) when the
+        predictor has no ``seed``, else :func:`frame_seed` of the seed and the frame's pixels."""
+        return random_noise_seed() if self.seed is None else frame_seed(self.seed, x)
+
+    def generator_for(self, x: torch.Tensor, noise_seed: int | None = None) -> torch.Generator:
+        """The noise generator of one preprocessed frame, seeded with ``noise_seed`` (by default
+        :meth:`noise_seed_for` the frame)."""
+        seed = self.noise_seed_for(x) if noise_seed is None else int(noise_seed)
+        return torch.Generator().manual_seed(seed)
 
     def _clean_probabilities(self, x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
             logits = self.model(x.unsqueeze(0).to(self.device)).detach().to("cpu", torch.float64)
         return calibrated_probabilities(logits.numpy(), self.temperature)[0]
 
-    def certify_tensor(self, x: torch.Tensor) -> tuple[Any, np.ndarray, int, str | None]:
-        """Certify one preprocessed frame ``(C, H, W)`` in [0, 1].
+    def certify_tensor(
+        self, x: torch.Tensor, *, noise_seed: int | None = None
+    ) -> tuple[Any, np.ndarray, int, str | None]:
+        """Certify one preprocessed frame ``(C, H, W)`` in [0, 1] with the noise of ``noise_seed``
+        (by default :meth:`noise_seed_for` the frame).
 
         Returns ``(certificate, probabilities, forward_passes, stop_reason)``; the certificate is the
-        one :func:`painwatch.robust.certify` returns for these settings and this frame's generator.
+        one :func:`painwatch.robust.certify` returns for these settings and that generator.
         """
         s = self.settings
         x = x.to(self.device)
@@ -260,7 +301,7 @@ class Predictor:
 
         outcome = certify(
             s.method_name, self.model, x, sigma=s.sigma, alpha=s.alpha, n0=s.n0, n=s.n,
-            batch_size=s.batch_size, generator=self.generator_for(x),
+            batch_size=s.batch_size, generator=self.generator_for(x, noise_seed),
             lipschitz_constant=self.lipschitz_constant, score_temperature=s.score_temperature,
             stop_early=s.sequential, rel_tol=s.rel_tol,
             min_radius=s.min_radius, logits_callback=collect if s.sequential else None,
@@ -273,8 +314,10 @@ class Predictor:
         return certificate, self._clean_probabilities(x), passes, None
 
     def _result(self, name: str, certificate: Any, probabilities: np.ndarray, passes: int,
-                stop_reason: str | None) -> FrameResult:
+                stop_reason: str | None, noise_seed: int | None) -> FrameResult:
         s = self.settings
+        needs_noise = method_spec(s.method).needs_noise
+        abstain_code = "unclear_under_noise" if certificate.abstained else None
         numel = math.prod(self.input_shape)
         index = int(certificate.prediction)
         shown = index if index >= 0 else int(np.argmax(probabilities))
@@ -290,36 +333,45 @@ class Predictor:
             radius_rms=radius / math.sqrt(numel),
             radius_grey_levels=255.0 * radius / math.sqrt(numel),
             method=method,
-            sigma=float(s.sigma) if method_spec(s.method).needs_noise else 0.0,
+            sigma=float(s.sigma) if needs_noise else 0.0,
             n=int(certificate.n),
             alpha=float(certificate.alpha),
             forward_passes=int(passes),
             bound=float(certificate.bound),
             classifier=self.classifier_description,
             stop_reason=stop_reason,
+            noise_seed=noise_seed if needs_noise else None,
+            abstain_code=abstain_code,
+            abstain_reason=ABSTAIN_REASONS[abstain_code] if abstain_code else None,
         )
 
     def predict(
         self,
         images: Sequence[np.ndarray],
         names: Sequence[str] | None = None,
+        *,
+        noise_seeds: Sequence[int] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[FrameResult]:
         """Classify and certify frames (``H x W x 3`` uint8 RGB arrays), in order.
 
-        ``progress(done, total)`` is called after each frame. Raises ``ValueError`` naming the frame
-        when an image is not an RGB uint8 array (the app decodes and checks files before this).
+        ``noise_seeds`` (one per frame, e.g. the ``noise_seed`` of earlier results) reproduce those
+        results exactly; by default each frame gets :meth:`noise_seed_for` it. ``progress(done, total)``
+        is called after each frame. Raises ``ValueError`` naming the frame when an image is not an RGB
+        uint8 array (the page decodes and checks files before this), or when the lengths differ.
         """
         images = list(images)
-        if names is None:
-            names = [f"frame-{i}" for i in range(len(images))]
-        names = list(names)
+        names = [f"frame-{i}" for i in range(len(images))] if names is None else list(names)
         if len(names) != len(images):
             raise ValueError(f"got {len(images)} images but {len(names)} names")
+        seeds = [None] * len(images) if noise_seeds is None else [int(seed) for seed in noise_seeds]
+        if len(seeds) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(seeds)} noise seeds")
         results = []
-        for done, (image, name) in enumerate(zip(images, names, strict=True), start=1):
+        for done, (image, name, seed) in enumerate(zip(images, names, seeds, strict=True), start=1):
             x = self.preprocess(image, name)
-            results.append(self._result(name, *self.certify_tensor(x)))
+            noise_seed = self.noise_seed_for(x) if seed is None else seed
+            results.append(self._result(name, *self.certify_tensor(x, noise_seed=noise_seed), noise_seed))
             if progress is not None:
                 progress(done, len(images))
         return results
