@@ -24,6 +24,8 @@ from painwatch.app.downloads import (
     results_json,
 )
 from painwatch.app.page import (
+    ABSTAIN_STATUS,
+    NO_CHECK_WARNING,
     RADIUS_NOTE,
     TABLE_COLUMNS,
     THUMBNAIL_SIDE,
@@ -33,6 +35,7 @@ from painwatch.app.page import (
     is_abstention,
     overlay_saliency,
     results_table,
+    status_of,
     summarize,
     tensor_to_image,
     thumbnail_with_crop,
@@ -61,6 +64,7 @@ from painwatch.robust import BASE_METHODS
 
 __all__ = [
     "ABSTAIN_LABEL",
+    "ABSTAIN_STATUS",
     "BASE_METHODS",
     "BUNDLE_ENV",
     "CLIP_SUFFIXES",
@@ -74,6 +78,7 @@ __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_IMAGE_PIXELS",
     "MEGABYTE",
+    "NO_CHECK_WARNING",
     "RADIUS_NOTE",
     "TABLE_COLUMNS",
     "THUMBNAIL_SIDE",
@@ -99,6 +104,7 @@ __all__ = [
     "results_csv",
     "results_json",
     "results_table",
+    "status_of",
     "suffix_of",
     "summarize",
     "tensor_to_image",

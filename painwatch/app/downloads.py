@@ -30,11 +30,13 @@ class Provenance:
     certification: Mapping[str, Any]
     seed: int | None
     gate_passed: bool | None
+    in_distribution: Mapping[str, Any] | None = None
 
     @classmethod
     def from_predictor(cls, predictor: Any) -> Provenance:
         """Provenance of a :class:`painwatch.inference.Predictor` (bundle identity, settings, seed, and
-        whether every gate verdict it holds passed; None when it was never certified)."""
+        whether every gate verdict it holds passed; None when it was never certified; the description
+        of its in-distribution check, or None)."""
         metadata = predictor.metadata
         verdicts = list(predictor.gates.values())
         return cls(
@@ -45,6 +47,8 @@ class Provenance:
             certification=dict(predictor.settings.to_dict()),
             seed=predictor.seed,
             gate_passed=all(v.passed for v in verdicts) if verdicts else None,
+            in_distribution=(metadata.in_distribution.to_dict()
+                             if getattr(predictor, "in_distribution", None) is not None else None),
         )
 
     @property
@@ -60,6 +64,7 @@ class Provenance:
                 "architecture": self.architecture,
                 "classes": list(self.classes),
                 "gate_passed": self.gate_passed,
+                "in_distribution": dict(self.in_distribution) if self.in_distribution else None,
             },
             "certification": {**dict(self.certification), "seed": self.seed},
         }
@@ -69,13 +74,15 @@ CSV_COLUMNS_FIXED: tuple[str, ...] = (
     "frame", "file", "time_s", "label", "class_index", "confidence",
 )
 CSV_COLUMNS_TAIL: tuple[str, ...] = (
-    "abstain_reason", "radius_l2", "radius_rms", "radius_grey_levels", "method", "sigma", "alpha", "n",
+    "abstain_reason", "in_distribution_score", "in_distribution_threshold", "radius_l2", "radius_rms",
+    "radius_grey_levels", "method", "sigma", "alpha", "n",
     "n_budget", "forward_passes", "noise_seed", "seed", "bundle_weights_sha256", "painwatch_version",
 )
-"""After the per-class probabilities: why a frame was refused (in words), the certificate, the settings
-(``n`` = estimation draws used for this frame, ``n_budget`` = the most allowed), the frame's noise seed
-(give it back to re-check the certificate), the predictor's fixed seed (empty in deployment, where every
-frame's seed is unpredictable) and the bundle's weights hash."""
+"""After the per-class probabilities: why a frame was refused (in words), its in-distribution score
+and the threshold above which a frame is refused (empty for a bundle without a check), the
+certificate, the settings (``n`` = estimation draws used for this frame, ``n_budget`` = the most
+allowed), the frame's noise seed (give it back to re-check the certificate), the predictor's fixed
+seed (empty in deployment, where every frame's seed is unpredictable) and the bundle's weights hash."""
 
 
 def csv_columns(classes: Sequence[str]) -> list[str]:
@@ -97,6 +104,8 @@ def _row(frame: Frame, result: Any, provenance: Provenance) -> dict[str, Any]:
     row.update(
         {
             "abstain_reason": result.abstain_reason,
+            "in_distribution_score": getattr(result, "in_distribution_score", None),
+            "in_distribution_threshold": getattr(result, "in_distribution_threshold", None),
             "radius_l2": float(result.radius),
             "radius_rms": float(result.radius_rms),
             "radius_grey_levels": float(result.radius_grey_levels),

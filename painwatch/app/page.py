@@ -28,6 +28,29 @@ def is_abstention(result: Any) -> bool:
     return int(result.class_index) < 0
 
 
+ABSTAIN_STATUS: dict[str, str] = {
+    "unclear_under_noise": "abstained: no clear answer under noise",
+    "not_like_training_frames": "refused: not like the training face crops",
+}
+"""The table's status of an abstention, by ``abstain_code`` (the reason in a few words; the frame view
+and the downloads give it in full)."""
+
+NO_CHECK_WARNING = (
+    "**This model cannot tell when a picture is not a macaque face.** It answers every picture, a cat, a "
+    "person or an empty frame included, as if it were a macaque face crop ({note}). Upload only face "
+    "crops of macaques."
+)
+"""What the page says about a bundle without an in-distribution check; ``{note}`` says why it has none."""
+
+
+def status_of(result: Any) -> str:
+    """The status of a result in a few words: "certified", "not certified (radius 0)", or why it was
+    abstained from or refused."""
+    if is_abstention(result):
+        return ABSTAIN_STATUS.get(getattr(result, "abstain_code", None) or "", "abstained")
+    return "certified" if float(result.radius) > 0 else "not certified (radius 0)"
+
+
 TABLE_COLUMNS: tuple[str, ...] = (
     "frame", "file", "time (s)", "class", "confidence", "certified radius (L2)",
     "radius (grey levels)", "method", "status",
@@ -41,19 +64,13 @@ def results_table(frames: Sequence[Frame], results: Sequence[Any]) -> Any:
     ``class`` is the predicted class name or "abstain"; ``confidence`` is the calibrated probability
     of the predicted class (empty for abstentions); radii are exactly the Predictor's values
     (``radius`` and ``radius_grey_levels``); ``status`` says "certified", "not certified
-    (radius 0)" or "abstained".
+    (radius 0)", or why the frame was abstained from or refused (:data:`ABSTAIN_STATUS`).
     """
 
     check_aligned(frames, results)
     rows = []
     for frame, result in zip(frames, results, strict=True):
         abstained = is_abstention(result)
-        if abstained:
-            status = "abstained"
-        elif float(result.radius) > 0:
-            status = "certified"
-        else:
-            status = "not certified (radius 0)"
         rows.append(
             {
                 "frame": frame.name,
@@ -64,7 +81,7 @@ def results_table(frames: Sequence[Frame], results: Sequence[Any]) -> Any:
                 "certified radius (L2)": float(result.radius),
                 "radius (grey levels)": float(result.radius_grey_levels),
                 "method": str(result.method),
-                "status": status,
+                "status": status_of(result),
             }
         )
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
@@ -75,13 +92,15 @@ def results_table(frames: Sequence[Frame], results: Sequence[Any]) -> Any:
 
 @dataclass(frozen=True)
 class Summary:
-    """Counts over a batch; ``pain_share`` is over frames with an answer (abstentions excluded)."""
+    """Counts over a batch; ``pain_share`` is over frames with an answer (abstentions excluded);
+    ``refused`` counts the abstentions on frames unlike the training frames."""
 
     frames: int
     pain: int
     no_pain: int
     abstained: int
     certified: int
+    refused: int = 0
 
     @property
     def decided(self) -> int:
@@ -94,11 +113,13 @@ class Summary:
 
 
 def summarize(results: Sequence[Any], pain_label: str = "pain") -> Summary:
-    """Count pain / no-pain / abstained / certified (radius > 0) frames."""
+    """Count pain / no-pain / abstained (of them refused as unlike the training frames) / certified
+    (radius > 0) frames."""
     abstained = sum(1 for r in results if is_abstention(r))
     pain = sum(1 for r in results if not is_abstention(r) and r.label == pain_label)
     certified = sum(1 for r in results if not is_abstention(r) and float(r.radius) > 0)
-    return Summary(len(results), pain, len(results) - abstained - pain, abstained, certified)
+    refused = sum(1 for r in results if getattr(r, "abstain_code", None) == "not_like_training_frames")
+    return Summary(len(results), pain, len(results) - abstained - pain, abstained, certified, refused)
 
 
 def time_course(frames: Sequence[Frame], results: Sequence[Any], pain_label: str = "pain") -> Any:
