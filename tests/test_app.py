@@ -82,16 +82,10 @@ def bad_uploads() -> list[support.Upload]:
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, bundle_factory) -> Path:
     """A real bundle: tiny timm backbone, 32 px input, smallest sample budget the bounds allow."""
-    from painwatch.models import create_model, default_certification, save_bundle
-
-    model = create_model("test_resnet", num_classes=2, input_size=32, seed=0)
-    certification = default_certification(sigma=0.25)
-    certification.update({"n0": 16, "n": TINY_N, "alpha": 0.01, "batch_size": 50})
     folder = tmp_path_factory.mktemp("bundle") / "tiny-bundle"
-    save_bundle(folder, model, {"certification": certification})
-    return folder
+    return bundle_factory(folder, certification={"n0": 16, "n": TINY_N, "alpha": 0.01, "batch_size": 50})
 
 
 # --------------------------------------------------------------------------- page logic
