@@ -53,15 +53,14 @@ from painwatch.evaluation.settings import CertifySettings
 from painwatch.inference import (
     Predictor,
     PredictorSettings,
-    SettingsError,
     model_card_dict,
     random_noise_seed,
     resolve_settings,
     sound_lipschitz_constant,
+    usable_methods,
 )
 from painwatch.models import Bundle, GateVerdict, load_bundle, record_gate_verdict
 from painwatch.robust import (
-    BASE_METHODS,
     certified_accuracy_curve,
     clopper_pearson_lower,
     method_spec,
@@ -153,19 +152,9 @@ def deployed_metrics(
 
 
 def applicable_methods(bundle: Bundle, main_method: str) -> list[str]:
-    """The main method, then every base method whose needs this network meets (a method that needs a
-    Lipschitz constant only when a sound bound can be computed)."""
-    methods = [main_method]
-    for method in BASE_METHODS:
-        if method in methods:
-            continue
-        if method_spec(method).needs_lipschitz_constant:
-            try:
-                _lipschitz_constant(bundle, method)
-            except SettingsError:
-                continue
-        methods.append(method)
-    return methods
+    """The main method, then every other base method this network can be certified with
+    (:func:`painwatch.inference.usable_methods`)."""
+    return [main_method, *(m for m in usable_methods(bundle.model, bundle.metadata) if m != main_method)]
 
 
 def _lipschitz_constant(bundle: Bundle, method: str) -> float | None:

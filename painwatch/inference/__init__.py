@@ -24,6 +24,7 @@ from painwatch.inference.settings import (
     resolve_settings,
     sequential_variant,
     sound_lipschitz_constant,
+    usable_methods,
 )
 
 __all__ = [
@@ -44,4 +45,5 @@ __all__ = [
     "resolve_settings",
     "sequential_variant",
     "sound_lipschitz_constant",
+    "usable_methods",
 ]
