@@ -36,7 +36,7 @@ _EXPORTS: dict[str, str] = {
     "VideoInfo": "painwatch.data.video",
     # records
     "FrameRecord": "painwatch.data.records",
-    "load_records": "painwatch.data.records",
+    "load_records": "painwatch.data.sources",
     "load_frame": "painwatch.data.records",
     "parse_label": "painwatch.data.records",
     "records_from_video": "painwatch.data.records",
@@ -152,10 +152,10 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         MANIFEST_NAME,
         FrameRecord,
         load_frame,
-        load_records,
         parse_label,
         records_from_video,
     )
+    from painwatch.data.sources import load_records
     from painwatch.data.splits import Fold, fold_seed, held_out_individuals, loio_folds, split_by_individual
     from painwatch.data.synthetic import (
         DEMO_FRAMES_PER_CLASS,
