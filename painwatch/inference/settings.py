@@ -165,10 +165,10 @@ def sound_lipschitz_constant(
     try:
         return float(lipschitz_upper_bound(model, input_shape))
     except (UnsupportedLayerError, TypeError, ValueError) as error:
+        others = [name for name in BASE_METHODS if not method_spec(name).needs_lipschitz_constant]
         raise SettingsError(
             f"method={method!r} needs a sound Lipschitz bound of the network, which painwatch cannot "
-            f"compute for architecture {architecture!r} ({error}); use soft_smoothing or "
-            f"randomized_smoothing"
+            f"compute for architecture {architecture!r} ({error}); use {' or '.join(others)}"
         ) from error
 
 
