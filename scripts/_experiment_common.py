@@ -1,4 +1,4 @@
-"""Shared machinery of the thesis experiments (scripts/mnist_experiment.py, scripts/cifar10_experiment.py).
+"""Shared machinery of the [RC] experiments (scripts/mnist_experiment.py, scripts/cifar10_experiment.py).
 
 Training of a Lipschitz network with one of the margin losses of :mod:`painwatch.robust.losses`, the
 choice of the held-out points to evaluate (:func:`choose_evaluation_points`: all of them by default,
@@ -103,7 +103,7 @@ def choose_evaluation_points(
 # --------------------------------------------------------------------------------------------- training
 @dataclass
 class TrainSettings:
-    """Optimisation settings (the thesis: Adam, lr 0.01, cosine schedule, batch 128)."""
+    """Optimisation settings ([RC]: Adam, lr 0.01, cosine schedule, batch 128)."""
 
     epochs: int
     batch_size: int = 128
@@ -323,7 +323,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
     add("--lr", type=float, default=0.01, help="Adam learning rate (cosine schedule)")
     add("--bjorck-iters", type=int, default=20)
     add("--margin", type=float, default=1.0, help="target margin d of MH, MCR, MSCR and Zhen")
-    add("--input-variance", type=float, default=0.1, help="sigma_x^2 of SC-SCE and MSCR (thesis: 0.1)")
+    add("--input-variance", type=float, default=0.1, help="sigma_x^2 of SC-SCE and MSCR ([RC]: 0.1)")
     add("--zhen-sigma", type=float, default=0.25, help="sigma of Zhen's loss")
     add(
         "--num-test",

