@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--resnet50-batch", type=int, default=16, help="batch of the ResNet50 timings")
     parser.add_argument("--repeats", type=int, default=3, help="ResNet50 batches timed (the best is kept)")
     parser.add_argument("--study-epochs", type=int, default=10, help="epochs of a ResNet50 LOIO fold")
+    parser.add_argument("--device", default="cpu",
+                        help="device of the ResNet50 per-unit costs (cuda on a GPU node: a GPU's costs)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     return parser
 
@@ -146,30 +148,40 @@ def _resnet50_costs(args: argparse.Namespace, threads: int) -> dict[str, float]:
     """Seconds per image of a ResNet50 forward pass (inference) and of a training step, at 224 px."""
     import timm
 
+    device = torch.device(args.device)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = timm.create_model("resnet50", pretrained=False, num_classes=2)
-    x = torch.rand(args.resnet50_batch, 3, 224, 224)
-    y = torch.randint(0, 2, (args.resnet50_batch,))
+    model = timm.create_model("resnet50", pretrained=False, num_classes=2).to(device)
+    x = torch.rand(args.resnet50_batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 2, (args.resnet50_batch,), device=device)
+
+    def wait() -> None:  # CUDA runs asynchronously: time the work, not its launch
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     model.eval()
     forward = []
     with torch.inference_mode():
         model(x[:2])  # warm-up
         for _ in range(args.repeats):
+            wait()
             started = time.perf_counter()
             model(x)
+            wait()
             forward.append((time.perf_counter() - started) / len(x))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step = []
     for _ in range(args.repeats):
+        wait()
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
+        wait()
         step.append((time.perf_counter() - started) / len(x))
     return {"forward_s_per_image": min(forward), "train_s_per_image": min(step),
-            "batch": args.resnet50_batch, "torch_threads": threads}
+            "batch": args.resnet50_batch, "torch_threads": threads, "device": str(device)}
 
 
 def _machine() -> dict[str, Any]:
@@ -238,7 +250,8 @@ def _table(result: dict[str, Any], command: str) -> str:
         f"- a frame of the demo bundle at 1 000 forward passes: {bulk['local_1']['per_frame_s']:.2f} s "
         f"(1 thread), {bulk['local_default']['per_frame_s']:.2f} s ({default} threads), "
         f"{bulk['ray']['per_frame_s']:.2f} s of wall time per frame on Ray (actor start-up included);",
-        f"- ResNet50 at 224 px: {r50['one_thread']['forward_s_per_image'] * 1e3:.0f} ms per forward pass "
+        f"- ResNet50 at 224 px on {r50['one_thread'].get('device', 'cpu')}: "
+        f"{r50['one_thread']['forward_s_per_image'] * 1e3:.0f} ms per forward pass "
         f"and {r50['one_thread']['train_s_per_image'] * 1e3:.0f} ms per training image with 1 thread; "
         f"{r50['default']['forward_s_per_image'] * 1e3:.0f} ms and "
         f"{r50['default']['train_s_per_image'] * 1e3:.0f} ms with {default};",
