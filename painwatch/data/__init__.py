@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "sample_video": "painwatch.data.video",
     "sample_times": "painwatch.data.video",
     "read_video_frame": "painwatch.data.video",
+    "read_video_frames": "painwatch.data.video",
     "video_info": "painwatch.data.video",
     "VideoInfo": "painwatch.data.video",
     # records
@@ -106,6 +107,7 @@ __all__ = [
     "probe_image",
     "read_image",
     "read_video_frame",
+    "read_video_frames",
     "records_digest",
     "records_from_video",
     "render_face",
@@ -165,4 +167,11 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     )
     from painwatch.data.transforms import DEFAULT_SIZE, ImageTransform, eval_transform, train_transform
     from painwatch.data.validation import ValidationReport, validate_source
-    from painwatch.data.video import VideoInfo, read_video_frame, sample_times, sample_video, video_info
+    from painwatch.data.video import (
+        VideoInfo,
+        read_video_frame,
+        read_video_frames,
+        sample_times,
+        sample_video,
+        video_info,
+    )
