@@ -187,7 +187,7 @@ def git_commit() -> str:
     return f"{described}{' (with uncommitted changes)' if dirty else ''}"
 
 
-def write_report(out: Path, *, command: str, statuses: dict[str, str], diffs: dict[str, str],
+def write_report(out: Path, *, command: str, commit: str, statuses: dict[str, str], diffs: dict[str, str],
                  seconds: float, finished: bool, args: argparse.Namespace, started: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     counts = Counter(statuses.values())
@@ -198,7 +198,7 @@ def write_report(out: Path, *, command: str, statuses: dict[str, str], diffs: di
     machine = machine_description()
     summary = {
         "command": command,
-        "commit": git_commit(),
+        "commit": commit,
         "started": started,
         "wall_seconds": round(seconds, 1),
         "finished_within_time_limit": finished,
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python scripts/mutation_test.py " + " ".join(sys.argv[1:] if argv is None else argv)
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    commit = git_commit()  # the code as copied, before anything can change in the working tree
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="painwatch-mutation-"))
     if args.work_dir is not None and work.exists() and any(work.iterdir()):
         raise SystemExit(f"--work-dir {work} is not empty")
@@ -262,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             print((work / "mutmut.log").read_text(encoding="utf-8")[-4000:], file=sys.stderr)
             raise SystemExit("mutmut produced no results (its log is above)")
         diffs = {name: mutant_diff(work, name) for name, status in statuses.items() if status == "survived"}
-        write_report(args.out, command=command, statuses=statuses, diffs=diffs, seconds=seconds,
-                     finished=finished, args=args, started=started)
+        write_report(args.out, command=command, commit=commit, statuses=statuses, diffs=diffs,
+                     seconds=seconds, finished=finished, args=args, started=started)
         counts = Counter(statuses.values())
         print(f"{len(statuses)} mutants: " + ", ".join(f"{n} {s}" for s, n in counts.most_common()))
         print(f"report: {args.out / 'report.md'}")
