@@ -34,6 +34,7 @@ from painwatch.robust import (
     certify,
     clopper_pearson_lower,
     margin_for_class,
+    mean_confidence_bounds,
     noisy_logits,
     sequential,
     smoothing,
@@ -264,6 +265,59 @@ def test_smoothed_margin_reusing_its_draws_certifies_a_tie_too_often(monkeypatch
     monkeypatch.setattr(margin_module, "smoothed_margin_certify",
                         smoothed_margin_selecting_on_estimation_draws)
     assert count_smoothed_margin_certified_at_a_tie(1000) > acceptance_threshold(1000, SM_TIE_RATE)
+
+
+# --- soft smoothing ----------------------------------------------------------------------------------------
+
+def three_pixel_logits(batch: torch.Tensor) -> torch.Tensor:
+    """Three classes scored by three pixels: a near-tie of classes 0 and 1 at ``X``."""
+    return 3.0 * (batch.flatten(1)[:, :3] - 0.5) + torch.tensor([0.05, 0.0, -0.4], dtype=batch.dtype)
+
+
+def check_soft_smoothing_bounds_the_selected_class_on_the_fresh_draws() -> None:
+    """Replays each certificate's draws: the class is the argmax of the mean softmax of the ``n0``
+    selection rows; with two classes ``G_c_low`` is the bound of its fresh scores at alpha and the
+    runner-up is ``1 - G_c_low``; with K > 2 every bound is at alpha / K and the runner-up is
+    ``min(1 - G_c_low, max_j G_j_up)``; ``r = sigma / 2 (PhiInv(G_c_low) - PhiInv(G_b_up))``."""
+    n0, n, alpha = 5, 120, 0.1
+    for model, num_classes in ((OnePixelVote.with_vote_probability(0.8, SIGMA), 2), (three_pixel_logits, 3)):
+        for concentration in ("hoeffding", "bernstein", "best"):
+            for seed in range(6):
+                recorder = DrawRecorder()
+                certificate = smoothing.soft_smoothing_certify(
+                    model, X, sigma=SIGMA, n0=n0, n=n, alpha=alpha, batch_size=50,
+                    concentration=concentration, generator=torch.Generator().manual_seed(seed),
+                    logits_callback=recorder)
+                rows = recorder.rows()
+                assert rows.shape[0] == n0 + n == certificate.forward_passes
+                selected = int(torch.softmax(rows[:n0], dim=1).mean(dim=0).argmax())
+                scores = torch.softmax(rows[n0:], dim=1).numpy()
+                if num_classes == 2:
+                    low = float(mean_confidence_bounds(scores[:, [selected]], alpha, concentration)[0][0])
+                    runner_up = 1.0 - low
+                else:
+                    lower, upper = mean_confidence_bounds(scores, alpha / num_classes, concentration)
+                    low = float(lower[selected])
+                    runner_up = min(1.0 - low, float(np.delete(upper, selected).max()))
+                where = f"K={num_classes}, {concentration}, seed {seed}"
+                assert certificate.bound == pytest.approx(low, rel=1e-12, abs=1e-15), (
+                    f"{where}: bound {certificate.bound}, expected {low}"
+                )
+                radius = 0.5 * SIGMA * float(norm.ppf(low) - norm.ppf(runner_up)) if low > runner_up else 0.0
+                assert certificate.radius == pytest.approx(radius, rel=1e-12, abs=1e-15), where
+                assert certificate.prediction == (selected if radius > 0 else ABSTAIN), where
+
+
+def test_soft_smoothing_bounds_the_selected_class_on_the_fresh_draws() -> None:
+    check_soft_smoothing_bounds_the_selected_class_on_the_fresh_draws()
+
+
+def test_soft_smoothing_at_twice_alpha_is_rejected(monkeypatch) -> None:
+    monkeypatch.setattr(smoothing, "mean_confidence_bounds",
+                        lambda scores, delta, method="best":
+                        mean_confidence_bounds(scores, 2 * delta, method))
+    with pytest.raises(AssertionError, match="bound"):
+        check_soft_smoothing_bounds_the_selected_class_on_the_fresh_draws()
 
 
 # --- the fixed-budget sequential bound ----------------------------------------------------------------------
