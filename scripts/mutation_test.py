@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
                         help="scratch copy of the repository (default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy afterwards")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on in the kept --work-dir of an earlier run that hit its time limit: only "
+                             "the mutants not checked yet are run (with the code and tests copied then)")
     args = parser.parse_args(argv)
     for module in args.modules:
         if not (REPO / "painwatch" / "robust" / module).is_file():
@@ -77,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for test in args.tests:
         if not (REPO / test.split("::")[0]).exists():
             parser.error(f"--tests: {test} does not exist")
+    if args.resume and (args.work_dir is None or not (args.work_dir / "mutants").is_dir()):
+        parser.error("--resume needs the --work-dir of an earlier run, with its mutants/ folder")
     if args.time_limit <= 0 or args.max_children < 1:
         parser.error(f"need --time-limit > 0 and --max-children >= 1, got {args.time_limit} and "
                      f"{args.max_children}")
@@ -117,7 +122,7 @@ def run_mutmut(work: Path, max_children: int, time_limit: float, log: Path) -> t
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", PAINWATCH_TEST_THREADS="1", OMP_NUM_THREADS="1")
     start = time.monotonic()
-    with log.open("w", encoding="utf-8") as output:
+    with log.open("a", encoding="utf-8") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
             cwd=work, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
@@ -153,6 +158,20 @@ def mutant_diff(work: Path, name: str) -> str:
     shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=work, capture_output=True,
                            text=True, check=False)
     return (shown.stdout or shown.stderr).strip()
+
+
+_STRING_LITERAL = re.compile(r"""[rbfuRBFU]{0,2}("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')""")
+
+
+def changes_only_a_string(diff: str) -> bool:
+    """True when the mutant only rewrites string literals (an error message, a name in one): such a
+    mutant changes no number a certificate is made of."""
+    removed = [line[1:] for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
+    added = [line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    if not removed or len(removed) != len(added):
+        return False
+    return all(_STRING_LITERAL.sub('""', old) == _STRING_LITERAL.sub('""', new)
+               for old, new in zip(removed, added, strict=True))
 
 
 def machine_description() -> dict[str, object]:
@@ -209,6 +228,9 @@ def write_report(out: Path, *, command: str, commit: str, statuses: dict[str, st
         "machine": machine,
         "counts": dict(sorted(counts.items())),
         "counts_by_module": {module: dict(sorted(c.items())) for module, c in sorted(by_module.items())},
+        "survivors_rewriting_only_a_string": sorted(
+            name for name, status in statuses.items()
+            if status == "survived" and changes_only_a_string(diffs.get(name, ""))),
         "mutants": dict(sorted(statuses.items())),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
@@ -239,9 +261,13 @@ def write_report(out: Path, *, command: str, commit: str, statuses: dict[str, st
     for module, module_counts in sorted(by_module.items()):
         lines.append(f"| {module} | " + " | ".join(str(module_counts[s]) for s in STATUSES) + " |")
     lines.append("| **all** | " + " | ".join(str(counts[s]) for s in STATUSES) + " |")
-    lines += ["", f"## Surviving mutants ({counts['survived']})", ""]
-    for name in sorted(n for n, s in statuses.items() if s == "survived"):
-        lines += [f"### `{name}`", "", "```diff", diffs.get(name, "(no diff)"), "```", ""]
+    survivors = sorted(n for n, s in statuses.items() if s == "survived")
+    string_only = [name for name in survivors if changes_only_a_string(diffs.get(name, ""))]
+    lines += ["", f"## Surviving mutants ({len(survivors)}, of which {len(string_only)} only rewrite a "
+              "string literal)", ""]
+    for name in survivors:
+        tag = " (string literal only)" if name in string_only else ""
+        lines += [f"### `{name}`{tag}", "", "```diff", diffs.get(name, "(no diff)"), "```", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -249,13 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python scripts/mutation_test.py " + " ".join(sys.argv[1:] if argv is None else argv)
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    commit = git_commit()  # the code as copied, before anything can change in the working tree
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="painwatch-mutation-"))
-    if args.work_dir is not None and work.exists() and any(work.iterdir()):
-        raise SystemExit(f"--work-dir {work} is not empty")
+    if args.resume:
+        commit = (work / "commit.txt").read_text(encoding="utf-8").strip()
+    else:
+        if args.work_dir is not None and work.exists() and any(work.iterdir()):
+            raise SystemExit(f"--work-dir {work} is not empty")
+        commit = git_commit()  # the code as copied, before anything can change in the working tree
     work.mkdir(parents=True, exist_ok=True)
     try:
-        prepare_work_dir(work, args.modules, args.tests, args.max_children)
+        if not args.resume:
+            prepare_work_dir(work, args.modules, args.tests, args.max_children)
+            (work / "commit.txt").write_text(commit + "\n", encoding="utf-8")
         args.out.mkdir(parents=True, exist_ok=True)
         seconds, finished = run_mutmut(work, args.max_children, args.time_limit, work / "mutmut.log")
         statuses = mutant_statuses(work)
