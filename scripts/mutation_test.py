@@ -164,14 +164,19 @@ _STRING_LITERAL = re.compile(r"""[rbfuRBFU]{0,2}("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\
 
 
 def changes_only_a_string(diff: str) -> bool:
-    """True when the mutant only rewrites string literals (an error message, a name in one): such a
-    mutant changes no number a certificate is made of."""
+    """True when the mutant only rewrites, drops or replaces by None a string literal (an error message
+    or the name a check puts in one): such a mutant changes no number a certificate is made of."""
     removed = [line[1:] for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
     added = [line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
     if not removed or len(removed) != len(added):
         return False
-    return all(_STRING_LITERAL.sub('""', old) == _STRING_LITERAL.sub('""', new)
-               for old, new in zip(removed, added, strict=True))
+    def same_but_strings(old: str, new: str) -> bool:
+        old, new = _STRING_LITERAL.sub('""', old), _STRING_LITERAL.sub('""', new)
+        # A string argument replaced by None, or dropped, is the same kind of change (a name in a message).
+        variants = (old, old.replace('""', "None", 1), old.replace(', ""', "", 1), old.replace('""', "", 1))
+        return new in variants
+
+    return all(same_but_strings(old, new) for old, new in zip(removed, added, strict=True))
 
 
 def machine_description() -> dict[str, object]:
