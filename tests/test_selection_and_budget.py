@@ -278,20 +278,23 @@ def check_soft_smoothing_bounds_the_selected_class_on_the_fresh_draws() -> None:
     """Replays each certificate's draws: the class is the argmax of the mean softmax of the ``n0``
     selection rows; with two classes ``G_c_low`` is the bound of its fresh scores at alpha and the
     runner-up is ``1 - G_c_low``; with K > 2 every bound is at alpha / K and the runner-up is
-    ``min(1 - G_c_low, max_j G_j_up)``; ``r = sigma / 2 (PhiInv(G_c_low) - PhiInv(G_b_up))``."""
+    ``min(1 - G_c_low, max_j G_j_up)``; ``r = sigma / 2 (PhiInv(G_c_low) - PhiInv(G_b_up))``. Scores
+    are ``softmax(f / T)``; the recorded logits are those of ``f`` itself."""
     n0, n, alpha = 5, 120, 0.1
-    for model, num_classes in ((OnePixelVote.with_vote_probability(0.8, SIGMA), 2), (three_pixel_logits, 3)):
+    cases = [(OnePixelVote.with_vote_probability(0.8, SIGMA), 2, 1.0), (three_pixel_logits, 3, 1.0),
+             (OnePixelVote.with_vote_probability(0.7, SIGMA), 2, 0.5), (three_pixel_logits, 3, 0.5)]
+    for model, num_classes, temperature in cases:
         for concentration in ("hoeffding", "bernstein", "best"):
-            for seed in range(6):
+            for seed in range(3):
                 recorder = DrawRecorder()
                 certificate = smoothing.soft_smoothing_certify(
                     model, X, sigma=SIGMA, n0=n0, n=n, alpha=alpha, batch_size=50,
-                    concentration=concentration, generator=torch.Generator().manual_seed(seed),
-                    logits_callback=recorder)
+                    concentration=concentration, score_temperature=temperature,
+                    generator=torch.Generator().manual_seed(seed), logits_callback=recorder)
                 rows = recorder.rows()
                 assert rows.shape[0] == n0 + n == certificate.forward_passes
-                selected = int(torch.softmax(rows[:n0], dim=1).mean(dim=0).argmax())
-                scores = torch.softmax(rows[n0:], dim=1).numpy()
+                selected = int(torch.softmax(rows[:n0] / temperature, dim=1).mean(dim=0).argmax())
+                scores = torch.softmax(rows[n0:] / temperature, dim=1).numpy()
                 if num_classes == 2:
                     low = float(mean_confidence_bounds(scores[:, [selected]], alpha, concentration)[0][0])
                     runner_up = 1.0 - low
@@ -299,7 +302,7 @@ def check_soft_smoothing_bounds_the_selected_class_on_the_fresh_draws() -> None:
                     lower, upper = mean_confidence_bounds(scores, alpha / num_classes, concentration)
                     low = float(lower[selected])
                     runner_up = min(1.0 - low, float(np.delete(upper, selected).max()))
-                where = f"K={num_classes}, {concentration}, seed {seed}"
+                where = f"K={num_classes}, T={temperature}, {concentration}, seed {seed}"
                 assert certificate.bound == pytest.approx(low, rel=1e-12, abs=1e-15), (
                     f"{where}: bound {certificate.bound}, expected {low}"
                 )
