@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 from synthetic_models import OnePixelVote, X
@@ -17,9 +18,12 @@ from torch import nn
 
 from painwatch.robust import (
     SmoothedClassifier,
+    empirical_bernstein_radius,
+    hoeffding_radius,
     lipschitz_certify,
     lipschitz_certify_batch,
     logit_margin,
+    mean_confidence_bounds,
     smoothed_margin_certify,
     soft_smoothing_certify,
 )
@@ -91,3 +95,22 @@ def test_lipschitz_certify_checks_the_device_of_the_model() -> None:
     on_meta = nn.Sequential(nn.Flatten(), nn.Linear(4, 2, device="meta"))
     with pytest.raises(ValueError, match="x is on cpu but the model's weights are on meta"):
         lipschitz_certify_batch(on_meta, torch.rand(2, 1, 2, 2), 1.0)
+
+
+def test_bounds_name_the_bad_setting() -> None:
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        hoeffding_radius(0, 0.1)
+    with pytest.raises(ValueError, match=r"delta must be strictly between 0 and 1.*1\.5"):
+        hoeffding_radius(10, 1.5)
+    with pytest.raises(ValueError, match="n must be >= 2, got 1"):
+        empirical_bernstein_radius(np.zeros(1), 1, 0.1)
+    with pytest.raises(ValueError, match=r"delta must be strictly between 0 and 1.*0\.0"):
+        empirical_bernstein_radius(np.zeros(1), 10, 0.0)
+    with pytest.raises(ValueError, match=r"scores must have shape \(n, m\) with n >= 1, got \(5,\)"):
+        mean_confidence_bounds(np.ones(5), 0.1)
+    with pytest.raises(ValueError, match=r"scores must have shape \(n, m\) with n >= 1, got \(0, 2\)"):
+        mean_confidence_bounds(np.ones((0, 2)), 0.1)
+    with pytest.raises(ValueError, match=r"method must be one of .*'chernoff'"):
+        mean_confidence_bounds(np.ones((3, 2)), 0.1, "chernoff")
+    with pytest.raises(ValueError, match="empirical Bernstein bound needs n >= 2 samples, got n=1"):
+        mean_confidence_bounds(np.ones((1, 2)), 0.1, "best")
