@@ -18,6 +18,7 @@ from torch import nn
 
 from painwatch.robust import (
     SmoothedClassifier,
+    certify,
     empirical_bernstein_radius,
     hoeffding_radius,
     lipschitz_certify,
@@ -114,3 +115,19 @@ def test_bounds_name_the_bad_setting() -> None:
         mean_confidence_bounds(np.ones((3, 2)), 0.1, "chernoff")
     with pytest.raises(ValueError, match="empirical Bernstein bound needs n >= 2 samples, got n=1"):
         mean_confidence_bounds(np.ones((1, 2)), 0.1, "best")
+
+
+def test_vote_counts_are_integers_and_a_model_changing_its_classes_is_named() -> None:
+    model = OnePixelVote.with_vote_probability(0.7, 0.5)
+    counts = SmoothedClassifier(model, 2, 0.5).class_counts(X, num=50, batch_size=20,
+                                                            generator=torch.Generator().manual_seed(0))
+    assert counts.dtype == np.int64 and counts.sum() == 50
+
+    calls = []
+
+    def growing(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(batch.shape[0])
+        return torch.zeros(batch.shape[0], 2 if len(calls) == 1 else 3, dtype=batch.dtype)
+
+    with pytest.raises(ValueError, match="returned 3 logits per image after 2 in an earlier batch"):
+        certify("randomized_smoothing", growing, X, sigma=0.5, n0=30, n=10, batch_size=20, stop_early=False)
