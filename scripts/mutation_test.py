@@ -44,6 +44,8 @@ DEFAULT_MODULES = ("bounds.py", "smoothing.py", "margin.py", "sequential.py")
 DEFAULT_TESTS = (
     "tests/test_bound_coverage.py",
     "tests/test_certificates.py",
+    "tests/test_mutation_survivors.py",
+    "tests/test_registry.py",
     "tests/test_selection_and_budget.py",
     "tests/test_sequential.py",
     "tests/test_smoothing.py",
