@@ -39,6 +39,7 @@ def test_default_settings_of_the_certify_functions() -> None:
                                  "concentration": "best", "score_temperature": 1.0},
         smoothed_margin_certify: {"n0": 100, "n": 1000, "alpha": 0.001, "batch_size": 1000},
         sequential_certify: {"alpha": 0.001, "n0": 64, "max_n": 100_000, "first_batch": 64, "max_batch": 2048,
+                             "batch_size": 256,
                              "rel_tol": 0.05, "min_radius": 0.0, "scores": "soft", "score_temperature": 1.0,
                              "bound": "anytime", "target_radius": None},
         SmoothedClassifier.certify: {"batch_size": 1000},
@@ -131,3 +132,15 @@ def test_vote_counts_are_integers_and_a_model_changing_its_classes_is_named() ->
 
     with pytest.raises(ValueError, match="returned 3 logits per image after 2 in an earlier batch"):
         certify("randomized_smoothing", growing, X, sigma=0.5, n0=30, n=10, batch_size=20, stop_early=False)
+
+
+def test_sequential_settings_are_checked_at_their_limits() -> None:
+    model = OnePixelVote.with_vote_probability(0.9, 0.5)
+    for rel_tol in (1.0, "0.1", False):
+        with pytest.raises(ValueError, match="rel_tol must be a number in"):
+            sequential_certify(model, X, sigma=0.5, rel_tol=rel_tol)
+    with pytest.raises(ValueError, match="max_n must be >= 2, got 1"):
+        sequential_certify(model, X, sigma=0.5, max_n=1)
+    smallest = sequential_certify(model, X, sigma=0.5, n0=4, max_n=2, scores="hard", rel_tol=0.0,
+                                  generator=torch.Generator().manual_seed(0))
+    assert smallest.certificate.n == 2 and smallest.forward_passes == 6

@@ -401,28 +401,57 @@ def test_fixed_budget_bound_peeking_at_every_batch_fails_coverage(monkeypatch) -
 
 # --- the anytime sequential bound --------------------------------------------------------------------------
 
+class SkewedVotes(torch.nn.Module):
+    """Class 0 wins 70% of the noisy votes by ``small``, class 1 the other 30% by ``large``: the vote and
+    the mean softmax can pick different classes, and so can two score temperatures."""
+
+    def __init__(self, small: float, large: float) -> None:
+        super().__init__()
+        self.small, self.large = small, large
+        self.threshold = -SIGMA * float(norm.ppf(0.7))
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        zero_wins = (batch[:, 0, 0, 0] - 0.5 > self.threshold)[:, None]
+        zeros = torch.zeros(batch.shape[0], dtype=batch.dtype)
+        return torch.where(zero_wins, torch.stack([zeros + self.small, zeros], dim=1),
+                           torch.stack([zeros, zeros + self.large], dim=1))
+
+
 def check_anytime_bound_is_the_betting_bound_of_its_fresh_draws() -> None:
-    """Replays ``sequential_certify`` runs: the bound is :class:`BettingLowerBound` at level alpha (grid from
-    probit 0) fed the selected class's scores of the fresh draws in the batches they were drawn in."""
-    for scores, probability in (("soft", 0.9), ("hard", 0.95)):
-        model = OnePixelVote.with_vote_probability(probability, SIGMA)
-        for seed in range(3):
+    """Replays ``sequential_certify`` runs: the class is the vote (hard) or the argmax of the mean
+    ``softmax(f / T)`` (soft) of the selection draws, and the bound is :class:`BettingLowerBound` at
+    level alpha (grid from probit 0) fed that class's scores of the fresh draws in the batches they
+    were drawn in. :class:`SkewedVotes` makes the vote, the mean softmax and the temperature matter."""
+    cases = [
+        ("soft", OnePixelVote.with_vote_probability(0.9, SIGMA), 1.0, 8),
+        ("hard", OnePixelVote.with_vote_probability(0.95, SIGMA), 1.0, 8),
+        ("soft", SkewedVotes(0.1, 10.0), 1.0, 200),  # the vote picks 0, the mean softmax 1
+        ("hard", SkewedVotes(0.1, 10.0), 1.0, 200),
+        ("soft", SkewedVotes(1.0, 10.0), 0.2, 200),  # softmax(f / 0.2) picks 0, softmax(0.2 f) picks 1
+    ]
+    for scores, model, temperature, n0 in cases:
+        for seed in range(2):
             recorder = DrawRecorder()
             result = sequential.sequential_certify(
-                model, X, sigma=SIGMA, alpha=0.01, n0=8, max_n=500, scores=scores,
-                generator=torch.Generator().manual_seed(seed), logits_callback=recorder)
+                model, X, sigma=SIGMA, alpha=0.01, n0=n0, max_n=500, scores=scores,
+                score_temperature=temperature, generator=torch.Generator().manual_seed(seed),
+                logits_callback=recorder)
             selection, *estimation = recorder.batches
-            assert selection.shape[0] == 8 and sum(b.shape[0] for b in estimation) == result.certificate.n
-            selected = (int(torch.softmax(selection, dim=1).mean(dim=0).argmax()) if scores == "soft"
-                        else int(torch.bincount(selection.argmax(dim=1), minlength=2).argmax()))
+            assert selection.shape[0] == n0 and sum(b.shape[0] for b in estimation) == result.certificate.n
+            if scores == "soft":
+                selected = int(torch.softmax(selection / temperature, dim=1).mean(dim=0).argmax())
+            else:
+                selected = int(torch.bincount(selection.argmax(dim=1), minlength=2).argmax())
             reference = BettingLowerBound(0.01, probit_min=0.0)
             for batch in estimation:
-                values = (torch.softmax(batch, dim=1)[:, selected] if scores == "soft"
+                values = (torch.softmax(batch / temperature, dim=1)[:, selected] if scores == "soft"
                           else (batch.argmax(dim=1) == selected).to(torch.float64))
                 reference.update(np.clip(values.numpy(), 0.0, 1.0))
+            where = f"{scores}, {type(model).__name__}, T={temperature}, seed {seed}"
             assert result.certificate.bound == reference.lower, (
-                f"{scores}, seed {seed}: bound {result.certificate.bound}, betting bound {reference.lower}"
+                f"{where}: bound {result.certificate.bound}, betting bound {reference.lower}"
             )
+            assert result.certificate.prediction in (selected, ABSTAIN), where
 
 
 def test_anytime_bound_is_the_betting_bound_of_its_fresh_draws() -> None:
