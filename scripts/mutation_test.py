@@ -214,7 +214,7 @@ def git_commit() -> str:
 
 
 def write_report(out: Path, *, command: str, commit: str, statuses: dict[str, str], diffs: dict[str, str],
-                 seconds: float, finished: bool, args: argparse.Namespace, started: str) -> None:
+                 sittings: list[dict[str, object]], args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     counts = Counter(statuses.values())
     by_module: dict[str, Counter] = {}
@@ -225,9 +225,9 @@ def write_report(out: Path, *, command: str, commit: str, statuses: dict[str, st
     summary = {
         "command": command,
         "commit": commit,
-        "started": started,
-        "wall_seconds": round(seconds, 1),
-        "finished_within_time_limit": finished,
+        "sittings": sittings,
+        "wall_seconds": round(sum(float(s["wall_seconds"]) for s in sittings), 1),
+        "finished_within_time_limit": bool(sittings[-1]["finished"]),
         "modules": [f"painwatch/robust/{module}" for module in args.modules],
         "tests": list(args.tests),
         "max_children": args.max_children,
@@ -251,8 +251,9 @@ def write_report(out: Path, *, command: str, commit: str, statuses: dict[str, st
         "",
         f"- **Command**: `{command}`",
         f"- **Code**: commit {summary['commit']}",
-        f"- **Date**: {started} (wall clock {seconds / 60:.1f} min, "
-        f"{'finished' if finished else 'stopped at the time limit'})",
+        "- **Date**: " + "; ".join(
+            f"{s['started']} ({float(s['wall_seconds']) / 60:.1f} min, "
+            f"{'finished' if s['finished'] else 'stopped at the time limit'})" for s in sittings),
         f"- **Machine**: {machine['platform']}, {machine['cpu_count']} CPU cores, "
         f"Python {machine['python']}, "
         f"torch {machine['torch']}, mutmut {machine['mutmut']}, {args.max_children} workers; "
@@ -278,9 +279,31 @@ def write_report(out: Path, *, command: str, commit: str, statuses: dict[str, st
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def recorded_command(arguments: list[str]) -> str:
+    """The command line as the report shows it: paths outside the repository (the scratch copy) become
+    ``SCRATCH``, paths inside it are relative."""
+    shown = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_absolute():
+            resolved = path.resolve()
+            argument = str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else "SCRATCH"
+        shown.append(argument)
+    return " ".join(["python scripts/mutation_test.py", *shown])
+
+
+def record_sitting(work: Path, *, started: str, seconds: float, finished: bool) -> list[dict[str, object]]:
+    """Append this sitting to ``sittings.json`` in the scratch copy and return every sitting so far."""
+    log = work / "sittings.json"
+    sittings = json.loads(log.read_text(encoding="utf-8")) if log.exists() else []
+    sittings.append({"started": started, "wall_seconds": round(seconds, 1), "finished": finished})
+    log.write_text(json.dumps(sittings, indent=2) + "\n", encoding="utf-8")
+    return sittings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python scripts/mutation_test.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = recorded_command(sys.argv[1:] if argv is None else list(argv))
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="painwatch-mutation-"))
     if args.resume:
@@ -296,13 +319,14 @@ def main(argv: list[str] | None = None) -> int:
             (work / "commit.txt").write_text(commit + "\n", encoding="utf-8")
         args.out.mkdir(parents=True, exist_ok=True)
         seconds, finished = run_mutmut(work, args.max_children, args.time_limit, work / "mutmut.log")
+        sittings = record_sitting(work, started=started, seconds=seconds, finished=finished)
         statuses = mutant_statuses(work)
         if not statuses:
             print((work / "mutmut.log").read_text(encoding="utf-8")[-4000:], file=sys.stderr)
             raise SystemExit("mutmut produced no results (its log is above)")
         diffs = {name: mutant_diff(work, name) for name, status in statuses.items() if status == "survived"}
         write_report(args.out, command=command, commit=commit, statuses=statuses, diffs=diffs,
-                     seconds=seconds, finished=finished, args=args, started=started)
+                     sittings=sittings, args=args)
         counts = Counter(statuses.values())
         print(f"{len(statuses)} mutants: " + ", ".join(f"{n} {s}" for s, n in counts.most_common()))
         print(f"report: {args.out / 'report.md'}")
