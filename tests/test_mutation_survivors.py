@@ -26,6 +26,7 @@ from painwatch.robust import (
     logit_margin,
     mean_confidence_bounds,
     smoothed_margin_certify,
+    smoothed_robustness,
     soft_smoothing_certify,
 )
 from painwatch.robust.sequential import sequential_certify
@@ -144,3 +145,54 @@ def test_sequential_settings_are_checked_at_their_limits() -> None:
     smallest = sequential_certify(model, X, sigma=0.5, n0=4, max_n=2, scores="hard", rel_tol=0.0,
                                   generator=torch.Generator().manual_seed(0))
     assert smallest.certificate.n == 2 and smallest.forward_passes == 6
+
+
+def test_mean_bounds_are_clipped_to_the_unit_interval_and_reject_negative_scores() -> None:
+    lower, upper = mean_confidence_bounds(np.zeros((10, 2)), 0.1, "hoeffding")
+    assert lower.tolist() == [0.0, 0.0] and upper.tolist() == pytest.approx([hoeffding_radius(10, 0.1)] * 2)
+    lower, upper = mean_confidence_bounds(np.ones((10, 1)), 0.1, "hoeffding")
+    assert upper.tolist() == [1.0]
+    with pytest.raises(ValueError, match=r"scores must lie in \[0, 1\]"):
+        mean_confidence_bounds(np.array([[0.5], [-0.1]]), 0.1)
+    # A negative variance (rounding) counts as zero.
+    assert empirical_bernstein_radius(np.array([-1e-3]), 10, 0.1)[0] == empirical_bernstein_radius(
+        np.zeros(1), 10, 0.1)[0]
+
+
+def test_smoothed_robustness_away_from_saturation() -> None:
+    """``1 - exp(-(1 - sqrt(2) 0.2)^2 / (4 * 1 * 0.5^2)) = 0.4017``: pins the 4 and the L^2."""
+    expected = 1 - math.exp(-((1.0 - math.sqrt(2) * 0.2) ** 2) / (4 * 1.0**2 * 0.5**2))
+    assert 0.3 < expected < 0.5
+    assert smoothed_robustness(1.0, lipschitz_constant=1.0, eps=0.2, sigma=0.5).item() == pytest.approx(
+        expected, rel=1e-12)
+    scaled = 1 - math.exp(-((1.0 - math.sqrt(2) * 2.0 * 0.1) ** 2) / (4 * 2.0**2 * 0.25**2))
+    assert smoothed_robustness(1.0, lipschitz_constant=2.0, eps=0.1, sigma=0.25).item() == pytest.approx(
+        scaled, rel=1e-12)
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+        smoothed_robustness(1.0, lipschitz_constant=1.0, eps=0.1, sigma=-0.1)
+
+
+def test_sequential_min_radius_must_be_a_non_negative_number() -> None:
+    model = OnePixelVote.with_vote_probability(0.9, 0.5)
+    for min_radius in (-0.1, True):
+        with pytest.raises(ValueError, match="min_radius must be a number >= 0"):
+            sequential_certify(model, X, sigma=0.5, min_radius=min_radius)
+
+
+def test_smoothed_classifier_is_seeded_shows_its_draws_and_checks_the_classes() -> None:
+    model = OnePixelVote.with_vote_probability(0.6, 0.5)
+    smoothed = SmoothedClassifier(model, 2, 0.5)
+    seen: list[torch.Tensor] = []
+    first = smoothed.class_counts(X, num=40, batch_size=16, generator=torch.Generator().manual_seed(3),
+                                  logits_callback=seen.append)
+    again = smoothed.class_counts(X, num=40, batch_size=16, generator=torch.Generator().manual_seed(3))
+    assert first.tolist() == again.tolist() and sum(len(batch) for batch in seen) == 40
+    runs = [[smoothed.predict(X, n=50, alpha=0.3, generator=torch.Generator().manual_seed(seed))
+             for seed in range(12)] for _ in range(2)]
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1  # seeded, and the seed matters
+    seen.clear()
+    smoothed.certify(X, n0=7, n=30, alpha=0.1, batch_size=16, generator=torch.Generator().manual_seed(0),
+                     logits_callback=seen.append)
+    assert sum(len(batch) for batch in seen) == 37
+    with pytest.raises(ValueError, match="has 2 logits per image but num_classes is 3"):
+        SmoothedClassifier(model, 3, 0.5).class_counts(X, num=5)
