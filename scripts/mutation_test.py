@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
                         help="scratch copy of the repository (default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy afterwards")
+    parser.add_argument("--mutants-from", type=Path, default=None, metavar="FILE",
+                        help="run only the mutants named in FILE, one a line (e.g. the survivors of an "
+                             "earlier run, against tests added since); the others are reported as not "
+                             "checked")
     parser.add_argument("--resume", action="store_true",
                         help="go on in the kept --work-dir of an earlier run that hit its time limit: only "
                              "the mutants not checked yet are run (with the code and tests copied then)")
@@ -84,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--tests: {test} does not exist")
     if args.resume and (args.work_dir is None or not (args.work_dir / "mutants").is_dir()):
         parser.error("--resume needs the --work-dir of an earlier run, with its mutants/ folder")
+    if args.mutants_from is not None and not args.mutants_from.is_file():
+        parser.error(f"--mutants-from: {args.mutants_from} does not exist")
     if args.time_limit <= 0 or args.max_children < 1:
         parser.error(f"need --time-limit > 0 and --max-children >= 1, got {args.time_limit} and "
                      f"{args.max_children}")
@@ -119,14 +125,16 @@ def prepare_work_dir(work: Path, modules: list[str], tests: list[str], max_child
     (work / "pyproject.toml").write_text(pyproject + settings, encoding="utf-8")
 
 
-def run_mutmut(work: Path, max_children: int, time_limit: float, log: Path) -> tuple[float, bool]:
-    """Run ``mutmut run`` in ``work`` for at most ``time_limit`` seconds: (seconds, whether it finished)."""
+def run_mutmut(work: Path, max_children: int, time_limit: float, log: Path,
+               mutants: list[str] | None = None) -> tuple[float, bool]:
+    """Run ``mutmut run`` in ``work`` (only ``mutants`` when given) for at most ``time_limit`` seconds:
+    (seconds, whether it finished)."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", PAINWATCH_TEST_THREADS="1", OMP_NUM_THREADS="1")
     start = time.monotonic()
     with log.open("a", encoding="utf-8") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *(mutants or [])],
             cwd=work, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
@@ -318,7 +326,12 @@ def main(argv: list[str] | None = None) -> int:
             prepare_work_dir(work, args.modules, args.tests, args.max_children)
             (work / "commit.txt").write_text(commit + "\n", encoding="utf-8")
         args.out.mkdir(parents=True, exist_ok=True)
-        seconds, finished = run_mutmut(work, args.max_children, args.time_limit, work / "mutmut.log")
+        selected = None
+        if args.mutants_from is not None:
+            selected = [line.strip() for line in args.mutants_from.read_text(encoding="utf-8").splitlines()
+                        if line.strip()]
+        seconds, finished = run_mutmut(work, args.max_children, args.time_limit, work / "mutmut.log",
+                                       selected)
         sittings = record_sitting(work, started=started, seconds=seconds, finished=finished)
         statuses = mutant_statuses(work)
         if not statuses:
