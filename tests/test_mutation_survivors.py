@@ -196,3 +196,16 @@ def test_smoothed_classifier_is_seeded_shows_its_draws_and_checks_the_classes() 
     assert sum(len(batch) for batch in seen) == 37
     with pytest.raises(ValueError, match="has 2 logits per image but num_classes is 3"):
         SmoothedClassifier(model, 3, 0.5).class_counts(X, num=5)
+
+
+def test_certify_functions_called_with_their_defaults() -> None:
+    """The defaults at work, not only in the signature (a wrapper can keep a signature and change them)."""
+    model = OnePixelVote.with_vote_probability(0.9, 0.5)
+    soft = soft_smoothing_certify(model, X, sigma=0.5, generator=torch.Generator().manual_seed(0))
+    assert (soft.n, soft.forward_passes, soft.alpha) == (1000, 1100, 0.001)
+    margin = smoothed_margin_certify(model, X, sigma=0.5, lipschitz_constant=math.sqrt(2),
+                                     generator=torch.Generator().manual_seed(0))
+    assert (margin.n, margin.forward_passes, margin.alpha) == (1000, 1100, 0.001)
+    decided = sequential_certify(model, X, sigma=0.5, target_radius=0.05,
+                                 generator=torch.Generator().manual_seed(0))
+    assert decided.certificate.alpha == 0.001 and decided.forward_passes == 64 + decided.certificate.n
