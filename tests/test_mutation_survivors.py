@@ -24,6 +24,7 @@ from painwatch.robust import (
     lipschitz_certify,
     lipschitz_certify_batch,
     logit_margin,
+    margin_for_class,
     mean_confidence_bounds,
     smoothed_margin_certify,
     smoothed_robustness,
@@ -209,3 +210,11 @@ def test_certify_functions_called_with_their_defaults() -> None:
     decided = sequential_certify(model, X, sigma=0.5, target_radius=0.05,
                                  generator=torch.Generator().manual_seed(0))
     assert decided.certificate.alpha == 0.001 and decided.forward_passes == 64 + decided.certificate.n
+
+
+def test_margins_of_a_fixed_class_are_float64() -> None:
+    """docs/design.md, "Units and conventions": margins are computed in float64, whatever the logits."""
+    logits = torch.tensor([[1.0, 1.0 + 1e-7, 0.0]], dtype=torch.float32)
+    margin = margin_for_class(logits, torch.tensor([1]))
+    assert margin.dtype == torch.float64
+    assert float(margin[0]) == float(logits[0, 1].double() - logits[0, 0].double())

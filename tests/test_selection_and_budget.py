@@ -282,7 +282,8 @@ def check_soft_smoothing_bounds_the_selected_class_on_the_fresh_draws() -> None:
     are ``softmax(f / T)``; the recorded logits are those of ``f`` itself."""
     n0, n, alpha = 5, 120, 0.1
     cases = [(OnePixelVote.with_vote_probability(0.8, SIGMA), 2, 1.0), (three_pixel_logits, 3, 1.0),
-             (OnePixelVote.with_vote_probability(0.7, SIGMA), 2, 0.5), (three_pixel_logits, 3, 0.5)]
+             (OnePixelVote.with_vote_probability(0.7, SIGMA), 2, 0.5), (three_pixel_logits, 3, 0.5),
+             (OnePixelVote.with_vote_probability(0.9, SIGMA), 2, 2.0)]
     for model, num_classes, temperature in cases:
         for concentration in ("hoeffding", "bernstein", "best"):
             for seed in range(3):
