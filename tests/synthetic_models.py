@@ -10,15 +10,10 @@ import math
 from collections.abc import Callable
 
 import torch
-from scipy.stats import binom, norm
+from scipy.stats import norm
 
 SHAPE = (1, 2, 2)
 X = torch.full(SHAPE, 0.5, dtype=torch.float64)
-
-
-def acceptance_threshold(trials: int, level: float) -> int:
-    """The most failures a procedure failing with probability <= ``level`` shows, except w.p. < 1e-3."""
-    return int(binom.ppf(0.999, trials, level))
 
 
 class OnePixelVote(torch.nn.Module):

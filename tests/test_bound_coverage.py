@@ -30,8 +30,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from conftest import allowed_failures
 from scipy.stats import binom, norm
-from synthetic_models import OnePixelVote, X, acceptance_threshold, antisymmetric_linear
+from synthetic_models import OnePixelVote, X, antisymmetric_linear
 
 from painwatch.robust import (
     BettingLowerBound,
@@ -149,13 +150,13 @@ def test_hoeffding_coverage_over_many_trials() -> None:
     """1000 trials, delta = 0.3: threshold 345 failures. The 2-delta variant fails w.p. 0.4096 per
     trial, so it exceeds the threshold w.p. 0.99999; the real bound never fails here."""
     trials = 1000
-    threshold = acceptance_threshold(trials, 0.3)
+    threshold = allowed_failures(trials, 0.3)
     assert count_hoeffding_failures(mean_confidence_bounds, trials, seed=0) <= threshold
 
     def at_twice_delta(scores: np.ndarray, delta: float, method: str) -> tuple[np.ndarray, np.ndarray]:
         return mean_confidence_bounds(scores, 2 * delta, method)
 
-    assert count_hoeffding_failures(at_twice_delta, trials, seed=0) > acceptance_threshold(trials, 0.3)
+    assert count_hoeffding_failures(at_twice_delta, trials, seed=0) > allowed_failures(trials, 0.3)
 
 
 def test_no_coverage_check_sees_empirical_bernstein_at_twice_delta() -> None:
@@ -236,13 +237,13 @@ def count_cohen_overconfident(trials: int) -> int:
 def test_cohen_certify_covers_over_many_trials() -> None:
     """1000 trials: threshold 73 failures. The real bound fails w.p. 0.0386 per trial; the 2-alpha one
     w.p. 0.09999, so it exceeds the threshold w.p. 0.998 (see the next test)."""
-    assert count_cohen_overconfident(1000) <= acceptance_threshold(1000, COHEN_ALPHA)
+    assert count_cohen_overconfident(1000) <= allowed_failures(1000, COHEN_ALPHA)
 
 
 def test_cohen_certify_at_twice_alpha_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(smoothing, "clopper_pearson_lower",
                         lambda successes, trials, alpha: clopper_pearson_lower(successes, trials, 2 * alpha))
-    assert count_cohen_overconfident(1000) > acceptance_threshold(1000, COHEN_ALPHA)
+    assert count_cohen_overconfident(1000) > allowed_failures(1000, COHEN_ALPHA)
 
 
 # --- the smoothed-margin slack -----------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def test_smoothed_margin_fails_at_its_exact_rate() -> None:
     passes w.p. >= 0.999. The 2-alpha slack and the slack divided by sqrt(2) fail w.p. 0.1195 per trial
     and exceed the threshold w.p. 1 - 2e-7 (next test). Most trials (85%) certify."""
     failures, certified = count_smoothed_margin_failures(1000, offset=0.3)
-    assert failures <= acceptance_threshold(1000, SM_EXACT_FAILURE)
+    assert failures <= allowed_failures(1000, SM_EXACT_FAILURE)
     assert certified > 400
 
 
@@ -294,7 +295,7 @@ def test_smoothed_margin_slack_defects_are_rejected(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(margin, "smoothed_margin_slack", defective_slack)
     failures, _ = count_smoothed_margin_failures(1000, offset=0.3)
-    assert failures > acceptance_threshold(1000, SM_EXACT_FAILURE)
+    assert failures > allowed_failures(1000, SM_EXACT_FAILURE)
 
 
 def test_smoothed_margin_slack_formula() -> None:
@@ -379,5 +380,5 @@ def test_betting_bound_is_time_uniform_and_a_look_ahead_bet_is_rejected() -> Non
     """150 trials at alpha = 0.1: threshold 26 violations. The real bound crosses in about 5% of the
     trials; betting with a look at the draw crosses in every trial."""
     trials = 150
-    assert count_time_uniform_violations(BettingLowerBound, trials) <= acceptance_threshold(trials, 0.1)
-    assert count_time_uniform_violations(LookAheadBetting, trials) > acceptance_threshold(trials, 0.1)
+    assert count_time_uniform_violations(BettingLowerBound, trials) <= allowed_failures(trials, 0.1)
+    assert count_time_uniform_violations(LookAheadBetting, trials) > allowed_failures(trials, 0.1)

@@ -24,8 +24,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import allowed_failures
 from scipy.stats import norm
-from synthetic_models import DrawRecorder, OnePixelVote, X, acceptance_threshold, antisymmetric_linear
+from synthetic_models import DrawRecorder, OnePixelVote, X, antisymmetric_linear
 
 from painwatch.robust import (
     ABSTAIN,
@@ -193,12 +194,12 @@ def test_cohen_certifies_a_tie_at_most_alpha_often() -> None:
     """1000 trials, alpha = 0.05: threshold 73. Separate selection draws: certified w.p. 0.0499.
     Selecting on the estimation draws counts ``max(K, n - K)``: certified w.p. 0.0999, above the
     threshold w.p. 0.998 (next test)."""
-    assert count_cohen_certified_at_a_tie(1000) <= acceptance_threshold(1000, 0.05)
+    assert count_cohen_certified_at_a_tie(1000) <= allowed_failures(1000, 0.05)
 
 
 def test_cohen_reusing_its_draws_certifies_a_tie_too_often(monkeypatch) -> None:
     monkeypatch.setattr(smoothing, "_cohen_certify", cohen_selecting_on_estimation_draws)
-    assert count_cohen_certified_at_a_tie(1000) > acceptance_threshold(1000, 0.05)
+    assert count_cohen_certified_at_a_tie(1000) > allowed_failures(1000, 0.05)
 
 
 # --- the smoothed margin ---------------------------------------------------------------------------------
@@ -258,13 +259,13 @@ procedure to this exact rate."""
 def test_smoothed_margin_certifies_a_tie_at_its_exact_rate() -> None:
     """1000 trials: threshold 70. Selecting on the estimation draws makes the selected mean margin
     ``|N(0, s^2)|`` and certifies w.p. 2 x 0.0479 = 0.0959, above the threshold w.p. 0.998 (next test)."""
-    assert count_smoothed_margin_certified_at_a_tie(1000) <= acceptance_threshold(1000, SM_TIE_RATE)
+    assert count_smoothed_margin_certified_at_a_tie(1000) <= allowed_failures(1000, SM_TIE_RATE)
 
 
 def test_smoothed_margin_reusing_its_draws_certifies_a_tie_too_often(monkeypatch) -> None:
     monkeypatch.setattr(margin_module, "smoothed_margin_certify",
                         smoothed_margin_selecting_on_estimation_draws)
-    assert count_smoothed_margin_certified_at_a_tie(1000) > acceptance_threshold(1000, SM_TIE_RATE)
+    assert count_smoothed_margin_certified_at_a_tie(1000) > allowed_failures(1000, SM_TIE_RATE)
 
 
 # --- soft smoothing ----------------------------------------------------------------------------------------
@@ -391,13 +392,13 @@ def test_fixed_budget_bound_covers_under_a_stopping_rule() -> None:
     """1000 trials: threshold 73. The bound of the whole budget fails w.p. 0.0499; peeking after each of
     the three batches fails w.p. 0.103 (2e5 simulated binomial paths) and exceeds the threshold w.p.
     0.9994."""
-    assert count_fixed_budget_overconfident(1000) <= acceptance_threshold(1000, FIXED_ALPHA)
+    assert count_fixed_budget_overconfident(1000) <= allowed_failures(1000, FIXED_ALPHA)
 
 
 @pytest.mark.slow
 def test_fixed_budget_bound_peeking_at_every_batch_fails_coverage(monkeypatch) -> None:
     monkeypatch.setattr(sequential, "sequential_certify", fixed_budget_from_fewer_draws("peek"))
-    assert count_fixed_budget_overconfident(1000) > acceptance_threshold(1000, FIXED_ALPHA)
+    assert count_fixed_budget_overconfident(1000) > allowed_failures(1000, FIXED_ALPHA)
 
 
 # --- the anytime sequential bound --------------------------------------------------------------------------
