@@ -475,7 +475,8 @@ def test_train_and_loio_expose_the_same_training_options() -> None:
     own = {
         "train": {"-h", "--help", "--out", "--val-fraction", "--individuals", "--quiet"},
         "loio": {"-h", "--help", "--out", "--resume", "--cache-features", "--inner-val-individuals"}
-        | {"--inner-val-fraction", "--bootstrap-reps", "--max-folds", "--quiet"},
+        | {"--inner-val-fraction", "--bootstrap-reps", "--max-folds", "--quiet"}
+        | {"--ray", "--fold-cpus", "--fold-gpus", "--retries"},  # where the folds run (DistributedSettings)
     }
     for command, expected in own.items():
         parser = _command_parser(command)

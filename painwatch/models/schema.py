@@ -47,6 +47,9 @@ Where the noisy logit margins are small, even T = 0.1 scores stay well below 1 a
 
 IN_DISTRIBUTION_FILE = "in_distribution.safetensors"
 """The file next to the weights that holds a bundle's in-distribution check (no pickle)."""
+DEFAULT_METHOD = "randomized_smoothing"
+"""The certificate of a new bundle: randomized smoothing [Cohen19] with the fixed-budget bound (see
+:func:`default_certification`)."""
 
 DEFAULT_GATE_FILE = "default.toml"
 """The name under which a format-1 verdict that does not say its gate file is kept."""
@@ -140,7 +143,7 @@ class CertificationDefaults:
         return record
 
 
-def default_certification(sigma: float | None = None, method: str = "randomized_smoothing") -> dict[str, Any]:
+def default_certification(sigma: float | None = None, method: str = DEFAULT_METHOD) -> dict[str, Any]:
     """Certification defaults for a new bundle, as ``model.json`` stores them.
 
     ``sigma`` is the training noise level when the model was trained with noise (certify at the
