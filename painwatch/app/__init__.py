@@ -28,7 +28,6 @@ from painwatch.app.downloads import (
 from painwatch.app.page import (
     ABSTAIN_STATUS,
     NO_CHECK_WARNING,
-    RADIUS_NOTE,
     ROBUST_IS_NOT_CORRECT,
     STATUS_NOT_ROBUST,
     STATUS_REFUSED,
@@ -88,7 +87,6 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "MEGABYTE",
     "NO_CHECK_WARNING",
-    "RADIUS_NOTE",
     "ROBUST_IS_NOT_CORRECT",
     "STATUS_NOT_ROBUST",
     "STATUS_REFUSED",
