@@ -1,0 +1,244 @@
+"""The Streamlit sections the page scripts share: the sign-in gate, "Save this check", the navigation
+between the check page (``app.py``) and the animal page (``pages/animals.py``), and the records
+database they open.
+
+This is the one module of :mod:`painwatch.app` that draws with Streamlit; what it shows comes from
+:mod:`painwatch.app.records` and :mod:`painwatch.records`, which are tested without it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+from painwatch.app.downloads import Provenance
+from painwatch.app.records import is_loopback, save_batch, sign_in_required
+from painwatch.app.uploads import FileProblem, Frame
+from painwatch.records.database import Database, RecordsError, open_database
+from painwatch.records.history import format_time, zone_name
+from painwatch.records.service import NOTES_LENGTH, SavedCheck, list_animals, normalize_animal_code
+from painwatch.records.settings import RecordsSettings, environment_variable
+from painwatch.records.users import AccountsError, read_accounts, sign_in
+
+ANIMAL_PAGE = "pages/animals.py"
+"""The animal page's script, relative to ``app.py``."""
+NEW_ANIMAL = "A new animal…"
+SIGNED_IN = "signed_in_user"
+SAVED_CHECKS = "saved_checks"
+OPEN_ANIMAL = "records_open_animal"
+"""Session key: the animal the animal page opens with (set when a check is saved)."""
+
+
+# --------------------------------------------------------------------------- settings and database
+
+
+def records_settings() -> RecordsSettings:
+    """The records settings from the ``PAINWATCH_*`` environment; a bad value stops the page, saying why."""
+    try:
+        return RecordsSettings.from_environment(os.environ)
+    except ValueError as error:
+        st.error(f"The records settings cannot be used: {error}", icon=":material/settings:")
+        st.stop()
+        raise  # st.stop raises; this line is never reached
+
+
+@st.cache_resource(show_spinner="Opening the records…", max_entries=4)
+def _open_database(url: str) -> Database:
+    return open_database(url)
+
+
+def records_database(settings: RecordsSettings) -> tuple[Database | None, str | None]:
+    """The open records database, or None and what is wrong with it (nothing is written to a database
+    that cannot be used)."""
+    try:
+        return _open_database(settings.database), None
+    except RecordsError as error:
+        return None, str(error)
+
+
+def viewer_zone() -> tzinfo | None:
+    """The time zone of the viewer's browser, or None (times then shown in UTC)."""
+    name = st.context.timezone
+    try:
+        return ZoneInfo(name) if name else None
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def _session_id() -> str:
+    context = get_script_run_ctx()
+    return context.session_id if context is not None else "no-session"
+
+
+# --------------------------------------------------------------------------- sign-in
+
+
+def sign_in_gate() -> str | None:
+    """Let the page go on only for a signed-in user when it is served beyond this machine.
+
+    Returns the signed-in user's name, or None when the page listens on loopback only (and the clinic did
+    not ask for sign-in everywhere: ``PAINWATCH_SIGN_IN=always``). Otherwise shows the sign-in form and
+    stops the script until a user with an account signs in; without accounts, or when the records
+    database (which records the attempts) cannot be used, nobody gets in.
+    """
+    settings = records_settings()
+    address = st.get_option("server.address")
+    if not sign_in_required(address, settings.sign_in):
+        st.sidebar.caption("Served on this machine only: no sign-in needed.")
+        return None
+    try:
+        accounts = read_accounts(settings.accounts)
+    except AccountsError as error:
+        st.error(f"Nobody can sign in: {error}", icon=":material/lock:")
+        st.stop()
+    user = st.session_state.get(SIGNED_IN)
+    if user is not None and user.casefold() in accounts:
+        st.sidebar.markdown(f"Signed in as **{user}**")
+        if st.sidebar.button("Sign out", key="sign_out", icon=":material/logout:"):
+            st.session_state.pop(SIGNED_IN, None)
+            st.rerun()
+        return user
+    st.session_state.pop(SIGNED_IN, None)  # an account removed meanwhile loses its access
+    where = "to other machines" if not is_loopback(address) else "with sign-in required"
+    st.title("painwatch: sign in")
+    st.markdown(f"This page is served {where}: the animals' records are shown only to people with an "
+                "account.")
+    if not accounts:
+        st.error(
+            "No account exists yet, so nobody can sign in. Ask whoever set up painwatch to create one for "
+            f"you (`painwatch users add NAME`, accounts file `{settings.accounts}`).", icon=":material/lock:")
+        st.stop()
+    database, problem = records_database(settings)
+    if database is None:
+        st.error(f"Sign-in is not available because the records cannot be used: {problem}",
+                 icon=":material/lock:")
+        st.stop()
+    with st.form("sign_in", clear_on_submit=True):
+        name = st.text_input("User name", key="sign_in_name", autocomplete="username")
+        password = st.text_input("Password", type="password", key="sign_in_password",
+                                 autocomplete="current-password")
+        submitted = st.form_submit_button("Sign in", key="sign_in_submit", type="primary")
+    if submitted:
+        try:
+            outcome = sign_in(database, settings.accounts, name=name, password=password,
+                              session=_session_id())
+        except RecordsError as error:
+            st.error(f"Sign-in failed: {error}", icon=":material/lock:")
+            st.stop()
+        if outcome.succeeded:
+            st.session_state[SIGNED_IN] = outcome.user
+            st.rerun()
+        st.error(outcome.message, icon=":material/lock:")
+    st.stop()
+    return None  # st.stop raises; never reached
+
+
+# --------------------------------------------------------------------------- navigation
+
+
+def navigation(check_page: Callable[[], None]) -> None:
+    """Run the page the viewer chose: the check page (``check_page``, the default) or the animal page."""
+    pages = [
+        st.Page(check_page, title="Check frames", icon=":material/pets:", default=True),
+        st.Page(ANIMAL_PAGE, title="Animal records", icon=":material/monitoring:"),
+    ]
+    st.navigation(pages).run()
+
+
+# --------------------------------------------------------------------------- save this check
+
+
+def _frames_note(settings: RecordsSettings) -> str:
+    if settings.keep_thumbnails:
+        return (f"The frames are kept as small thumbnails ({settings.thumbnail_side} pixels at most) with "
+                f"the answers; the clinic can keep none ({environment_variable('frames')}=none).")
+    return "The frames themselves are not kept (the clinic's setting): only the answers are."
+
+
+def save_check_section(
+    frames: Sequence[Frame],
+    results: Sequence[Any],
+    provenance: Provenance,
+    *,
+    model_card: Mapping[str, Any],
+    batch_key: str,
+    analysed_at: datetime | None = None,
+    problems: Sequence[FileProblem] = (),
+    user: str | None = None,
+) -> SavedCheck | None:
+    """"Save this check": pick a known animal or type a new ID (created only on confirmation), add notes,
+    save the batch's answers as one check (by ``user`` when signed in). Returns the saved check once it
+    is saved (a batch is saved once)."""
+    st.subheader("Save this check")
+    settings = records_settings()
+    database, problem = records_database(settings)
+    if database is None:
+        st.warning(f"Checks cannot be saved: {problem}", icon=":material/database:")
+        return None
+    saved: dict[str, SavedCheck] = st.session_state.setdefault(SAVED_CHECKS, {})
+    if batch_key in saved:
+        done = saved[batch_key]
+        st.success(f"Saved as a check of **{done.animal}** ({done.frames} frames) at "
+                   f"{format_time(done.created_at, viewer_zone())} ({zone_name(viewer_zone())}).",
+                   icon=":material/check_circle:")
+        st.page_link(ANIMAL_PAGE, label=f"Open the record of {done.animal}", icon=":material/monitoring:")
+        return done
+    known = {a.code.casefold(): a.code for a in list_animals(database)}
+    left, right = st.columns([1, 2])
+    with left:
+        choice = st.selectbox(
+            "Animal", [*sorted(known.values(), key=str.casefold), NEW_ANIMAL], index=None if known else 0,
+            placeholder="Pick the animal", key="record_animal",
+            help="The animal these frames show. Pick a known one or a new one.",
+        )
+        typed = None
+        if choice == NEW_ANIMAL:
+            typed = st.text_input("ID of the new animal", key="record_new_animal", max_chars=64,
+                                  placeholder="e.g. M-17")
+    with right:
+        notes = st.text_area("Notes (optional)", key="record_notes", max_chars=NOTES_LENGTH, height=90,
+                             placeholder="e.g. day 1 after laparotomy, before analgesia")
+    st.caption(_frames_note(settings))
+    code, create, ready = None, False, choice not in (None, NEW_ANIMAL)
+    if choice not in (None, NEW_ANIMAL):
+        code = choice
+    elif typed and typed.strip():
+        try:
+            code = normalize_animal_code(typed)
+        except RecordsError as error:
+            st.error(str(error))
+        else:
+            if code.casefold() in known:
+                code = known[code.casefold()]
+                st.info(f"**{code}** is already known: the check goes to its record.")
+                ready = True
+            else:
+                create = st.checkbox(f"Create the new animal **{code}**", key="record_confirm_new",
+                                     help="Check the ID first: a new record is started for it.")
+                ready = create
+    clicked = st.button("Save this check", key="record_save", type="primary", disabled=not ready,
+                        icon=":material/save:")
+    if not (clicked and ready and code):
+        return None
+    try:
+        with st.spinner("Saving…"):
+            done = save_batch(frames, results, provenance, database=database, model_card=model_card,
+                              animal=code, create_animal=create, notes=notes, recorded_by=user,
+                              problems=problems, analysed_at=analysed_at, settings=settings)
+    except RecordsError as error:
+        st.error(f"The check was not saved: {error}")
+        return None
+    saved[batch_key] = done
+    st.session_state[OPEN_ANIMAL] = done.animal
+    st.rerun()
+    return done  # st.rerun raises; never reached
+
+
+__all__ = ["ANIMAL_PAGE", "NEW_ANIMAL", "OPEN_ANIMAL", "navigation", "records_database", "records_settings",
+           "save_check_section", "sign_in_gate", "viewer_zone"]
