@@ -19,8 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from painwatch.inference import ABSTAIN_REASONS, FrameResult  # noqa: E402
-from painwatch.records.service import ModelUsed  # noqa: E402
+from painwatch.inference import ABSTAIN_REASONS, FrameResult
+from painwatch.records.service import ModelUsed
 
 CLASSES = ("no_pain", "pain")
 
@@ -52,7 +52,8 @@ def fake_batch(count: int, *, seed: int = 0, abstain: tuple[int, ...] = (), pain
         results.append(FrameResult(
             name=name, label="abstain" if refused else CLASSES[label_index], class_index=label_index,
             confidence=confidence, probabilities={"no_pain": 1 - p_pain, "pain": p_pain}, radius=radius,
-            radius_rms=radius / math.sqrt(3 * 32 * 32), radius_grey_levels=255 * radius / math.sqrt(3 * 32 * 32),
+            radius_rms=radius / math.sqrt(3 * 32 * 32),
+            radius_grey_levels=255 * radius / math.sqrt(3 * 32 * 32),
             method="randomized_smoothing", sigma=0.25, n=100, alpha=0.01, forward_passes=117,
             bound=math.nan if refused else float(rng.uniform(0.5, 1.0)), classifier="the vote classifier",
             noise_seed=int(rng.integers(0, 2**63 - 1)),

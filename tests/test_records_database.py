@@ -48,7 +48,8 @@ def test_migrations_build_the_schema_of_the_tables_from_an_empty_database(tmp_pa
     path = tmp_path / "nested" / "records.db"
     database = open_database(_url(path))
     try:
-        assert path.is_file() and database.revision == head_revision() and head_revision() in known_revisions()
+        assert path.is_file() and database.revision == head_revision()
+        assert head_revision() in known_revisions()
         with database.engine.connect() as connection:
             tables = set(inspect(connection).get_table_names())
             assert {"animals", "checks", "check_frames", "sign_in_attempts", VERSION_TABLE} <= tables
@@ -70,7 +71,7 @@ def test_a_file_that_is_not_sqlite_is_refused_and_left_as_it_was(tmp_path: Path)
     path = tmp_path / "painwatch.db"
     path.write_bytes(b"animal,notes\nM01,day 1\n")
     before = _digest(path)
-    with pytest.raises(RecordsError, match="is not an SQLite database.*left untouched"):
+    with pytest.raises(RecordsError, match=r"is not an SQLite database.*left untouched"):
         open_database(_url(path))
     assert _digest(path) == before
     with pytest.raises(RecordsError, match="is a folder"):
@@ -123,7 +124,7 @@ def test_a_damaged_database_is_refused_and_left_as_it_was(tmp_path: Path) -> Non
     data[3 * page + 8: 5 * page] = bytes(range(256)) * ((2 * page - 8) // 256) + bytes((2 * page - 8) % 256)
     path.write_bytes(bytes(data))
     before = _digest(path)
-    with pytest.raises(RecordsError, match="damaged|cannot be read|malformed"):
+    with pytest.raises(RecordsError, match=r"damaged|cannot be read|malformed"):
         open_database(_url(path))
     assert _digest(path) == before
 
@@ -168,7 +169,8 @@ def _wait_for_line(process: subprocess.Popen[str], prefix: str, timeout_s: float
         if line.startswith(prefix):
             return line
         if not line and process.poll() is not None:
-            raise AssertionError(f"the writer exited with {process.returncode}: {process.stderr.read()[-3000:]}")
+            raise AssertionError(f"the writer exited with {process.returncode}: "
+                                 f"{process.stderr.read()[-3000:]}")
     raise AssertionError(f"the writer did not print {prefix!r} within {timeout_s} s")
 
 

@@ -31,6 +31,7 @@ ANIMAL_PAGE = "pages/animals.py"
 NEW_ANIMAL = "A new animal…"
 SIGNED_IN = "signed_in_user"
 SAVED_CHECKS = "saved_checks"
+SAVE_FAILED = "record_save_failed"
 OPEN_ANIMAL = "records_open_animal"
 """Session key: the animal the animal page opens with (set when a check is saved)."""
 
@@ -100,9 +101,8 @@ def sign_in_gate() -> str | None:
     user = st.session_state.get(SIGNED_IN)
     if user is not None and user.casefold() in accounts:
         st.sidebar.markdown(f"Signed in as **{user}**")
-        if st.sidebar.button("Sign out", key="sign_out", icon=":material/logout:"):
-            st.session_state.pop(SIGNED_IN, None)
-            st.rerun()
+        st.sidebar.button("Sign out", key="sign_out", icon=":material/logout:",
+                          on_click=lambda: st.session_state.pop(SIGNED_IN, None))
         return user
     st.session_state.pop(SIGNED_IN, None)  # an account removed meanwhile loses its access
     where = "to other machines" if not is_loopback(address) else "with sign-in required"
@@ -197,47 +197,71 @@ def save_check_section(
             placeholder="Pick the animal", key="record_animal",
             help="The animal these frames show. Pick a known one or a new one.",
         )
-        typed = None
         if choice == NEW_ANIMAL:
-            typed = st.text_input("ID of the new animal", key="record_new_animal", max_chars=64,
-                                  placeholder="e.g. M-17")
+            st.text_input("ID of the new animal", key="record_new_animal", max_chars=64,
+                          placeholder="e.g. M-17")
     with right:
-        notes = st.text_area("Notes (optional)", key="record_notes", max_chars=NOTES_LENGTH, height=90,
-                             placeholder="e.g. day 1 after laparotomy, before analgesia")
+        st.text_area("Notes (optional)", key="record_notes", max_chars=NOTES_LENGTH, height=90,
+                     placeholder="e.g. day 1 after laparotomy, before analgesia")
     st.caption(_frames_note(settings))
-    code, create, ready = None, False, choice not in (None, NEW_ANIMAL)
-    if choice not in (None, NEW_ANIMAL):
-        code = choice
-    elif typed and typed.strip():
-        try:
-            code = normalize_animal_code(typed)
-        except RecordsError as error:
-            st.error(str(error))
-        else:
-            if code.casefold() in known:
-                code = known[code.casefold()]
-                st.info(f"**{code}** is already known: the check goes to its record.")
-                ready = True
-            else:
-                create = st.checkbox(f"Create the new animal **{code}**", key="record_confirm_new",
-                                     help="Check the ID first: a new record is started for it.")
-                ready = create
-    clicked = st.button("Save this check", key="record_save", type="primary", disabled=not ready,
-                        icon=":material/save:")
-    if not (clicked and ready and code):
-        return None
+    code, create, problem = _chosen_animal(known)
+    if problem:
+        st.error(problem)
+    elif code is not None and code.casefold() not in known:
+        create = st.checkbox(f"Create the new animal **{code}**", key="record_confirm_new",
+                             help="Check the ID first: a new record is started for it.")
+    elif choice == NEW_ANIMAL and code is not None:
+        st.info(f"**{code}** is already known: the check goes to its record.")
+    st.button("Save this check", key="record_save", type="primary", icon=":material/save:",
+              disabled=code is None or (code.casefold() not in known and not create),
+              on_click=_save, args=(frames, results, provenance),
+              kwargs={"database": database, "model_card": model_card, "recorded_by": user,
+                      "problems": problems, "analysed_at": analysed_at, "settings": settings,
+                      "batch_key": batch_key})
+    failure = st.session_state.pop(SAVE_FAILED, None)
+    if failure:
+        st.error(f"The check was not saved: {failure}")
+    return None
+
+
+def _chosen_animal(known: Mapping[str, str]) -> tuple[str | None, bool, str | None]:
+    """From the section's widgets: the animal ID (stored spelling when known), whether creating it is
+    confirmed, and what is wrong with a typed ID."""
+    choice = st.session_state.get("record_animal")
+    if choice is None:
+        return None, False, None
+    if choice != NEW_ANIMAL:
+        return choice, False, None
+    typed = str(st.session_state.get("record_new_animal") or "")
+    if not typed.strip():
+        return None, False, None
     try:
-        with st.spinner("Saving…"):
-            done = save_batch(frames, results, provenance, database=database, model_card=model_card,
-                              animal=code, create_animal=create, notes=notes, recorded_by=user,
-                              problems=problems, analysed_at=analysed_at, settings=settings)
+        code = normalize_animal_code(typed)
     except RecordsError as error:
-        st.error(f"The check was not saved: {error}")
-        return None
-    saved[batch_key] = done
+        return None, False, str(error)
+    if code.casefold() in known:
+        return known[code.casefold()], False, None
+    return code, bool(st.session_state.get("record_confirm_new")), None
+
+
+def _save(frames: Sequence[Frame], results: Sequence[Any], provenance: Provenance, *, database: Database,
+          batch_key: str, **options: Any) -> None:
+    # A button callback: it runs before the script, which then draws the saved state. It reads the
+    # animal and the notes from the widgets' state as the click sent them (not as the last run drew them).
+    known = {a.code.casefold(): a.code for a in list_animals(database)}
+    code, create, problem = _chosen_animal(known)
+    try:
+        if code is None:
+            raise RecordsError(problem or "pick the animal first")
+        if code.casefold() not in known and not create:
+            raise RecordsError(f"confirm that the new animal {code!r} is to be created")
+        done = save_batch(frames, results, provenance, database=database, animal=code, create_animal=create,
+                          notes=str(st.session_state.get("record_notes") or ""), **options)
+    except RecordsError as error:
+        st.session_state[SAVE_FAILED] = str(error)
+        return
+    st.session_state.setdefault(SAVED_CHECKS, {})[batch_key] = done
     st.session_state[OPEN_ANIMAL] = done.animal
-    st.rerun()
-    return done  # st.rerun raises; never reached
 
 
 __all__ = ["ANIMAL_PAGE", "NEW_ANIMAL", "OPEN_ANIMAL", "navigation", "records_database", "records_settings",

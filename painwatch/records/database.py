@@ -81,10 +81,10 @@ class Database:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
-        """A session for reading (one consistent snapshot); nothing it changes is committed."""
-        with self._reader() as session, session.begin():
+        """A session for reading (one consistent snapshot); nothing it changes is committed, and the
+        objects it loaded stay readable after the block."""
+        with self._reader() as session:
             yield session
-            session.rollback()
 
     def close(self) -> None:
         self.engine.dispose()
