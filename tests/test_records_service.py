@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pypdf import PdfReader
 from records_fixtures import StillFrame, fake_batch, fake_model
 
 from painwatch.cli import main
@@ -207,3 +208,39 @@ def test_the_command_line_exports_imports_lists_and_prints(database, tmp_path: P
     assert main(["records", "list", "--database", f"sqlite:///{garbage}"]) == 2
     assert "is not an SQLite database" in capsys.readouterr().err
     assert garbage.read_text() == "not a database"
+
+
+def test_painwatch_records_export_then_import_into_a_fresh_database_round_trips(database, tmp_path: Path,
+                                                                                  capsys) -> None:
+    for seed, animal in enumerate(("Hana-03", "Hana-03", "M05")):
+        frames, results = fake_batch(3, seed=seed, pain=(seed,), abstain=(2,) if seed == 1 else ())
+        save_check(database, frames, results, model=fake_model(gate_passed=seed != 1), animal=animal,
+                   create_animal=True, notes=f"day {seed}", recorded_by="vet1" if seed else None)
+    backup, again = tmp_path / "backup.json", tmp_path / "again.json"
+    fresh = tmp_path / "fresh" / "records.db"
+    assert main(["records", "export", str(backup), "--database", database.url]) == 0
+    assert main(["records", "import", str(backup), "--database", f"sqlite:///{fresh}"]) == 0
+    assert "3 check(s) added, 0 already there, 2 new animal(s)" in capsys.readouterr().out
+    assert main(["records", "export", str(again), "--database", f"sqlite:///{fresh}"]) == 0
+    original, copied = json.loads(backup.read_text()), json.loads(again.read_text())
+    assert original["exported_at"] <= copied["exported_at"]
+    del original["exported_at"], copied["exported_at"]
+    # Every animal, check and frame, thumbnails included, comes back as it left.
+    assert copied == original
+    thumbnails = [f["thumbnail_jpeg_base64"]
+                  for a in copied["animals"] for c in a["checks"] for f in c["frames"]]
+    assert len(thumbnails) == 9 and all(thumbnails)
+    imported = open_database(f"sqlite:///{fresh}")
+    try:
+        for animal in ("Hana-03", "M05"):
+            pairs = zip(animal_checks(database, animal), animal_checks(imported, animal), strict=True)
+            for mine, theirs in pairs:
+                assert check_frames(database, mine.check_id) == check_frames(imported, theirs.check_id)
+    finally:
+        imported.close()
+    pdf = tmp_path / "Hana-03.pdf"
+    assert main(["records", "report", "Hana-03", "--out", str(pdf), "--database", f"sqlite:///{fresh}"]) == 0
+    reader = PdfReader(pdf)  # a PDF that a PDF reader opens, naming the animal
+    text = " ".join(page.extract_text() for page in reader.pages)
+    assert pdf.read_bytes().startswith(b"%PDF-") and len(reader.pages) >= 1
+    assert "Hana-03" in text and "day 1" in text
