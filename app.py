@@ -422,4 +422,4 @@ def main() -> None:
                                analysed_at=batch.created, problems=batch.problems, user=SIGNED_IN_USER)
 
 
-widgets.navigation(main)
+widgets.navigation(main, SIGNED_IN_USER)

@@ -4,7 +4,8 @@
   (the whole process group) when the ``with`` block ends.
 - :func:`open_browser` launches Debian's ``chromium`` through Playwright's sync API
   (never a browser that Playwright downloads itself).
-- :func:`upload_files`, :func:`wait_for_results` and :func:`download` are the page interactions.
+- :func:`upload_files`, :func:`wait_for_results`, :func:`choose_option`, :func:`type_text` and
+  :func:`download` are the page interactions.
 
 Playwright is a development dependency (``pip install -e '.[dev]'``); it is imported only here.
 """
@@ -190,3 +191,31 @@ def download(page: Any, button_label: str, target: Path, timeout_ms: float = 30_
     target.parent.mkdir(parents=True, exist_ok=True)
     info.value.save_as(str(target))
     return target
+
+
+def choose_option(page: Any, label: str, option: str, timeout_ms: float = 20_000) -> None:
+    """Open the select box labelled ``label`` and pick ``option``, as a person with a mouse would."""
+    box = page.get_by_role("combobox", name=label).first
+    options = page.get_by_role("option")
+    deadline = time.monotonic() + timeout_ms / 1000
+    while True:
+        # A rerun that redraws the box while it opens closes it again: open it until it stays open.
+        box.click(timeout=timeout_ms)
+        try:
+            options.first.wait_for(state="visible", timeout=3_000)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            page.keyboard.press("Escape")
+    shown = [text.strip() for text in options.all_inner_texts()]
+    if option not in shown:
+        raise AssertionError(f"the select box {label!r} offers {shown}, not {option!r}")
+    page.get_by_role("option", name=option, exact=True).first.click(timeout=timeout_ms)
+
+
+def type_text(page: Any, label: str, text: str, timeout_ms: float = 20_000) -> None:
+    """Type ``text`` into the text box labelled ``label`` and leave it (Streamlit takes the value then)."""
+    box = page.get_by_label(label, exact=True).first
+    box.fill(text, timeout=timeout_ms)
+    box.press("Tab")

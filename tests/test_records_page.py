@@ -113,6 +113,9 @@ def test_two_checks_of_one_animal_show_as_its_history(records_env: Path) -> None
     second.switch_page(widgets.ANIMAL_PAGE)
     _run(second)
     assert second.selectbox(key="animal_choice").value == "Hana-03"  # opened on the animal just saved
+    # The animal page's gate lets the viewer the check page's gate let in through without asking again.
+    captions = [c.value for c in second.sidebar.caption]
+    assert captions.count("Served on this machine only: no sign-in needed.") == 1
     history = second.dataframe[0].value
     assert len(history) == 2 and list(history["frames"]) == [2, 3]
     assert list(history["notes"]) == ["day 0, before surgery", "day 1 after laparotomy, before analgesia"]

@@ -8,6 +8,7 @@ This is the one module of :mod:`painwatch.app` that draws with Streamlit; what i
 
 from __future__ import annotations
 
+import contextvars
 import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, tzinfo
@@ -34,6 +35,9 @@ SAVED_CHECKS = "saved_checks"
 SAVE_FAILED = "record_save_failed"
 OPEN_ANIMAL = "records_open_animal"
 """Session key: the animal the animal page opens with (set when a check is saved)."""
+_PASSED_GATE: contextvars.ContextVar[tuple[str | None]] = contextvars.ContextVar("painwatch_passed_gate")
+"""Set while :func:`navigation` runs a page, after the entry script's gate let the viewer in: the page's
+own gate then lets the same viewer through without drawing the sidebar a second time."""
 
 
 # --------------------------------------------------------------------------- settings and database
@@ -88,6 +92,9 @@ def sign_in_gate() -> str | None:
     stops the script until a user with an account signs in; without accounts, or when the records
     database (which records the attempts) cannot be used, nobody gets in.
     """
+    passed = _PASSED_GATE.get(None)
+    if passed is not None:
+        return passed[0]
     settings = records_settings()
     address = st.get_option("server.address")
     if not sign_in_required(address, settings.sign_in):
@@ -142,13 +149,20 @@ def sign_in_gate() -> str | None:
 # --------------------------------------------------------------------------- navigation
 
 
-def navigation(check_page: Callable[[], None]) -> None:
-    """Run the page the viewer chose: the check page (``check_page``, the default) or the animal page."""
+def navigation(check_page: Callable[[], None], user: str | None = None) -> None:
+    """Run the page the viewer chose: the check page (``check_page``, the default) or the animal page.
+
+    Call it after :func:`sign_in_gate` let ``user`` in (its answer): the chosen page's own gate then
+    answers the same without asking again."""
     pages = [
         st.Page(check_page, title="Check frames", icon=":material/pets:", default=True),
         st.Page(ANIMAL_PAGE, title="Animal records", icon=":material/monitoring:"),
     ]
-    st.navigation(pages).run()
+    token = _PASSED_GATE.set((user,))
+    try:
+        st.navigation(pages).run()
+    finally:  # also when the page stops or reruns: the next run asks the gate again
+        _PASSED_GATE.reset(token)
 
 
 # --------------------------------------------------------------------------- save this check
