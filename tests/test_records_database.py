@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from records_fixtures import fake_batch, fake_model
@@ -25,11 +26,12 @@ from painwatch.records.database import (
     VERSION_TABLE,
     NewerSchemaError,
     RecordsError,
+    _alembic_config,
     head_revision,
     known_revisions,
     open_database,
 )
-from painwatch.records.service import save_check
+from painwatch.records.service import animal_checks, check_frames, save_check
 from painwatch.records.tables import Animal, Base, Check, CheckFrame
 
 WRITER = Path(__file__).resolve().parent / "records_fixtures.py"
@@ -65,6 +67,34 @@ def test_migrations_build_the_schema_of_the_tables_from_an_empty_database(tmp_pa
     again = open_database(_url(path))  # already at the newest revision: nothing to do
     assert again.revision == head_revision()
     again.close()
+
+
+def test_a_database_of_an_older_revision_is_migrated_and_keeps_its_checks(tmp_path: Path) -> None:
+    path = tmp_path / "records.db"
+    database = open_database(_url(path))
+    frames, results = fake_batch(3, abstain=(1,))
+    save_check(database, frames, results, model=fake_model(), animal="M01", create_animal=True)
+    with database.engine.execution_options(painwatch_write=True).begin() as connection:
+        command.downgrade(_alembic_config(connection), "0001")  # as a painwatch of revision 0001 left it
+    database.close()
+    with sqlite3.connect(path) as connection:
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(check_frames)")}
+        assert "in_distribution_score" not in columns and "abstain_reason" in columns
+        assert connection.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchall() == [("0001",)]
+    again = open_database(_url(path))
+    try:
+        assert again.revision == head_revision() == "0002"
+        stored = check_frames(again, animal_checks(again, "M01")[0].check_id)
+        assert [r.result.name for r in stored] == [r.name for r in results]
+        assert [r.result.abstain_reason for r in stored] == [r.abstain_reason for r in results]
+        with again.engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE,
+                                                                   "compare_type": True})
+            assert compare_metadata(context, Base.metadata) == []
+            assert connection.exec_driver_sql(
+                "SELECT count(*) FROM check_frames WHERE in_distribution_score IS NULL").scalar() == 3
+    finally:
+        again.close()
 
 
 def test_a_file_that_is_not_sqlite_is_refused_and_left_as_it_was(tmp_path: Path) -> None:

@@ -159,6 +159,8 @@ class CheckFrame(Base):
     noise_seed: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     abstain_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     abstain_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    in_distribution_score: Mapped[float | None] = mapped_column(Double, nullable=True)
+    in_distribution_threshold: Mapped[float | None] = mapped_column(Double, nullable=True)
     thumbnail: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
     check: Mapped[Check] = relationship(back_populates="frames")
