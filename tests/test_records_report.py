@@ -4,6 +4,7 @@ the time course, the models and their gate verdicts, and every frame (text read 
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -13,6 +14,7 @@ from PIL import Image
 from pypdf import PdfReader
 from records_fixtures import fake_batch, fake_model
 
+from painwatch.inference import ABSTAIN_REASONS
 from painwatch.records import history
 from painwatch.records.database import open_database
 from painwatch.records.report import animal_report_pdf, check_report_pdf, time_course_png
@@ -96,3 +98,23 @@ def test_the_time_course_is_a_picture_and_an_empty_record_prints_nothing() -> No
     with pytest.raises(ValueError, match="no checks"):
         animal_report_pdf("M09", [], {})
     assert time_course_png([]).startswith(b"\x89PNG")
+
+
+def test_a_frame_refused_as_unlike_the_training_frames_says_so_with_its_score(tmp_path: Path) -> None:
+    database = open_database(f"sqlite:///{tmp_path / 'records.db'}")
+    frames, results = fake_batch(2, abstain=(1,))
+    reason = ABSTAIN_REASONS["not_like_training_frames"]
+    results = [replace(results[0], in_distribution_score=1.5, in_distribution_threshold=2.0),
+               replace(results[1], abstain_code="not_like_training_frames", abstain_reason=reason,
+                       in_distribution_score=7.25, in_distribution_threshold=2.0)]
+    save_check(database, frames, results, model=fake_model(), animal="M07", create_animal=True)
+    check = animal_checks(database, "M07")[0]
+    stored = check_frames(database, check.check_id)
+    assert [r.result for r in stored] == results  # the score and the threshold are kept
+    table = history.frames_table(stored)
+    assert table["in-distribution score"].tolist() == [1.5, 7.25]
+    assert table["status"].tolist()[1] == \
+        f"refused: {reason} (in-distribution score 7.25 above the threshold 2)"
+    text = _flat(_text(check_report_pdf(check, stored)))
+    assert "in-distribution score 7.25 above the threshold 2" in text
+    database.close()

@@ -98,10 +98,15 @@ def limits_of_use(checks: Sequence[CheckSummary]) -> list[str]:
 
 
 def frame_status(record: FrameRecord) -> str:
-    """A stored frame's status in words: robust up to its radius, no guarantee, or refused (why)."""
+    """A stored frame's status in words: robust up to its radius, no guarantee, or refused (why; for a
+    frame the in-distribution check refused, its score against the threshold)."""
     result = record.result
     if result.class_index < 0:
-        return f"refused: {result.abstain_reason}" if result.abstain_reason else "refused"
+        status = f"refused: {result.abstain_reason}" if result.abstain_reason else "refused"
+        score, threshold = result.in_distribution_score, result.in_distribution_threshold
+        if score is not None and threshold is not None and score > threshold:
+            status += f" (in-distribution score {score:.3g} above the threshold {threshold:.3g})"
+        return status
     return "robust to small pixel changes" if result.radius > 0 else "no guarantee (radius 0)"
 
 
@@ -133,7 +138,8 @@ def history_table(checks: Sequence[CheckSummary], zone: tzinfo | None = None) ->
 
 
 def frames_table(frames: Sequence[FrameRecord]) -> pd.DataFrame:
-    """One row per stored frame: name, file, time, answer, confidence, radius (L2 and grey levels), status."""
+    """One row per stored frame: name, file, time, answer, confidence, radius (L2 and grey levels), method,
+    in-distribution score (empty without the check), status."""
     rows = [
         {
             "frame": record.result.name,
@@ -144,13 +150,15 @@ def frames_table(frames: Sequence[FrameRecord]) -> pd.DataFrame:
             "certified radius (L2)": record.result.radius,
             "radius (grey levels)": record.result.radius_grey_levels,
             "method": record.result.method,
+            "in-distribution score": record.result.in_distribution_score,
             "status": frame_status(record),
         }
         for record in frames
     ]
     table = pd.DataFrame(rows, columns=["frame", "file", "time (s)", "class", "confidence",
-                                        "certified radius (L2)", "radius (grey levels)", "method", "status"])
-    for column in ("time (s)", "confidence"):
+                                        "certified radius (L2)", "radius (grey levels)", "method",
+                                        "in-distribution score", "status"])
+    for column in ("time (s)", "confidence", "in-distribution score"):
         table[column] = table[column].astype("float64")
     return table
 
