@@ -4,8 +4,8 @@
   (the whole process group) when the ``with`` block ends.
 - :func:`open_browser` launches Debian's ``chromium`` through Playwright's sync API
   (never a browser that Playwright downloads itself).
-- :func:`upload_files`, :func:`wait_for_results`, :func:`choose_option`, :func:`type_text` and
-  :func:`download` are the page interactions.
+- :func:`upload_files`, :func:`wait_for_results`, :func:`choose_option`, :func:`type_text`,
+  :func:`sign_in` and :func:`download` are the page interactions.
 
 Playwright is a development dependency (``pip install -e '.[dev]'``); it is imported only here.
 """
@@ -219,3 +219,10 @@ def type_text(page: Any, label: str, text: str, timeout_ms: float = 20_000) -> N
     box = page.get_by_label(label, exact=True).first
     box.fill(text, timeout=timeout_ms)
     box.press("Tab")
+
+
+def sign_in(page: Any, name: str, password: str, timeout_ms: float = 30_000) -> None:
+    """Fill in the page's sign-in form and send it."""
+    page.get_by_label("User name", exact=True).first.fill(name, timeout=timeout_ms)
+    page.get_by_label("Password", exact=True).first.fill(password, timeout=timeout_ms)
+    page.get_by_role("button", name="Sign in").click(timeout=timeout_ms)

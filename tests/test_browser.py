@@ -1,7 +1,8 @@
 """The page in a real browser: ``streamlit run app.py`` on a free localhost port, driven by Playwright
 in Debian's chromium. Uploads real frames (and one broken file) through the page, waits for the
 results, reads the table, downloads the CSV and saves a screenshot under tests/_artifacts/; then saves
-two checks of one animal, opens the animal page, reads its history and downloads its printed record.
+two checks of one animal, opens the animal page, reads its history and downloads its printed record;
+and, served on every address, shows nothing without an account and lets a vet in once one is made.
 
 Skips, saying why, when chromium is not installed (``make test`` installs it as root).
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import harness
@@ -31,6 +34,7 @@ pytestmark = [
 
 ARTIFACTS = Path(__file__).resolve().parent / "_artifacts"
 FRAME_NAMES = ("monkey_01.png", "monkey_02.jpg")
+PASSWORD = "a long enough password"
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +169,35 @@ def test_two_checks_of_an_animal_its_history_and_its_printed_record(running_app,
         assert "before analgesia" in text and all(path.name in text for path in good)
     assert running_app.process.poll() is None, f"the server died during the test:\n{running_app.log_tail()}"
     assert (records_folder / "records.db").is_file()
+
+
+def test_served_to_the_network_nobody_gets_in_without_an_account(tiny_bundle: Path,
+                                                                 tmp_path: Path) -> None:
+    accounts = tmp_path / "accounts.json"
+    environment = {"OMP_NUM_THREADS": "1", "PAINWATCH_DATABASE": f"sqlite:///{tmp_path / 'records.db'}",
+                   "PAINWATCH_ACCOUNTS": str(accounts)}
+    port = harness.free_port("0.0.0.0")
+    dropzone = '[data-testid="stFileUploaderDropzone"]'
+    with harness.serve_app(tiny_bundle, ARTIFACTS / "streamlit-network.log", host="0.0.0.0", port=port,
+                           extra_env=environment) as app, harness.open_browser() as page:
+        local = f"http://127.0.0.1:{port}"  # the server listens on every address; the browser uses this one
+        page.goto(local, wait_until="domcontentloaded")
+        page.get_by_text("No account exists yet").first.wait_for(state="visible", timeout=60_000)
+        assert page.locator(dropzone).count() == 0 and page.get_by_text("Save this check").count() == 0
+
+        made = subprocess.run([sys.executable, "-m", "painwatch", "users", "add", "vet1", "--password-stdin",
+                               "--accounts", str(accounts)], input=f"{PASSWORD}\n", text=True,
+                              capture_output=True, cwd=harness.REPO_ROOT, timeout=60)
+        assert made.returncode == 0, made.stderr
+        assert PASSWORD not in accounts.read_text()
+
+        page.goto(local, wait_until="domcontentloaded")
+        harness.sign_in(page, "vet1", "not the password")
+        page.get_by_text("user name or the password is wrong").first.wait_for(state="visible", timeout=30_000)
+        assert page.locator(dropzone).count() == 0
+        page.wait_for_timeout(1_200)  # the wait after one failed attempt
+        harness.sign_in(page, "vet1", PASSWORD)
+        page.locator(dropzone).first.wait_for(state="visible", timeout=60_000)
+        assert page.get_by_text("Signed in as").count() >= 1
+        page.screenshot(path=str(ARTIFACTS / "browser-signed-in.png"), full_page=True)
+        assert app.process.poll() is None, f"the server died during the test:\n{app.log_tail()}"
