@@ -64,13 +64,15 @@ if any(history.is_synthetic(c) for c in checks):
 def time_course_chart(data: Any) -> Any:
     """Pain share and mean confidence per check as lines, refused share as bars, on a date axis (0-1)."""
     base = alt.Chart(data).encode(
-        x=alt.X("time:T", title=f"check time ({where})"),
+        # Dates and times on the axis, also when the checks are minutes apart (vega's default then
+        # labels fractions of a second).
+        x=alt.X("time:T", title=f"check time ({where})", axis=alt.Axis(format="%b %d %H:%M", labelAngle=-30)),
         y=alt.Y("value:Q", title="share / confidence", scale=alt.Scale(domain=[0, 1])),
         tooltip=[alt.Tooltip("time:T", format="%Y-%m-%d %H:%M"), "measure",
                  alt.Tooltip("value:Q", format=".2f"), "frames", "refused", "notes"],
     )
     lines = base.transform_filter(alt.datum.measure != page_records.MEASURES[2]).mark_line(point=True).encode(
-        color=alt.Color("measure:N", title=None, legend=alt.Legend(orient="bottom")))
+        color=alt.Color("measure:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=0)))
     bars = base.transform_filter(alt.datum.measure == page_records.MEASURES[2]).mark_bar(
         color="#bbbbbb", opacity=0.7, size=8)
     half = alt.Chart(data).mark_rule(strokeDash=[4, 4], color="#888888").encode(y=alt.datum(0.5))

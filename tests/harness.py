@@ -4,8 +4,8 @@
   (the whole process group) when the ``with`` block ends.
 - :func:`open_browser` launches Debian's ``chromium`` through Playwright's sync API
   (never a browser that Playwright downloads itself).
-- :func:`upload_files`, :func:`wait_for_results`, :func:`choose_option`, :func:`type_text`,
-  :func:`sign_in` and :func:`download` are the page interactions.
+- :func:`upload_files`, :func:`wait_for_results`, :func:`wait_until_idle`, :func:`choose_option`,
+  :func:`type_text`, :func:`sign_in` and :func:`download` are the page interactions.
 
 Playwright is a development dependency (``pip install -e '.[dev]'``); it is imported only here.
 """
@@ -193,29 +193,33 @@ def download(page: Any, button_label: str, target: Path, timeout_ms: float = 30_
     return target
 
 
-def choose_option(page: Any, label: str, option: str, timeout_ms: float = 20_000) -> None:
+def wait_until_idle(page: Any, timeout_ms: float = 120_000) -> None:
+    """Wait until the page's script has finished its run (Streamlit's "running" status is gone)."""
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_ms)
+
+
+def choose_option(page: Any, label: str, option: str, timeout_ms: float = 30_000) -> None:
     """Open the select box labelled ``label`` and pick ``option``, as a person with a mouse would."""
     box = page.get_by_role("combobox", name=label).first
-    options = page.get_by_role("option")
+    wanted = page.get_by_role("option", name=option, exact=True).first
     deadline = time.monotonic() + timeout_ms / 1000
     while True:
-        # A rerun that redraws the box while it opens closes it again: open it until it stays open.
+        # A rerun that redraws the box while it opens closes it again: open it until the option is clicked.
+        wait_until_idle(page, timeout_ms)
         box.click(timeout=timeout_ms)
         try:
-            options.first.wait_for(state="visible", timeout=3_000)
-            break
+            wanted.click(timeout=3_000)
+            return
         except Exception:
-            if time.monotonic() > deadline:
-                raise
+            shown = [text.strip() for text in page.get_by_role("option").all_inner_texts()]
             page.keyboard.press("Escape")
-    shown = [text.strip() for text in options.all_inner_texts()]
-    if option not in shown:
-        raise AssertionError(f"the select box {label!r} offers {shown}, not {option!r}")
-    page.get_by_role("option", name=option, exact=True).first.click(timeout=timeout_ms)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the select box {label!r} offers {shown}, not {option!r}") from None
 
 
 def type_text(page: Any, label: str, text: str, timeout_ms: float = 20_000) -> None:
     """Type ``text`` into the text box labelled ``label`` and leave it (Streamlit takes the value then)."""
+    wait_until_idle(page, timeout_ms)
     box = page.get_by_label(label, exact=True).first
     box.fill(text, timeout=timeout_ms)
     box.press("Tab")

@@ -133,6 +133,7 @@ def _save_check(page, frames: list[Path], animal: str, notes: str, *, new: bool)
     page.wait_for_function(
         "() => [...document.querySelectorAll('button')].some(b => b.innerText.includes('Save this check')"
         " && !b.disabled)", timeout=20_000)
+    harness.wait_until_idle(page)
     page.get_by_role("button", name="Save this check").click()
     page.get_by_text(f"Saved as a check of {animal}").first.wait_for(state="visible", timeout=30_000)
 
@@ -150,16 +151,17 @@ def test_two_checks_of_an_animal_its_history_and_its_printed_record(running_app,
 
         page.get_by_role("link", name=f"Open the record of {animal}").click()
         page.get_by_text("Checks over time").first.wait_for(state="visible", timeout=60_000)
-        # The grid gives its cells to assistive technology only once it is in view.
-        page.locator('[data-testid="stDataFrame"]').first.scroll_into_view_if_needed(timeout=30_000)
+        # The grid gives its cells to assistive technology only while it is in view, and the chart
+        # above it may still push it down: bring it into view on every look.
         page.wait_for_function(
-            "notes => notes.every(n => [...document.querySelectorAll('[data-testid=stDataFrame] td')]"
-            ".some(td => td.innerText.trim() === n))",
+            "notes => { const grid = document.querySelector('[data-testid=stDataFrame]');"
+            " if (grid) grid.scrollIntoView({block: 'center'});"
+            " return notes.every(n => [...document.querySelectorAll('[data-testid=stDataFrame] td')]"
+            ".some(td => td.innerText.trim() === n)); }",
             arg=["day 0, before surgery", "day 1 after laparotomy, before analgesia"],
             timeout=30_000,
         )
         assert page.get_by_text("Latest verdict").count() >= 1
-        page.screenshot(path=str(ARTIFACTS / "browser-animal-page.png"), full_page=True)
 
         saved = harness.download(page, "Print the record (PDF)", ARTIFACTS / "browser-record.pdf")
         data = saved.read_bytes()
@@ -167,6 +169,9 @@ def test_two_checks_of_an_animal_its_history_and_its_printed_record(running_app,
         text = " ".join(" ".join(p.extract_text().split()) for p in PdfReader(io.BytesIO(data)).pages)
         assert f"painwatch: pain checks of {animal}" in text and "2 check(s)" in text
         assert "before analgesia" in text and all(path.name in text for path in good)
+        harness.wait_until_idle(page)
+        page.locator('[data-testid="stVegaLiteChart"]').first.scroll_into_view_if_needed(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "browser-animal-page.png"), full_page=True)
     assert running_app.process.poll() is None, f"the server died during the test:\n{running_app.log_tail()}"
     assert (records_folder / "records.db").is_file()
 
