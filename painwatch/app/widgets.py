@@ -118,8 +118,9 @@ def sign_in_gate() -> str | None:
                 "account.")
     if not accounts:
         st.error(
+            # Said to anyone who reaches the page, so without the accounts file's path.
             "No account exists yet, so nobody can sign in. Ask whoever set up painwatch to create one for "
-            f"you (`painwatch users add NAME`, accounts file `{settings.accounts}`).", icon=":material/lock:")
+            "you (`painwatch users add NAME` on the machine that serves this page).", icon=":material/lock:")
         st.stop()
     database, problem = records_database(settings)
     if database is None:
