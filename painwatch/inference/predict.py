@@ -1,15 +1,24 @@
-"""The single entry point of the page: classify frames and certify each answer.
+"""The single entry point of the page: classify frames at once, then certify each answer.
 
 :class:`Predictor` wraps a model bundle (``weights.safetensors`` + ``model.json``). For every frame
 (an ``H x W x 3`` uint8 RGB array, already face-cropped or a whole frame) it
 
 1. applies the deterministic evaluation transform (``painwatch.data.eval_transform`` at the model's
    input size: shorter side resized, centre square kept, pixels in [0, 1]);
-2. certifies the frame with the bundle's method (``model.json`` -> ``certification``), optionally
-   overridden within the bundle's bounds;
-3. returns a :class:`FrameResult`: the class *of the classifier the certificate is about*, its
+2. answers from one clean forward pass (:meth:`Predictor.answer`: class and temperature-calibrated
+   confidence, an :class:`Answer`, in well under a second for a ResNet50 at 224 px on a CPU);
+3. certifies the frame with the bundle's method (``model.json`` -> ``certification``), optionally
+   overridden within the bundle's bounds, reporting its progress as the draws come in
+   (:meth:`Predictor.certify_steps`);
+4. returns a :class:`FrameResult`: the class *of the classifier the certificate is about*, its
    temperature-calibrated probability, the certified L2 radius (pixels in [0, 1], at the model's
-   input size) with its per-pixel RMS and 8-bit grey-level equivalents, and the forward passes spent.
+   input size) with its per-pixel RMS and 8-bit grey-level equivalents, the share of random noise that
+   leaves the answer unchanged, and the forward passes spent. :meth:`Predictor.predict` does 2-4.
+
+The answer and every noise draw go through one :class:`~painwatch.inference.engine.Engine` (runtime and
+precision: OpenVINO in bfloat16 on CPUs that have it, by default), so the certificate is about the
+exact model that answered; every result records which (``runtime``, ``precision``). Methods that need a
+sound Lipschitz bound run in PyTorch at fp32 only (the bound is about the fp32 network).
 
 Which classifier answers (``FrameResult.classifier`` says it in words):
 
@@ -44,7 +53,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,13 +63,21 @@ import torch
 
 from painwatch.calibration import calibrated_probabilities
 from painwatch.data import eval_transform
+from painwatch.inference.certifying import Answer, FrameCertification, certify_frames
+from painwatch.inference.engine import Engine, EngineError, make_engine
 from painwatch.inference.model_card import model_card_dict, model_card_markdown
 from painwatch.inference.saliency import gradcam
-from painwatch.inference.settings import PredictorSettings, resolve_settings, sound_lipschitz_constant
+from painwatch.inference.settings import (
+    PredictorSettings,
+    SettingsError,
+    resolve_settings,
+    sound_lipschitz_constant,
+)
 from painwatch.models import BundleMetadata, GateVerdict, load_bundle
-from painwatch.robust import certify, method_spec
+from painwatch.robust import method_spec
 
-__all__ = ["ABSTAIN_LABEL", "ABSTAIN_REASONS", "FrameResult", "Predictor", "frame_seed", "random_noise_seed"]
+__all__ = ["ABSTAIN_LABEL", "ABSTAIN_REASONS", "Answer", "CertificationProgress", "FrameResult", "Predictor",
+           "frame_seed", "random_noise_seed"]
 
 ABSTAIN_LABEL = "abstain"
 
@@ -106,6 +123,14 @@ class FrameResult:
             ``predict(..., noise_seeds=[noise_seed])`` gives this result again.
         abstain_code: why the frame was refused, a key of :data:`ABSTAIN_REASONS` (None unless it was).
         abstain_reason: the same in words (None unless the frame was refused).
+        runtime, precision: what computed the answer and every noise draw (``openvino``/``torch``,
+            ``bf16``/``fp32``): the certificate is about that model.
+        noise_survival: with probability at least ``1 - alpha``, at least this share of random Gaussian
+            pixel noise at ``sigma`` (``255 sigma`` grey levels per pixel) leaves the answer unchanged
+            (a Clopper-Pearson bound [CP34] on the votes, or the confidence sequence's [WSR23] when
+            sampling may stop at any time); None when nothing is certified or there is no noise.
+        answer_label, answer_confidence: the first answer, from one clean pass of the network (see
+            :class:`Answer`), before any certificate.
     """
 
     name: str
@@ -128,10 +153,20 @@ class FrameResult:
     noise_seed: int | None = None
     abstain_code: str | None = None
     abstain_reason: str | None = None
+    runtime: str = "torch"
+    precision: str = "fp32"
+    noise_survival: float | None = None
+    answer_label: str | None = None
+    answer_confidence: float | None = None
 
     @property
     def abstained(self) -> bool:
         return self.class_index < 0
+
+    @property
+    def noise_grey_levels(self) -> float:
+        """The certification noise in 8-bit grey levels per pixel, ``255 * sigma``."""
+        return 255.0 * self.sigma
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN becomes None)."""
@@ -140,6 +175,32 @@ class FrameResult:
             if isinstance(value, float) and not math.isfinite(value):
                 record[key] = None
         return record
+
+
+@dataclass(frozen=True)
+class CertificationProgress:
+    """Where one frame's certification stands (see :meth:`Predictor.certify_steps`).
+
+    ``index`` is the frame's position; ``draws`` the noisy copies evaluated so far of at most ``budget``;
+    ``radius`` and ``noise_survival`` the certificate so far: with an anytime-valid bound
+    (``interim_valid``) they hold at every moment, with the fixed bound they are 0 / None until the
+    budget is spent; ``result`` is the frame's :class:`FrameResult` once ``done``.
+    """
+
+    index: int
+    name: str
+    draws: int
+    budget: int
+    radius: float
+    noise_survival: float | None
+    interim_valid: bool
+    done: bool
+    result: FrameResult | None = None
+
+    @property
+    def fraction(self) -> float:
+        """Share of the budget drawn so far, in [0, 1] (1 once done, also after an early stop)."""
+        return 1.0 if self.done else min(1.0, self.draws / max(self.budget, 1))
 
 
 def random_noise_seed() -> int:
@@ -163,9 +224,11 @@ def frame_seed(seed: int, x: torch.Tensor) -> int:
 class Predictor:
     """Classify and certify frames with a model bundle (see the module docstring).
 
-    Use :meth:`load`. Attributes: ``model`` (eval mode), ``metadata`` (the bundle's checked
-    ``model.json``), ``bundle_path``, ``settings`` (:class:`PredictorSettings`), ``classes``,
-    ``input_shape`` ``(C, H, W)``, ``temperature``, ``seed``.
+    Use :meth:`load`. Attributes: ``model`` (the bundle's network, eval mode, fp32: Grad-CAM explains
+    it), ``engine`` (the :class:`~painwatch.inference.engine.Engine` that answers and certifies),
+    ``metadata`` (the bundle's checked ``model.json``), ``bundle_path``, ``settings``
+    (:class:`PredictorSettings`), ``classes``, ``input_shape`` ``(C, H, W)``, ``temperature``, ``seed``,
+    ``frames_per_pass`` (frames whose noise draws share a forward pass).
     """
 
     def __init__(
@@ -177,6 +240,9 @@ class Predictor:
         *,
         seed: int | None = None,
         lipschitz_constant: float | None = None,
+        runtime: str = "auto",
+        precision: str = "auto",
+        engine: Engine | None = None,
     ) -> None:
         self.model = model.eval()
         self.metadata = metadata
@@ -189,6 +255,21 @@ class Predictor:
         self.transform = eval_transform(metadata.input_size)
         self.lipschitz_constant = lipschitz_constant
         self.device = next(model.parameters()).device
+        if engine is None:
+            if method_spec(settings.method).needs_lipschitz_constant:
+                # The Lipschitz bound is about the fp32 network: no other arithmetic may answer.
+                if (runtime, precision) not in (("auto", "auto"), ("torch", "fp32"), ("auto", "fp32"),
+                                                ("torch", "auto")):
+                    raise SettingsError(f"method={settings.method!r} certifies the fp32 network with its "
+                                        f"Lipschitz bound: it runs with runtime torch at fp32 only, not "
+                                        f"{runtime}/{precision}")
+                runtime, precision = "torch", "fp32"
+            try:
+                engine = make_engine(model, self.input_shape, runtime=runtime, precision=precision)
+            except EngineError as error:
+                raise SettingsError(str(error)) from error
+        self.engine = engine
+        self.frames_per_pass = max(1, engine.pass_rows // settings.batch_size)
 
     # ------------------------------------------------------------------------------------- loading
 
@@ -205,6 +286,8 @@ class Predictor:
         score_temperature: float | None = None,
         seed: int | None = None,
         device: str | torch.device = "cpu",
+        runtime: str = "auto",
+        precision: str = "auto",
     ) -> Predictor:
         """Load a bundle; ``method``/``sigma``/``alpha``/``n`` override ``model.json`` within its bounds.
 
@@ -212,12 +295,14 @@ class Predictor:
         the bundle's ``bound``: only to abstain when ``"fixed"``); ``score_temperature`` overrides the
         soft scores' temperature (within the bounds). ``seed`` None (deployment) draws every frame's
         noise seed from the operating system's entropy; an integer makes experiments reproducible
-        (each frame's seed is then a hash of the seed and its pixels).
+        (each frame's seed is then a hash of the seed and its pixels). ``runtime`` (``torch``,
+        ``openvino``) and ``precision`` (``fp32``, ``bf16``) choose the engine; ``"auto"`` the fastest
+        this machine has (:func:`painwatch.inference.engine.choose_engine`).
 
         Raises:
             painwatch.models.BundleError: the folder is not a valid bundle.
-            SettingsError: an override is unknown or out of bounds, or the method cannot be used
-                with this network.
+            SettingsError: an override is unknown or out of bounds, the method cannot be used with this
+                network, or the runtime or precision cannot run here.
         """
         bundle = load_bundle(bundle_dir, device=device)
         settings = resolve_settings(bundle.metadata.certification, method=method, sigma=sigma, alpha=alpha,
@@ -230,9 +315,44 @@ class Predictor:
                 architecture=bundle.metadata.architecture,
             )
         return cls(bundle.model, bundle.metadata, bundle.path, settings, seed=seed,
-                   lipschitz_constant=lipschitz_constant)
+                   lipschitz_constant=lipschitz_constant, runtime=runtime, precision=precision)
+
+    def with_budget(self, n: int) -> Predictor:
+        """The same predictor (same network, engine and seed policy) with a draw budget of ``n``
+        estimation draws per frame, checked against the bundle's bounds (a :class:`SettingsError`
+        names the value and the range)."""
+        if int(n) == self.settings.n:
+            return self
+        s = self.settings
+        resolved = resolve_settings(self.metadata.certification, method=s.method, sigma=s.sigma,
+                                    alpha=s.alpha, n=n, sequential=s.sequential,
+                                    score_temperature=s.score_temperature,
+                                    source=str(self.bundle_path / "model.json"))
+        return Predictor(self.model, self.metadata, self.bundle_path, resolved, seed=self.seed,
+                         lipschitz_constant=self.lipschitz_constant, engine=self.engine)
+
+    def draw_budget(self, seconds: float) -> int:
+        """The most estimation draws per frame that fit in ``seconds`` at the engine's measured
+        throughput (its warm-up pass when nothing was timed yet), after the ``n0`` selection draws and
+        the answer pass; at least 0."""
+        if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"seconds must be a positive number, got {seconds!r}")
+        rate = self.engine.passes_per_s
+        if not math.isfinite(rate):
+            rate = self.engine.warm_up()
+        return max(0, int(rate * float(seconds)) - self.settings.n0 - 1)
 
     # ---------------------------------------------------------------------------------- properties
+
+    @property
+    def runtime(self) -> str:
+        """What runs the network: ``torch`` or ``openvino``."""
+        return self.engine.runtime
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic of the network that answers and certifies: ``fp32`` or ``bf16``."""
+        return self.engine.precision
 
     @property
     def gates(self) -> Mapping[str, GateVerdict]:
@@ -256,6 +376,12 @@ class Predictor:
             details += f", scores softmax(logits / {s.score_temperature:g})"
         return f"smoothed classifier: {spec.certifies} ({details})"
 
+    @property
+    def interim_valid(self) -> bool:
+        """Whether a certificate holds at every moment of its sampling (the anytime-valid bound), or only
+        once the budget is spent (the fixed bound, and methods that certify in one go)."""
+        return self.settings.method_name != self.settings.method
+
     # ---------------------------------------------------------------------------------- prediction
 
     def preprocess(self, image: np.ndarray, name: str = "image") -> torch.Tensor:
@@ -278,10 +404,79 @@ class Predictor:
         seed = self.noise_seed_for(x) if noise_seed is None else int(noise_seed)
         return torch.Generator().manual_seed(seed)
 
-    def _clean_probabilities(self, x: torch.Tensor) -> np.ndarray:
-        with torch.no_grad():
-            logits = self.model(x.unsqueeze(0).to(self.device)).detach().to("cpu", torch.float64)
-        return calibrated_probabilities(logits.numpy(), self.temperature)[0]
+    def answer_tensor(self, x: torch.Tensor, name: str = "image") -> Answer:
+        """The :class:`Answer` of one preprocessed frame ``(C, H, W)``: one clean pass of the engine."""
+        logits = self.engine.answer(x.unsqueeze(0).to(self.device)).detach().to("cpu", torch.float64)
+        probabilities = calibrated_probabilities(logits.numpy(), self.temperature)[0]
+        index = int(np.argmax(probabilities))
+        return Answer(name=name, label=self.classes[index], class_index=index,
+                      confidence=float(probabilities[index]),
+                      probabilities={c: float(p) for c, p in zip(self.classes, probabilities, strict=True)},
+                      runtime=self.runtime, precision=self.precision)
+
+    def answer(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[Answer]:
+        """The first answer of every frame (``H x W x 3`` uint8 RGB), in order: class and calibrated
+        confidence from one clean forward pass each, no certificate. Raises ``ValueError`` naming the
+        frame when an image is not an RGB uint8 array."""
+        names = self._names(images, names)
+        return [self.answer_tensor(self.preprocess(image, name), name)
+                for image, name in zip(images, names, strict=True)]
+
+    def _names(self, images: Sequence[np.ndarray], names: Sequence[str] | None) -> list[str]:
+        names = [f"frame-{i}" for i in range(len(images))] if names is None else list(names)
+        if len(names) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(names)} names")
+        return names
+
+    def certify_steps(
+        self,
+        images: Sequence[np.ndarray],
+        names: Sequence[str] | None = None,
+        *,
+        noise_seeds: Sequence[int | None] | None = None,
+        answers: Sequence[Answer] | None = None,
+    ) -> Iterator[CertificationProgress]:
+        """Certify frames, reporting each frame's :class:`CertificationProgress` after every chunk of its
+        noise draws; the last report of a frame carries its :class:`FrameResult` (``done``).
+
+        ``noise_seeds`` (one per frame, None for a fresh one) reproduce earlier results exactly;
+        ``answers`` (from :meth:`answer`, same order) save the clean passes when the page already made
+        them. Frames are preprocessed (and checked, ``ValueError`` naming the frame) before any draw.
+        """
+        images = list(images)
+        names = self._names(images, names)
+        seeds = [None] * len(images) if noise_seeds is None else list(noise_seeds)
+        if len(seeds) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(seeds)} noise seeds")
+        xs = [self.preprocess(image, name).to(self.device) for image, name in zip(images, names, strict=True)]
+        return self._certify_tensors(xs, names, seeds, answers)
+
+    def _certify_tensors(
+        self, xs: Sequence[torch.Tensor], names: Sequence[str], seeds: Sequence[int | None],
+        answers: Sequence[Answer] | None,
+    ) -> Iterator[CertificationProgress]:
+        if answers is not None and len(answers) != len(xs):
+            raise ValueError(f"got {len(xs)} frames but {len(answers)} answers")
+        noise_seeds = [self.noise_seed_for(x) if seed is None else int(seed)
+                       for x, seed in zip(xs, seeds, strict=True)]
+        generators = [torch.Generator().manual_seed(seed) for seed in noise_seeds]
+        given = list(answers) if answers is not None else [None] * len(xs)
+        for step in certify_frames(self.engine, xs, generators, settings=self.settings,
+                                   num_classes=len(self.classes), temperature=self.temperature,
+                                   lipschitz_constant=self.lipschitz_constant,
+                                   frames_per_pass=self.frames_per_pass):
+            index = step.index
+            certificate = step.outcome.certificate if step.outcome is not None else None
+            result = None
+            if step.done:
+                answer = given[index] or self.answer_tensor(xs[index], names[index])
+                result = self._result(names[index], step, answer, noise_seeds[index])
+            yield CertificationProgress(
+                index=index, name=names[index], draws=step.draws, budget=step.budget,
+                radius=float(certificate.radius) if certificate is not None else 0.0,
+                noise_survival=step.noise_survival, interim_valid=self.interim_valid, done=step.done,
+                result=result,
+            )
 
     def certify_tensor(
         self, x: torch.Tensor, *, noise_seed: int | None = None
@@ -290,38 +485,36 @@ class Predictor:
         (by default :meth:`noise_seed_for` the frame).
 
         Returns ``(certificate, probabilities, forward_passes, stop_reason)``; the certificate is the
-        one :func:`painwatch.robust.certify` returns for these settings and that generator.
+        one :func:`painwatch.robust.certify` returns for these settings, this predictor's engine and
+        that generator. Probabilities are the smoothed ones (sequential methods) or those of the clean
+        pass, which then counts in ``forward_passes``.
         """
+        seed = self.noise_seed_for(x) if noise_seed is None else int(noise_seed)
+        generator = torch.Generator().manual_seed(seed)
+        steps = certify_frames(self.engine, [x.to(self.device)], [generator], settings=self.settings,
+                               num_classes=len(self.classes), temperature=self.temperature,
+                               lipschitz_constant=self.lipschitz_constant)
+        (step,) = [step for step in steps if step.done]
+        assert step.outcome is not None
+        if step.probabilities is not None:
+            return step.outcome.certificate, step.probabilities, step.passes, step.outcome.stop_reason
+        answer = self.answer_tensor(x)
+        probabilities = np.array([answer.probabilities[c] for c in self.classes])
+        return step.outcome.certificate, probabilities, step.passes + 1, step.outcome.stop_reason
+
+    def _result(self, name: str, step: FrameCertification, answer: Answer,
+                noise_seed: int | None) -> FrameResult:
         s = self.settings
-        x = x.to(self.device)
-        totals = torch.zeros(len(self.classes), dtype=torch.float64)
-
-        def collect(logits: torch.Tensor) -> None:
-            totals.add_(torch.softmax(logits.cpu() / self.temperature, dim=1).sum(dim=0))
-
-        outcome = certify(
-            s.method_name, self.model, x, sigma=s.sigma, alpha=s.alpha, n0=s.n0, n=s.n,
-            batch_size=s.batch_size, generator=self.generator_for(x, noise_seed),
-            lipschitz_constant=self.lipschitz_constant, score_temperature=s.score_temperature,
-            stop_early=s.sequential, rel_tol=s.rel_tol,
-            min_radius=s.min_radius, logits_callback=collect if s.sequential else None,
-        )
-        certificate = outcome.certificate
-        if s.sequential:
-            # The probabilities come from the noisy logits already drawn: no extra forward pass.
-            return certificate, (totals / totals.sum()).numpy(), outcome.forward_passes, outcome.stop_reason
-        passes = int(certificate.forward_passes) + 1  # + the clean pass for the probabilities
-        return certificate, self._clean_probabilities(x), passes, None
-
-    def _result(self, name: str, certificate: Any, probabilities: np.ndarray, passes: int,
-                stop_reason: str | None, noise_seed: int | None) -> FrameResult:
-        s = self.settings
+        assert step.outcome is not None
+        certificate = step.outcome.certificate
+        probabilities = step.probabilities
+        if probabilities is None:  # fixed-n methods: the clean pass's calibrated probabilities
+            probabilities = np.array([answer.probabilities[c] for c in self.classes])
         needs_noise = method_spec(s.method).needs_noise
         abstain_code = "unclear_under_noise" if certificate.abstained else None
         numel = math.prod(self.input_shape)
         index = int(certificate.prediction)
         shown = index if index >= 0 else int(np.argmax(probabilities))
-        method = s.method_name
         radius = float(certificate.radius)
         return FrameResult(
             name=name,
@@ -332,17 +525,22 @@ class Predictor:
             radius=radius,
             radius_rms=radius / math.sqrt(numel),
             radius_grey_levels=255.0 * radius / math.sqrt(numel),
-            method=method,
+            method=s.method_name,
             sigma=float(s.sigma) if needs_noise else 0.0,
             n=int(certificate.n),
             alpha=float(certificate.alpha),
-            forward_passes=int(passes),
+            forward_passes=int(step.passes) + answer.forward_passes,
             bound=float(certificate.bound),
             classifier=self.classifier_description,
-            stop_reason=stop_reason,
+            stop_reason=step.outcome.stop_reason,
             noise_seed=noise_seed if needs_noise else None,
             abstain_code=abstain_code,
             abstain_reason=ABSTAIN_REASONS[abstain_code] if abstain_code else None,
+            runtime=self.runtime,
+            precision=self.precision,
+            noise_survival=step.noise_survival,
+            answer_label=answer.label,
+            answer_confidence=answer.confidence,
         )
 
     def predict(
@@ -353,7 +551,7 @@ class Predictor:
         noise_seeds: Sequence[int] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[FrameResult]:
-        """Classify and certify frames (``H x W x 3`` uint8 RGB arrays), in order.
+        """Answer, then classify and certify frames (``H x W x 3`` uint8 RGB arrays), in order.
 
         ``noise_seeds`` (one per frame, e.g. the ``noise_seed`` of earlier results) reproduce those
         results exactly; by default each frame gets :meth:`noise_seed_for` it. ``progress(done, total)``
@@ -361,20 +559,15 @@ class Predictor:
         uint8 array (the page decodes and checks files before this), or when the lengths differ.
         """
         images = list(images)
-        names = [f"frame-{i}" for i in range(len(images))] if names is None else list(names)
-        if len(names) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(names)} names")
-        seeds = [None] * len(images) if noise_seeds is None else [int(seed) for seed in noise_seeds]
-        if len(seeds) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(seeds)} noise seeds")
-        results = []
-        for done, (image, name, seed) in enumerate(zip(images, names, seeds, strict=True), start=1):
-            x = self.preprocess(image, name)
-            noise_seed = self.noise_seed_for(x) if seed is None else seed
-            results.append(self._result(name, *self.certify_tensor(x, noise_seed=noise_seed), noise_seed))
-            if progress is not None:
-                progress(done, len(images))
-        return results
+        results: list[FrameResult | None] = [None] * len(images)
+        finished = 0
+        for step in self.certify_steps(images, names, noise_seeds=noise_seeds):
+            if step.done:
+                results[step.index] = step.result
+                finished += 1
+                if progress is not None:
+                    progress(finished, len(images))
+        return [result for result in results if result is not None]
 
     # ----------------------------------------------------------------------------------- saliency
 
