@@ -40,7 +40,9 @@ CHROMIUM_ARGS: tuple[str, ...] = (
 )
 
 RESULTS_READY_TEXT = "frames analysed"
-"""Text the page shows once a batch is classified (see app.py)."""
+"""Text the page shows once every frame of a batch is certified (see app.py)."""
+ANSWERS_TEXT = "Answers (certifying)"
+"""Heading the page shows while the first answers are there and certificates still grow."""
 
 
 class AppServerError(RuntimeError):
@@ -181,6 +183,11 @@ def upload_files(page: Any, paths: Sequence[Path]) -> None:
 def wait_for_results(page: Any, timeout_ms: float = 180_000) -> None:
     """Wait until the page says the batch is analysed (text, not just page load)."""
     page.get_by_text(RESULTS_READY_TEXT).first.wait_for(state="visible", timeout=timeout_ms)
+
+
+def wait_for_answers(page: Any, timeout_ms: float = 60_000) -> None:
+    """Wait until the page shows the first answers while certificates still grow."""
+    page.get_by_text(ANSWERS_TEXT).first.wait_for(state="visible", timeout=timeout_ms)
 
 
 def download(page: Any, button_label: str, target: Path, timeout_ms: float = 30_000) -> Path:

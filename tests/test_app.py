@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from pathlib import Path
 
 import cv2
@@ -288,6 +289,23 @@ def _app(monkeypatch: pytest.MonkeyPatch, bundle: Path):
     return at
 
 
+def _certified(at, timeout: float = APP_TIMEOUT_S):
+    """Run the page, wait for the certification worker, and run it again until every frame has its
+    certificate (in the browser the page polls the worker every second)."""
+    at.run()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            batch = at.session_state["batch"]
+        except KeyError:  # no frame could be analysed: nothing to certify
+            return at
+        if batch.results is not None:
+            return at
+        time.sleep(0.1)
+        at.run()
+    raise AssertionError(f"the page did not certify its frames within {timeout} s")
+
+
 def test_page_without_bundle_says_how_to_build_it(monkeypatch, tmp_path: Path) -> None:
     at = _app(monkeypatch, tmp_path / "no-bundle-here")
     messages = " ".join(e.value for e in at.error)
@@ -304,7 +322,7 @@ def test_page_table_equals_predictor_and_bad_files_are_named(
     uploader = at.file_uploader[0]
     for upload in [*good_uploads, *bad_uploads[:3]]:
         uploader.upload(upload.name, upload.data, "application/octet-stream")
-    at.run()
+    _certified(at)
     assert not at.exception, [e.value for e in at.exception]
 
     errors = " ".join(e.value for e in at.error)
@@ -339,7 +357,7 @@ def test_page_table_equals_predictor_and_bad_files_are_named(
 def test_page_clip_gives_time_course(monkeypatch, tiny_bundle, tmp_path: Path) -> None:
     at = _app(monkeypatch, tiny_bundle)
     at.file_uploader[0].upload("clip.avi", _avi_clip(tmp_path / "clip.avi"), "video/x-msvideo")
-    at.run()
+    _certified(at)
     assert not at.exception, [e.value for e in at.exception]
     table = at.dataframe[0].value
     assert list(table.columns) == list(support.TABLE_COLUMNS)
@@ -354,7 +372,7 @@ def test_page_settings_apply_and_refused_method_keeps_uploads(monkeypatch, tiny_
     at.file_uploader[0].upload(good_uploads[0].name, good_uploads[0].data, "image/png")
     at.slider(key="sigma").set_value(0.3)  # inside the bundle's bounds
     at.button(key="apply").click()  # the settings form's submit button
-    at.run()
+    _certified(at)
     assert not at.exception, [e.value for e in at.exception]
     assert at.session_state["batch"].provenance.certification["sigma"] == pytest.approx(0.3)
     assert at.session_state["batch"].results[0].sigma == pytest.approx(0.3)
@@ -366,7 +384,7 @@ def test_page_settings_apply_and_refused_method_keeps_uploads(monkeypatch, tiny_
     assert "lipschitz" not in method.help and "majority vote" in method.help
     method.set_value("soft_smoothing")
     at.button(key="apply").click()
-    at.run()
+    _certified(at)
     assert not at.exception, [e.value for e in at.exception]
     assert at.session_state["batch"].results[0].method.startswith("soft_smoothing")
     assert len(at.file_uploader) == 1 and len(at.file_uploader[0].value) == 1
@@ -376,7 +394,7 @@ def test_page_refuses_too_large_file(monkeypatch, tiny_bundle, good_uploads) -> 
     at = _app(monkeypatch, tiny_bundle)
     at.file_uploader[0].upload("huge.png", b"\0" * (support.MAX_IMAGE_BYTES + 1), "image/png")
     at.file_uploader[0].upload(good_uploads[0].name, good_uploads[0].data, "image/png")
-    at.run()
+    _certified(at)
     assert not at.exception, [e.value for e in at.exception]
     message = " ".join(e.value for e in at.error)
     assert "huge.png" in message and "larger than the 30.0 MB allowed for one frame" in message
@@ -473,7 +491,7 @@ def test_page_words_a_vet_can_act_on(monkeypatch, tmp_path, bundle_factory, good
     assert f"{support.MAX_IMAGE_BYTES // support.MEGABYTE} MB" in uploader.help
     uploader.upload("report.pdf", b"%PDF-1.4", "application/pdf")  # the uploader lets every type through
     uploader.upload(good_uploads[0].name, good_uploads[0].data, "image/png")
-    at.run()
+    _certified(at)
     assert not at.exception, [e.value for e in at.exception]
     errors = " ".join(e.value for e in at.error)
     assert "report.pdf" in errors and "unsupported file type '.pdf'" in errors

@@ -20,8 +20,11 @@ _EXPORTS: dict[str, str] = {
     "model_card_markdown": "painwatch.inference.model_card",
     "ABSTAIN_LABEL": "painwatch.inference.predict",
     "ABSTAIN_REASONS": "painwatch.inference.predict",
+    "Answer": "painwatch.inference.predict",
+    "CertificationProgress": "painwatch.inference.predict",
     "FrameResult": "painwatch.inference.predict",
     "Predictor": "painwatch.inference.predict",
+    "Engine": "painwatch.inference.engine",
     "frame_seed": "painwatch.inference.predict",
     "random_noise_seed": "painwatch.inference.predict",
     "gradcam": "painwatch.inference.saliency",
@@ -39,6 +42,9 @@ __all__ = [
     "INTENDED_USE",
     "KNOWN_LIMITS",
     "SYNTHETIC_WARNING",
+    "Answer",
+    "CertificationProgress",
+    "Engine",
     "FrameResult",
     "Predictor",
     "PredictorSettings",
@@ -69,6 +75,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
+    from painwatch.inference.engine import Engine
     from painwatch.inference.model_card import (
         INTENDED_USE,
         KNOWN_LIMITS,
@@ -79,6 +86,8 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from painwatch.inference.predict import (
         ABSTAIN_LABEL,
         ABSTAIN_REASONS,
+        Answer,
+        CertificationProgress,
         FrameResult,
         Predictor,
         frame_seed,
