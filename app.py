@@ -20,7 +20,7 @@ from typing import Any
 import streamlit as st
 
 from painwatch import app as support
-from painwatch.inference import Predictor, SettingsError
+from painwatch.inference import ABSTAIN_REASONS, Predictor, SettingsError
 
 st.set_page_config(page_title="painwatch: pain check for macaque faces", page_icon=":material/pets:",
                    layout="wide")
@@ -194,6 +194,9 @@ def show_model_card(predictor: Any) -> None:
             "**Certification gate: not run.** This model has not been checked against the deployment "
             "thresholds. Use its answers for research only.", icon=":material/warning:"
         )
+    if predictor.in_distribution_note is not None:
+        st.warning(support.NO_CHECK_WARNING.format(note=predictor.in_distribution_note),
+                   icon=":material/warning:")
     for verdict in predictor.gates.values():
         headline, failed = support.gate_lines(verdict)
         if verdict.passed:
@@ -249,7 +252,8 @@ def show_summary(batch: Batch) -> None:
                    help="Share of pain among frames with an answer (abstentions left out).")
     cols[1].metric("Pain / no pain", f"{summary.pain} / {summary.no_pain}")
     cols[2].metric("Refused", summary.abstained,
-                   help="Frames the model would not answer; the table says why for each.")
+                   help="Frames the model would not answer; the table says why for each. Of them "
+                   f"{summary.refused} do not look like the macaque face crops it was trained on.")
     cols[3].metric("Robust to small pixel changes", f"{summary.certified} of {summary.frames}",
                    help="Frames with a certified radius above 0. Robust is not the same as correct.")
     show_time_course(batch.frames, batch.results)
@@ -349,6 +353,8 @@ def _class_style(value: str) -> str:
 def _status_style(value: str) -> str:
     if value == support.STATUS_ROBUST:
         return "color: #1d5e32"
+    if value == support.ABSTAIN_STATUS["not_like_training_frames"]:
+        return "color: #8a1c1c; font-style: italic"
     if value.startswith(support.STATUS_REFUSED):
         return "color: #555555; font-style: italic"
     return "color: #9a5b00"
@@ -377,8 +383,13 @@ def show_frame(batch: Batch, predictor: Any, snapshot: support.JobSnapshot | Non
             _frame_in_progress(answer, step, snapshot, predictor)
             return
         if support.is_abstention(result):
-            st.markdown("### Abstained")
-            st.caption("The model would not commit to an answer for this frame.")
+            refused = result.abstain_code == "not_like_training_frames"
+            st.markdown("### Refused" if refused else "### Abstained")
+            st.caption(f"Why: {result.abstain_reason or 'the model would not commit to an answer'}.")
+            if refused:
+                st.caption(f"In-distribution score {result.in_distribution_score:.3g}, above the threshold "
+                           f"{result.in_distribution_threshold:.3g} set on the training individuals' frames; "
+                           "no answer was certified for it.")
         else:
             st.markdown(f"### {result.label}\nconfidence {result.confidence:.0%}")
         for name, probability in result.probabilities.items():
@@ -395,6 +406,10 @@ def show_frame(batch: Batch, predictor: Any, snapshot: support.JobSnapshot | Non
 
 def _frame_in_progress(answer: Any, step: Any, snapshot: support.JobSnapshot | None, predictor: Any) -> None:
     """The first answer of a frame whose certificate is still growing, and how far it has come."""
+    if answer.refused:  # decided on its clean pass: no noise is drawn for it
+        st.markdown("### Refused")
+        st.caption(f"Why: {ABSTAIN_REASONS[answer.abstain_code]}.")
+        return
     st.markdown(f"### {answer.label}\nconfidence {answer.confidence:.0%} (first answer, not yet certified)")
     for name, probability in answer.probabilities.items():
         st.progress(min(max(float(probability), 0.0), 1.0), text=f"{name}: {probability:.1%}")
@@ -485,8 +500,8 @@ def main() -> None:
         st.session_state["batch"] = batch
     if batch.results is None:
         # Joins the job already there for these uploads; any other job of this session is let go.
-        worker.submit(key, predictor, batch.views, [f.name for f in batch.frames], answers=batch.answers,
-                      owner=session_token())
+        worker.submit(key, predictor, batch.views, names=[f.name for f in batch.frames],
+                      answers=batch.answers, owner=session_token())
     show_problems(batch.problems)
     if not batch.frames:
         st.warning("None of the uploaded files could be analysed.")

@@ -67,8 +67,9 @@ def test_worker_certifies_in_order_joins_and_cancels(predictor) -> None:
     frames = _frames(2)
     _, answers, views, _ = support.answer_frames(predictor, frames)
     names = [f.name for f in frames]
-    quick = worker.submit("quick", predictor, views, names, answers=answers, owner="a")
-    assert worker.submit("quick", predictor, views, names, answers=answers, owner="b") is quick  # joined
+    quick = worker.submit("quick", predictor, views, names=names, answers=answers, owner="a")
+    joined = worker.submit("quick", predictor, views, names=names, answers=answers, owner="b")
+    assert joined is quick
     assert worker.wait("quick", TIMEOUT_S)
     done = worker.snapshot("quick")
     assert done.finished and done.frames_done == 2 and support.upload_fraction(done) == 1.0
@@ -78,8 +79,8 @@ def test_worker_certifies_in_order_joins_and_cancels(predictor) -> None:
     assert "All 2 frame(s) certified" in support.upload_progress_words(done)
 
     slow = predictor.with_budget(SLOW_N)
-    job = worker.submit("slow", slow, views, names, answers=answers, owner="a")
-    worker.submit("slow", slow, views, names, answers=answers, owner="b")
+    job = worker.submit("slow", slow, views, names=names, answers=answers, owner="a")
+    worker.submit("slow", slow, views, names=names, answers=answers, owner="b")
     deadline = time.monotonic() + TIMEOUT_S
     while worker.snapshot("slow").progress[0] is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -91,12 +92,12 @@ def test_worker_certifies_in_order_joins_and_cancels(predictor) -> None:
     time.sleep(0.2)
     assert job.state == "running"
     # "b" moves on to other uploads: the job is cancelled between two passes
-    worker.submit("other", predictor, views[:1], names[:1], answers=answers[:1], owner="b")
+    worker.submit("other", predictor, views[:1], names=names[:1], answers=answers[:1], owner="b")
     assert worker.wait("slow", TIMEOUT_S) and job.state == "cancelled"
     assert "cancelled" in support.upload_progress_words(worker.snapshot("slow"))
     assert worker.wait("other", TIMEOUT_S) and worker.snapshot("other").finished
     with pytest.raises(ValueError, match="2 images, 1 names"):
-        worker.submit("bad", predictor, views, names[:1], answers=answers, owner="a")
+        worker.submit("bad", predictor, views, names=names[:1], answers=answers, owner="a")
 
 
 def test_live_rows_show_the_answer_then_the_certificate(predictor) -> None:

@@ -262,7 +262,7 @@ def test_pgd_does_not_break_certified_smoothed_predictions(bundle: Path) -> None
 def test_deployed_noise_is_unpredictable_recorded_and_reproducible(bundle: Path, monkeypatch) -> None:
     import secrets
 
-    import painwatch.inference.predict as predict_module
+    import painwatch.inference.results as predict_module  # where the Predictor's noise seeds come from
 
     images = _frames(125, 3, 30)
     deployed = Predictor.load(bundle, n=200)  # no seed: as the page and bulk prediction run

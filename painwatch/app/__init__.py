@@ -44,6 +44,8 @@ from painwatch.app.live import (
     upload_progress_words,
 )
 from painwatch.app.page import (
+    ABSTAIN_STATUS,
+    NO_CHECK_WARNING,
     ROBUST_IS_NOT_CORRECT,
     STATUS_NOT_ROBUST,
     STATUS_REFUSED,
@@ -90,6 +92,7 @@ from painwatch.robust import BASE_METHODS
 
 __all__ = [
     "ABSTAIN_LABEL",
+    "ABSTAIN_STATUS",
     "BASE_METHODS",
     "BUNDLE_ENV",
     "CLIP_SUFFIXES",
@@ -106,6 +109,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "MAX_SECONDS_PER_FRAME",
     "MEGABYTE",
+    "NO_CHECK_WARNING",
     "PAGE_MAX_DRAWS",
     "POLL_S",
     "ROBUST_IS_NOT_CORRECT",

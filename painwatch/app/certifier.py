@@ -117,8 +117,8 @@ class CertificationWorker:
         key: str,
         predictor: Any,
         images: Sequence[np.ndarray],
-        names: Sequence[str],
         *,
+        names: Sequence[str],
         answers: Sequence[Any],
         owner: str,
     ) -> CertificationJob:

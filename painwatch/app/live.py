@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from painwatch.app.certifier import JobSnapshot
-from painwatch.app.page import TABLE_COLUMNS, is_abstention, status_of
+from painwatch.app.page import ABSTAIN_STATUS, STATUS_REFUSED, TABLE_COLUMNS, is_abstention, status_of
 from painwatch.app.uploads import Frame, check_aligned
 from painwatch.inference import ABSTAIN_LABEL
 
@@ -170,6 +170,9 @@ def live_table(frames: Sequence[Frame], answers: Sequence[Any], snapshot: JobSna
                         "certified radius (L2)": float(result.radius),
                         "radius (grey levels)": float(result.radius_grey_levels),
                         "noise kept (at least)": result.noise_survival, "certified": 1.0})
+        elif getattr(answer, "abstain_code", None):  # refused on its clean pass: nothing to certify
+            row.update({"class": ABSTAIN_LABEL, "confidence": None, "certified radius (L2)": 0.0,
+                        "radius (grey levels)": 0.0, "noise kept (at least)": None, "certified": 1.0})
         else:
             growing = step is not None and interim
             radius = float(step.radius) if growing else None
@@ -179,7 +182,9 @@ def live_table(frames: Sequence[Frame], answers: Sequence[Any], snapshot: JobSna
                         "noise kept (at least)": step.noise_survival if growing else None,
                         "certified": step.fraction if step is not None else 0.0})
         row["method"] = str(result.method) if result is not None else method
-        row["status"] = frame_status(step, result, interim)
+        code = getattr(answer, "abstain_code", None)
+        row["status"] = ABSTAIN_STATUS.get(code, STATUS_REFUSED) if (result is None and code) \
+            else frame_status(step, result, interim)
         rows.append(row)
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     for column in ("time (s)", "confidence", "certified radius (L2)", "radius (grey levels)",

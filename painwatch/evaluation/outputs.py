@@ -19,7 +19,9 @@ from painwatch import CLASS_NAMES
 from painwatch.calibration import calibrated_probabilities
 from painwatch.data import FrameRecord, is_synthetic
 from painwatch.data.splits import Fold
+from painwatch.evaluation.loio_checks import frame_scores, loio_refusals
 from painwatch.evaluation.metrics import evaluate
+from painwatch.evaluation.refusals import add_refusal_section
 from painwatch.evaluation.report import PUBLISHED_REFERENCE, write_loio_report
 from painwatch.evaluation.settings import LoioSettings
 from painwatch.io import atomic_write_json, atomic_write_text
@@ -83,8 +85,9 @@ def write_outputs(
         + [f"logit_{name}" for name in CLASS_NAMES]
         + ["temperature"]
         + [f"prob_{name}" for name in CLASS_NAMES]
-        + ["predicted", "predicted_name", "correct"]
+        + ["predicted", "predicted_name", "correct", "in_distribution_score", "refused_not_like_training"]
     )
+    check_scores, check_refused = frame_scores(results, num_frames)
     for i, record in enumerate(records):
         writer.writerow(
             [
@@ -100,6 +103,8 @@ def write_outputs(
             + [repr(float(temperature_of[i]))]
             + [f"{float(p):.6f}" for p in probabilities[i]]
             + [int(predictions[i]), CLASS_NAMES[predictions[i]], int(predictions[i] == labels[i])]
+            + ["" if check_scores[i] is None else repr(float(check_scores[i])),
+               "" if check_refused[i] is None else int(check_refused[i])]
         )
     outputs: dict[str, Path] = {
         "predictions": atomic_write_text(run_dir / PREDICTIONS_FILE, buffer.getvalue())
@@ -118,6 +123,7 @@ def write_outputs(
                 "temperature": result["temperature"],
                 "val NLL before": result["validation"]["nll_before_scaling"],
                 "val NLL after": result["validation"]["nll_after_scaling"],
+                "refused (in-distribution)": _refused_share(result),
                 "best epoch": result["best_epoch"],
                 "epochs run": result["epochs_run"],
                 "seconds": result["seconds"],
@@ -139,6 +145,7 @@ def write_outputs(
         "device": device,
         "published_reference": PUBLISHED_REFERENCE,
         "evaluation": evaluation,
+        "in_distribution": loio_refusals(results, records),
         "folds": fold_rows,
     }
     outputs["metrics"] = atomic_write_json(run_dir / METRICS_FILE, metrics)
@@ -195,5 +202,14 @@ def write_outputs(
                 else "Training from scratch on few frames usually stays near chance."
             )
         )
-    outputs.update(write_loio_report(run_dir, evaluation, run_info, fold_rows=fold_rows, notes=notes))
+    refusals = metrics["in_distribution"]
+    section = [lambda report: add_refusal_section(report, refusals, what="the left-out individuals' frames")]
+    outputs.update(write_loio_report(run_dir, evaluation, run_info, fold_rows=fold_rows, notes=notes,
+                                     sections=section))
     return metrics, outputs
+
+
+def _refused_share(result: dict[str, Any]) -> float | None:
+    entry = result.get("in_distribution") or {}
+    flags = entry.get("test_refused") if entry.get("available") else None
+    return float(np.mean(flags)) if flags else None

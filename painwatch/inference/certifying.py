@@ -42,7 +42,10 @@ class Answer:
     ``label`` / ``class_index`` are the network's most probable class, ``confidence`` its
     temperature-calibrated probability, ``probabilities`` the calibrated probability per class; the
     network is the engine's (``runtime``, ``precision``) that also certifies. The certified answer may
-    still differ: it is the smoothed classifier's (:attr:`FrameResult.label`).
+    still differ: it is the smoothed classifier's (:attr:`FrameResult.label`). With an in-distribution
+    check, ``in_distribution_score`` is the frame's score (from the fp32 network's descriptors, one more
+    pass in ``forward_passes``) and ``abstain_code`` is ``"not_like_training_frames"`` when the frame is
+    refused: it is then not certified (docs/design.md, "The in-distribution check").
     """
 
     name: str
@@ -53,6 +56,13 @@ class Answer:
     runtime: str
     precision: str
     forward_passes: int = 1
+    in_distribution_score: float | None = None
+    abstain_code: str | None = None
+
+    @property
+    def refused(self) -> bool:
+        """Whether the in-distribution check refused the frame (no certificate is drawn for it)."""
+        return self.abstain_code is not None
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,13 @@ Which classifier answers (``FrameResult.classifier`` says it in words):
 Abstention is an answer: ``label == "abstain"``, ``class_index == -1``, ``radius == 0.0``, with the
 reason in words (``abstain_reason``, from :data:`ABSTAIN_REASONS`).
 
+Frames unlike the training frames are refused (docs/design.md, "The in-distribution check"): when the
+bundle carries an in-distribution check, the frame's answer also scores it, from the descriptors of one
+clean pass of the fp32 network (the network the check's threshold was set on); a frame scoring above
+the threshold is refused (:attr:`Answer.abstain_code` ``"not_like_training_frames"``, radius 0) and no
+noise is drawn for it. Every :class:`FrameResult` records the score and the threshold. A bundle without
+a check still answers; :attr:`Predictor.in_distribution_note` then says why it cannot refuse such frames.
+
 Noise that nobody can predict (docs/design.md, "Noise seeds"): in deployment (``seed=None``, the
 default) every frame's noise seed comes from the operating system's entropy (:mod:`secrets`), so
 whoever sends a frame cannot search offline for a frame whose draws give a wrong certificate. Every
@@ -50,11 +57,9 @@ seed is then a hash of ``(seed, frame pixels)``, the same whatever else is in th
 
 from __future__ import annotations
 
-import hashlib
 import math
-import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +71,14 @@ from painwatch.data import eval_transform
 from painwatch.inference.certifying import Answer, FrameCertification, certify_frames
 from painwatch.inference.engine import Engine, EngineError, make_engine
 from painwatch.inference.model_card import model_card_dict, model_card_markdown
+from painwatch.inference.results import (
+    ABSTAIN_LABEL,
+    ABSTAIN_REASONS,
+    CertificationProgress,
+    FrameResult,
+    frame_seed,
+    random_noise_seed,
+)
 from painwatch.inference.saliency import gradcam
 from painwatch.inference.settings import (
     PredictorSettings,
@@ -74,152 +87,11 @@ from painwatch.inference.settings import (
     sound_lipschitz_constant,
 )
 from painwatch.models import BundleMetadata, GateVerdict, load_bundle
+from painwatch.models.in_distribution import InDistributionStatistic, descriptor_pass
 from painwatch.robust import method_spec
 
 __all__ = ["ABSTAIN_LABEL", "ABSTAIN_REASONS", "Answer", "CertificationProgress", "FrameResult", "Predictor",
            "frame_seed", "random_noise_seed"]
-
-ABSTAIN_LABEL = "abstain"
-
-ABSTAIN_REASONS: dict[str, str] = {
-    "unclear_under_noise": (
-        "no clear answer: the answer changes too often when the picture is slightly disturbed "
-        "(no clear majority under noise)"
-    ),
-    "not_like_training_frames": (
-        "this picture does not look like the macaque face crops the model was trained on"
-    ),
-}
-"""Why a frame was refused, by code, in words a veterinarian can act on."""
-
-NOISE_SEED_BITS = 63
-
-
-@dataclass(frozen=True)
-class FrameResult:
-    """The answer for one frame.
-
-    Attributes:
-        name: the frame's name (file name, or ``frame-<i>``).
-        label: ``"pain"``, ``"no_pain"`` or ``"abstain"``.
-        class_index: 1 (pain), 0 (no_pain) or -1 (abstain).
-        confidence: the temperature-calibrated probability of ``label`` (of the most probable class
-            when abstaining), in [0, 1].
-        probabilities: calibrated probability per class name. For sequential smoothing these are the
-            mean of ``softmax(f(x + xi) / T)`` over the noise draws, i.e. of the smoothed classifier
-            that answers; otherwise ``softmax(f(x) / T)`` of the clean frame.
-        radius: certified L2 radius in [0, 1] pixel units at the model's input size (0 on abstain).
-        radius_rms: ``radius / sqrt(C * H * W)``, the per-pixel RMS change, pixels in [0, 1].
-        radius_grey_levels: ``255 * radius_rms``, the same in 8-bit grey levels.
-        method: the certification method (``soft_smoothing_sequential``, ``soft_smoothing``,
-            ``randomized_smoothing_sequential``, ``randomized_smoothing``, ...).
-        sigma, n, alpha: the noise level, the estimation draws actually used, the error probability.
-        forward_passes: network evaluations spent on this frame (certificate and probabilities).
-        time_s: the frame's time in its clip (None for still images).
-        bound: the statistic the radius came from (lower confidence bound or margin).
-        classifier: in words, the classifier that produced ``label`` and that the radius is about.
-        stop_reason: why a sequential certificate stopped sampling (None for fixed-n methods).
-        noise_seed: the seed of this frame's noise draws (None for methods without noise):
-            ``predict(..., noise_seeds=[noise_seed])`` gives this result again.
-        abstain_code: why the frame was refused, a key of :data:`ABSTAIN_REASONS` (None unless it was).
-        abstain_reason: the same in words (None unless the frame was refused).
-        runtime, precision: what computed the answer and every noise draw (``openvino``/``torch``,
-            ``bf16``/``fp32``): the certificate is about that model.
-        noise_survival: with probability at least ``1 - alpha``, at least this share of random Gaussian
-            pixel noise at ``sigma`` (``255 sigma`` grey levels per pixel) leaves the answer unchanged
-            (a Clopper-Pearson bound [CP34] on the votes, or the confidence sequence's [WSR23] when
-            sampling may stop at any time); None when nothing is certified or there is no noise.
-        answer_label, answer_confidence: the first answer, from one clean pass of the network (see
-            :class:`Answer`), before any certificate.
-    """
-
-    name: str
-    label: str
-    class_index: int
-    confidence: float
-    probabilities: dict[str, float]
-    radius: float
-    radius_rms: float
-    radius_grey_levels: float
-    method: str
-    sigma: float
-    n: int
-    alpha: float
-    forward_passes: int
-    time_s: float | None = None
-    bound: float = math.nan
-    classifier: str = ""
-    stop_reason: str | None = field(default=None)
-    noise_seed: int | None = None
-    abstain_code: str | None = None
-    abstain_reason: str | None = None
-    runtime: str = "torch"
-    precision: str = "fp32"
-    noise_survival: float | None = None
-    answer_label: str | None = None
-    answer_confidence: float | None = None
-
-    @property
-    def abstained(self) -> bool:
-        return self.class_index < 0
-
-    @property
-    def noise_grey_levels(self) -> float:
-        """The certification noise in 8-bit grey levels per pixel, ``255 * sigma``."""
-        return 255.0 * self.sigma
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (NaN becomes None)."""
-        record = asdict(self)
-        for key, value in record.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                record[key] = None
-        return record
-
-
-@dataclass(frozen=True)
-class CertificationProgress:
-    """Where one frame's certification stands (see :meth:`Predictor.certify_steps`).
-
-    ``index`` is the frame's position; ``draws`` the noisy copies evaluated so far of at most ``budget``;
-    ``radius`` and ``noise_survival`` the certificate so far: with an anytime-valid bound
-    (``interim_valid``) they hold at every moment, with the fixed bound they are 0 / None until the
-    budget is spent; ``result`` is the frame's :class:`FrameResult` once ``done``.
-    """
-
-    index: int
-    name: str
-    draws: int
-    budget: int
-    radius: float
-    noise_survival: float | None
-    interim_valid: bool
-    done: bool
-    result: FrameResult | None = None
-
-    @property
-    def fraction(self) -> float:
-        """Share of the budget drawn so far, in [0, 1] (1 once done, also after an early stop)."""
-        return 1.0 if self.done else min(1.0, self.draws / max(self.budget, 1))
-
-
-def random_noise_seed() -> int:
-    """A 63-bit noise seed from the operating system's entropy: nobody can predict it."""
-    return secrets.randbits(NOISE_SEED_BITS)
-
-
-def frame_seed(seed: int, x: torch.Tensor) -> int:
-    """The noise seed of one preprocessed frame: a 63-bit hash of ``seed`` and the frame's pixels.
-
-    Same seed and same pixels give the same seed (hence the same certificate), independent of the
-    frame's position in a batch.
-    """
-    digest = hashlib.sha256()
-    digest.update(int(seed).to_bytes(16, "little", signed=True))
-    digest.update(str(tuple(x.shape)).encode())
-    digest.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return int.from_bytes(digest.digest()[:8], "little") & ((1 << 63) - 1)
-
 
 class Predictor:
     """Classify and certify frames with a model bundle (see the module docstring).
@@ -228,7 +100,8 @@ class Predictor:
     it), ``engine`` (the :class:`~painwatch.inference.engine.Engine` that answers and certifies),
     ``metadata`` (the bundle's checked ``model.json``), ``bundle_path``, ``settings``
     (:class:`PredictorSettings`), ``classes``, ``input_shape`` ``(C, H, W)``, ``temperature``, ``seed``,
-    ``frames_per_pass`` (frames whose noise draws share a forward pass).
+    ``frames_per_pass`` (frames whose noise draws share a forward pass), ``in_distribution`` (the
+    bundle's check, or None).
     """
 
     def __init__(
@@ -243,6 +116,7 @@ class Predictor:
         runtime: str = "auto",
         precision: str = "auto",
         engine: Engine | None = None,
+        in_distribution: InDistributionStatistic | None = None,
     ) -> None:
         self.model = model.eval()
         self.metadata = metadata
@@ -254,6 +128,7 @@ class Predictor:
         self.temperature = float(metadata.temperature)
         self.transform = eval_transform(metadata.input_size)
         self.lipschitz_constant = lipschitz_constant
+        self.in_distribution = in_distribution
         self.device = next(model.parameters()).device
         if engine is None:
             if method_spec(settings.method).needs_lipschitz_constant:
@@ -315,7 +190,8 @@ class Predictor:
                 architecture=bundle.metadata.architecture,
             )
         return cls(bundle.model, bundle.metadata, bundle.path, settings, seed=seed,
-                   lipschitz_constant=lipschitz_constant, runtime=runtime, precision=precision)
+                   lipschitz_constant=lipschitz_constant, runtime=runtime, precision=precision,
+                   in_distribution=bundle.in_distribution)
 
     def with_budget(self, n: int) -> Predictor:
         """The same predictor (same network, engine and seed policy) with a draw budget of ``n``
@@ -329,7 +205,8 @@ class Predictor:
                                     score_temperature=s.score_temperature,
                                     source=str(self.bundle_path / "model.json"))
         return Predictor(self.model, self.metadata, self.bundle_path, resolved, seed=self.seed,
-                         lipschitz_constant=self.lipschitz_constant, engine=self.engine)
+                         lipschitz_constant=self.lipschitz_constant, engine=self.engine,
+                         in_distribution=self.in_distribution)
 
     def draw_budget(self, seconds: float) -> int:
         """The most estimation draws per frame that fit in ``seconds`` at the engine's measured
@@ -363,6 +240,13 @@ class Predictor:
     def gate(self) -> GateVerdict | None:
         """The most recent gate verdict (None when the bundle was never certified)."""
         return self.metadata.latest_gate
+
+    @property
+    def in_distribution_note(self) -> str | None:
+        """Why this predictor cannot refuse frames unlike the training frames (None when it can)."""
+        if self.in_distribution is not None:
+            return None
+        return self.metadata.in_distribution_note or "the bundle's in-distribution check was not loaded"
 
     @property
     def classifier_description(self) -> str:
@@ -404,15 +288,62 @@ class Predictor:
         seed = self.noise_seed_for(x) if noise_seed is None else int(noise_seed)
         return torch.Generator().manual_seed(seed)
 
+    def clean_pass(self, x: torch.Tensor) -> tuple[np.ndarray, float | None]:
+        """One clean pass of the fp32 network over a preprocessed frame ``(C, H, W)``: its
+        temperature-calibrated probabilities and its in-distribution score (None without a check)."""
+        batch = x.unsqueeze(0).to(self.device)
+        if self.in_distribution is None:
+            with torch.no_grad():
+                logits = self.model(batch)
+            score = None
+        else:
+            logits, descriptors = descriptor_pass(self.model, batch, self.in_distribution.spec.descriptors)
+            score = float(self.in_distribution.scores(descriptors)[0])
+        probabilities = calibrated_probabilities(logits.detach().to("cpu", torch.float64).numpy(),
+                                                 self.temperature)[0]
+        return probabilities, score
+
+    def refuses(self, score: float | None) -> bool:
+        """Whether a frame of in-distribution ``score`` is refused (never without a check)."""
+        check = self.in_distribution
+        return score is not None and check is not None and score > check.threshold
+
+    def _threshold(self) -> float | None:
+        return None if self.in_distribution is None else float(self.in_distribution.threshold)
+
     def answer_tensor(self, x: torch.Tensor, name: str = "image") -> Answer:
-        """The :class:`Answer` of one preprocessed frame ``(C, H, W)``: one clean pass of the engine."""
+        """The :class:`Answer` of one preprocessed frame ``(C, H, W)``: one clean pass of the engine and,
+        when the bundle has an in-distribution check, one of the fp32 network for its score (the
+        answer then carries the refusal of a frame unlike the training frames)."""
         logits = self.engine.answer(x.unsqueeze(0).to(self.device)).detach().to("cpu", torch.float64)
         probabilities = calibrated_probabilities(logits.numpy(), self.temperature)[0]
         index = int(np.argmax(probabilities))
+        score, passes = None, 1
+        if self.in_distribution is not None:
+            _, descriptors = descriptor_pass(self.model, x.unsqueeze(0).to(self.device),
+                                             self.in_distribution.spec.descriptors)
+            score, passes = float(self.in_distribution.scores(descriptors)[0]), 2
         return Answer(name=name, label=self.classes[index], class_index=index,
                       confidence=float(probabilities[index]),
                       probabilities={c: float(p) for c, p in zip(self.classes, probabilities, strict=True)},
-                      runtime=self.runtime, precision=self.precision)
+                      runtime=self.runtime, precision=self.precision, forward_passes=passes,
+                      in_distribution_score=score,
+                      abstain_code="not_like_training_frames" if self.refuses(score) else None)
+
+    def _refused(self, answer: Answer) -> FrameResult:
+        """A frame the in-distribution check refused: an abstention after its answer, without noise."""
+        s = self.settings
+        code = "not_like_training_frames"
+        return FrameResult(
+            name=answer.name, label=ABSTAIN_LABEL, class_index=-1, confidence=answer.confidence,
+            probabilities=dict(answer.probabilities), radius=0.0, radius_rms=0.0, radius_grey_levels=0.0,
+            method=s.method_name, sigma=float(s.sigma) if method_spec(s.method).needs_noise else 0.0, n=0,
+            alpha=float(s.alpha), forward_passes=answer.forward_passes,
+            classifier=self.classifier_description, abstain_code=code, abstain_reason=ABSTAIN_REASONS[code],
+            runtime=self.runtime, precision=self.precision, answer_label=answer.label,
+            answer_confidence=answer.confidence,
+            in_distribution_score=answer.in_distribution_score, in_distribution_threshold=self._threshold(),
+        )
 
     def answer(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[Answer]:
         """The first answer of every frame (``H x W x 3`` uint8 RGB), in order: class and calibrated
@@ -457,20 +388,31 @@ class Predictor:
     ) -> Iterator[CertificationProgress]:
         if answers is not None and len(answers) != len(xs):
             raise ValueError(f"got {len(xs)} frames but {len(answers)} answers")
-        noise_seeds = [self.noise_seed_for(x) if seed is None else int(seed)
-                       for x, seed in zip(xs, seeds, strict=True)]
-        generators = [torch.Generator().manual_seed(seed) for seed in noise_seeds]
-        given = list(answers) if answers is not None else [None] * len(xs)
-        for step in certify_frames(self.engine, xs, generators, settings=self.settings,
-                                   num_classes=len(self.classes), temperature=self.temperature,
-                                   lipschitz_constant=self.lipschitz_constant,
+        # The answers first: they carry the in-distribution check's refusals, decided before any noise.
+        given = list(answers) if answers is not None else [self.answer_tensor(x, name)
+                                                           for x, name in zip(xs, names, strict=True)]
+        budget = self.settings.n0 + self.settings.n
+        kept = []
+        for index, answer in enumerate(given):
+            if answer.abstain_code == "not_like_training_frames":
+                yield CertificationProgress(
+                    index=index, name=names[index], draws=0, budget=budget, radius=0.0, noise_survival=None,
+                    interim_valid=self.interim_valid, done=True,
+                    result=self._refused(replace(answer, name=names[index])))
+            else:
+                kept.append(index)
+        noise_seeds = {index: self.noise_seed_for(xs[index]) if seeds[index] is None else int(seeds[index])
+                       for index in kept}
+        generators = [torch.Generator().manual_seed(noise_seeds[index]) for index in kept]
+        for step in certify_frames(self.engine, [xs[index] for index in kept], generators,
+                                   settings=self.settings, num_classes=len(self.classes),
+                                   temperature=self.temperature, lipschitz_constant=self.lipschitz_constant,
                                    frames_per_pass=self.frames_per_pass):
-            index = step.index
+            index = kept[step.index]
             certificate = step.outcome.certificate if step.outcome is not None else None
             result = None
             if step.done:
-                answer = given[index] or self.answer_tensor(xs[index], names[index])
-                result = self._result(names[index], step, answer, noise_seeds[index])
+                result = self._result(names[index], step, given[index], noise_seeds[index])
             yield CertificationProgress(
                 index=index, name=names[index], draws=step.draws, budget=step.budget,
                 radius=float(certificate.radius) if certificate is not None else 0.0,
@@ -479,10 +421,16 @@ class Predictor:
             )
 
     def certify_tensor(
-        self, x: torch.Tensor, *, noise_seed: int | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        noise_seed: int | None = None,
+        clean_probabilities: np.ndarray | None = None,
     ) -> tuple[Any, np.ndarray, int, str | None]:
         """Certify one preprocessed frame ``(C, H, W)`` in [0, 1] with the noise of ``noise_seed``
-        (by default :meth:`noise_seed_for` the frame).
+        (by default :meth:`noise_seed_for` the frame). ``clean_probabilities`` of a clean pass already
+        made (:meth:`clean_pass`) are used instead of another one where the clean frame's
+        probabilities are reported (that pass is then not counted in ``forward_passes``).
 
         Returns ``(certificate, probabilities, forward_passes, stop_reason)``; the certificate is the
         one :func:`painwatch.robust.certify` returns for these settings, this predictor's engine and
@@ -498,9 +446,12 @@ class Predictor:
         assert step.outcome is not None
         if step.probabilities is not None:
             return step.outcome.certificate, step.probabilities, step.passes, step.outcome.stop_reason
+        if clean_probabilities is not None:
+            return step.outcome.certificate, clean_probabilities, step.passes, step.outcome.stop_reason
         answer = self.answer_tensor(x)
         probabilities = np.array([answer.probabilities[c] for c in self.classes])
-        return step.outcome.certificate, probabilities, step.passes + 1, step.outcome.stop_reason
+        return (step.outcome.certificate, probabilities, step.passes + answer.forward_passes,
+                step.outcome.stop_reason)
 
     def _result(self, name: str, step: FrameCertification, answer: Answer,
                 noise_seed: int | None) -> FrameResult:
@@ -541,6 +492,8 @@ class Predictor:
             noise_survival=step.noise_survival,
             answer_label=answer.label,
             answer_confidence=answer.confidence,
+            in_distribution_score=answer.in_distribution_score,
+            in_distribution_threshold=self._threshold(),
         )
 
     def predict(
