@@ -181,3 +181,17 @@ def test_page_answers_at_once_then_certificates_grow(monkeypatch, tiny_bundle) -
     table = at.dataframe[0].value
     assert list(table["certified"]) == [1.0, 1.0]
     assert list(table["certified radius (L2)"]) == [r.radius for r in results]
+
+
+def test_downloads_carry_the_share_of_noise_and_the_engine(predictor) -> None:
+    import csv
+
+    frames = _frames(2)
+    results = predictor.predict([f.image for f in frames], names=[f.name for f in frames])
+    provenance = support.Provenance.from_predictor(predictor)
+    rows = list(csv.DictReader(io.StringIO(support.results_csv(frames, results, provenance).decode())))
+    for row, result in zip(rows, results, strict=True):
+        expected = "" if result.noise_survival is None else repr(result.noise_survival)
+        assert row["noise_survival"] == expected
+        assert (row["runtime"], row["precision"]) == (predictor.runtime, predictor.precision)
+    assert any(r.noise_survival is not None and 0 < r.noise_survival <= 1 for r in results)

@@ -420,6 +420,19 @@ class Predictor:
                 result=result,
             )
 
+    def certify_frame(self, x: torch.Tensor, *, noise_seed: int | None = None) -> FrameCertification:
+        """The finished :class:`~painwatch.inference.certifying.FrameCertification` of one preprocessed
+        frame ``(C, H, W)`` with the noise of ``noise_seed`` (by default :meth:`noise_seed_for` the
+        frame): its certificate, the share of noise that keeps the answer, and the passes it took (no
+        clean pass)."""
+        seed = self.noise_seed_for(x) if noise_seed is None else int(noise_seed)
+        generator = torch.Generator().manual_seed(seed)
+        steps = certify_frames(self.engine, [x.to(self.device)], [generator], settings=self.settings,
+                               num_classes=len(self.classes), temperature=self.temperature,
+                               lipschitz_constant=self.lipschitz_constant)
+        (step,) = [step for step in steps if step.done]
+        return step
+
     def certify_tensor(
         self,
         x: torch.Tensor,
@@ -437,12 +450,7 @@ class Predictor:
         that generator. Probabilities are the smoothed ones (sequential methods) or those of the clean
         pass, which then counts in ``forward_passes``.
         """
-        seed = self.noise_seed_for(x) if noise_seed is None else int(noise_seed)
-        generator = torch.Generator().manual_seed(seed)
-        steps = certify_frames(self.engine, [x.to(self.device)], [generator], settings=self.settings,
-                               num_classes=len(self.classes), temperature=self.temperature,
-                               lipschitz_constant=self.lipschitz_constant)
-        (step,) = [step for step in steps if step.done]
+        step = self.certify_frame(x, noise_seed=noise_seed)
         assert step.outcome is not None
         if step.probabilities is not None:
             return step.outcome.certificate, step.probabilities, step.passes, step.outcome.stop_reason
