@@ -228,6 +228,9 @@ def test_model_card_and_gate(bundle: Path, tmp_path: Path) -> None:
     assert predictor.gate is None
     card = predictor.model_card()
     assert "never replaces" in card and "2 individuals" in card and "Not run" in card
+    # which engine answers and certifies, and how often bf16's class was measured to differ from fp32's
+    assert f"computed by {predictor.runtime} at {predictor.precision}" in card
+    assert "bf16 class differed from its fp32 class on 0" in card
     record_gate_verdict(copy, GateVerdict(gate_file="default.toml", passed=False, date="2026-01-01",
                                           results=({"name": "min_pain_recall", "value": 0.5,
                                                     "threshold": 0.6, "passed": False},),

@@ -543,7 +543,7 @@ class Predictor:
     def model_card_dict(self) -> dict[str, Any]:
         """The model card as a dict: intended use, model, training data, calibration, certification,
         gate verdicts, limits."""
-        return model_card_dict(self.metadata, self.settings)
+        return model_card_dict(self.metadata, self.settings, self.engine.describe())
 
     def model_card(self) -> str:
         """The model card as Markdown (for the page and the certification report)."""
