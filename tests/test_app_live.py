@@ -123,8 +123,10 @@ def test_live_rows_show_the_answer_then_the_certificate(predictor) -> None:
     waiting = support.live_table(frames, answers, None, grey_levels_per_unit=2.0, method="m")
     assert list(waiting["status"]) == [support.STATUS_QUEUED] * 2
     assert "at most about 14 s left" in support.upload_progress_words(snapshot)
-    assert "Anytime-valid" in support.bound_in_words(True, "m")
-    assert "Fixed-budget" in support.bound_in_words(False, "m")
+    assert "Anytime-valid" in support.bound_in_words(True, "soft_smoothing_sequential")
+    assert "Fixed-budget" in support.bound_in_words(False, "randomized_smoothing")
+    assert "Clopper-Pearson" in support.bound_in_words(False, "randomized_smoothing")
+    assert "Exact bound" in support.bound_in_words(False, "lipschitz")
 
 
 def test_time_budget_sets_the_draws_and_caps_the_slider(predictor) -> None:

@@ -19,6 +19,7 @@ from painwatch.app.certifier import JobSnapshot
 from painwatch.app.page import ABSTAIN_STATUS, STATUS_REFUSED, TABLE_COLUMNS, is_abstention, status_of
 from painwatch.app.uploads import Frame, check_aligned
 from painwatch.inference import ABSTAIN_LABEL
+from painwatch.robust import method_spec
 
 DEFAULT_SECONDS_PER_FRAME = 60.0
 """The page's default time budget per frame: about what a veterinarian waits for one frame."""
@@ -97,12 +98,16 @@ def sample_cap(high: int, passes_per_s: float | None) -> int:
 
 def bound_in_words(interim_valid: bool, method: str) -> str:
     """Which bound is in use and what it means for the radius shown while sampling (Markdown)."""
+    if method_spec(method).deterministic:
+        return (f"**Exact bound** ({method}): computed from the network itself in one pass, without noise "
+                "draws; each frame's radius comes with its answer.")
     if interim_valid:
         return (f"**Anytime-valid bound** ({method}): the radius shown holds at every moment with the "
                 "stated error probability, so it is safe to stop looking early; it grows as noise draws "
                 "come in, until the budget is spent or the radius is decided.")
-    return (f"**Fixed-budget bound** ({method}, Clopper-Pearson over all draws): no radius is valid before "
-            "the budget is spent, so each frame shows its progress and then its radius.")
+    how = "Clopper-Pearson over all draws" if method == "randomized_smoothing" else "from all draws at once"
+    return (f"**Fixed-budget bound** ({method}, {how}): no radius is valid before the budget is spent, so "
+            "each frame shows its progress and then its radius.")
 
 
 def upload_progress_words(snapshot: JobSnapshot) -> str:
