@@ -39,7 +39,11 @@ def load_predictor(bundle: str, fingerprint: str, method: str | None, sigma: flo
     """The Predictor for a bundle and settings (the draw budget is set per upload with
     ``with_budget``); ``fingerprint`` changes when the bundle's files do."""
     del fingerprint  # part of the cache key only
-    return Predictor.load(bundle, method=method, sigma=sigma, alpha=alpha, seed=SEED)
+    predictor = Predictor.load(bundle, method=method, sigma=sigma, alpha=alpha, seed=SEED)
+    # Time the engine now, while the model loads: the time budget needs its speed, and the first
+    # upload's answers should not wait for it.
+    predictor.engine.warm_up()
+    return predictor
 
 
 @st.cache_resource
