@@ -56,9 +56,13 @@ step demo-data "$PYTHON" -m painwatch demo-data "$WORK/demo" --individuals "$IND
     --frames-per-class "$FRAMES_PER_CLASS"
 step train "$PYTHON" -m painwatch train "$WORK/demo" --out "$WORK/bundle" --arch "$ARCH" \
     --input-size "$INPUT_SIZE" --epochs "$EPOCHS" --device "$DEVICE" --quiet
-step loio "$PYTHON" -m painwatch loio "$WORK/demo" --out "$WORK/loio" --arch "$ARCH" --epochs "$EPOCHS" \
-    --max-folds "$FOLDS" --device "$DEVICE" --quiet
-cp "$WORK/loio/metrics.json" "$OUT/loio-metrics.json" 2>/dev/null || true
+step loio "$PYTHON" -m painwatch loio "$WORK/demo" --out "$WORK/loio" --arch "$ARCH" --input-size "$INPUT_SIZE" \
+    --epochs "$EPOCHS" --max-folds "$FOLDS" --device "$DEVICE" --quiet
+# --max-folds leaves the run unfinished (no pooled metrics.json yet): keep every finished fold's result.
+mkdir -p "$OUT/loio-folds"
+for fold in "$WORK"/loio/folds/*/; do
+    if [ -f "$fold/result.json" ]; then cp "$fold/result.json" "$OUT/loio-folds/$(basename "$fold").json"; fi
+done
 step predictor "$PYTHON" -c "
 import json, time
 import numpy as np
@@ -81,4 +85,4 @@ print({k: report[k] for k in ('engine', 'answer_s', 'certificate_s', 'answers')}
 "
 step bench "$PYTHON" scripts/bench_latency.py --device "$DEVICE" --arch "$ARCH" --input-size "$INPUT_SIZE" \
     --out "$OUT" "${BENCH[@]}"
-echo "All steps passed; figures in $OUT (environment.json, loio-metrics.json, predictor.json, bench.json)"
+echo "All steps passed; figures in $OUT (environment.json, loio-folds/, predictor.json, bench.json)"

@@ -197,3 +197,22 @@ def test_downloads_carry_the_share_of_noise_and_the_engine(predictor) -> None:
         assert row["noise_survival"] == expected
         assert (row["runtime"], row["precision"]) == (predictor.runtime, predictor.precision)
     assert any(r.noise_survival is not None and 0 < r.noise_survival <= 1 for r in results)
+
+
+def test_a_failing_job_says_why_and_is_not_retried_on_every_look(predictor) -> None:
+    class Broken:
+        """The tiny predictor, except that certifying raises."""
+
+        settings, engine, interim_valid = predictor.settings, predictor.engine, False
+
+        def certify_steps(self, images, names, *, answers):
+            raise RuntimeError("the model file vanished")
+
+    worker = support.CertificationWorker()
+    frames = _frames(1)
+    _, answers, views, _ = support.answer_frames(predictor, frames)
+    job = worker.submit("broken", Broken(), views, names=["f0.png"], answers=answers, owner="a")
+    assert worker.wait("broken", TIMEOUT_S) and job.state == "failed"
+    snapshot = worker.snapshot("broken")
+    assert "RuntimeError: the model file vanished" in support.upload_progress_words(snapshot)
+    assert worker.submit("broken", Broken(), views, names=["f0.png"], answers=answers, owner="a") is job

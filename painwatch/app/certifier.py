@@ -124,14 +124,15 @@ class CertificationWorker:
     ) -> CertificationJob:
         """Queue the certification of ``images`` (uint8 RGB, as the Predictor takes them) under ``key``,
         for ``owner`` (a browser session); the same key again joins the job already there (unless it was
-        cancelled or failed). Every other job of ``owner`` is released (:meth:`release`)."""
+        cancelled: a failed job stays failed, and says why, instead of failing again on every look).
+        Every other job of ``owner`` is released (:meth:`release`)."""
         if not (len(images) == len(names) == len(answers)):
             raise ValueError(f"got {len(images)} images, {len(names)} names and {len(answers)} answers")
         with self._lock:
             for other in [k for k, job in self._jobs.items() if owner in job.owners and k != key]:
                 self._release_locked(other, owner)
             job = self._jobs.get(key)
-            if job is None or job.state in ("cancelled", "failed"):
+            if job is None or job.state == "cancelled":
                 job = CertificationJob(key, predictor, list(images), list(names), list(answers))
                 self._jobs[key] = job
                 self._queue.append(key)
