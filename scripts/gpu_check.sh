@@ -8,8 +8,9 @@
 #
 # Settings (environment): DEVICE (cuda), OUT, WORK (scratch folder, removed at the end unless KEEP=1),
 # ARCH / INPUT_SIZE (the clinical ResNet50 at 224 px on a GPU; resnet10t at 64 px for DEVICE=cpu),
-# FOLDS (LOIO folds, 2), EPOCHS (1), PYTHON (python). Every step's output goes to $OUT/<step>.log; the
-# script stops at the first failing step and says which.
+# FOLDS (LOIO folds, 2), EPOCHS (1), PYTHON (python). Every step's output goes to $OUT/<step>.log (the
+# logs name scratch paths: keep them out of commits); the script stops at the first failing step and
+# says which.
 set -euo pipefail
 
 DEVICE="${DEVICE:-cuda}"
@@ -58,11 +59,16 @@ step train "$PYTHON" -m painwatch train "$WORK/demo" --out "$WORK/bundle" --arch
     --input-size "$INPUT_SIZE" --epochs "$EPOCHS" --device "$DEVICE" --quiet
 step loio "$PYTHON" -m painwatch loio "$WORK/demo" --out "$WORK/loio" --arch "$ARCH" --input-size "$INPUT_SIZE" \
     --epochs "$EPOCHS" --max-folds "$FOLDS" --device "$DEVICE" --quiet
-# --max-folds leaves the run unfinished (no pooled metrics.json yet): keep every finished fold's result.
-mkdir -p "$OUT/loio-folds"
-for fold in "$WORK"/loio/folds/*/; do
-    if [ -f "$fold/result.json" ]; then cp "$fold/result.json" "$OUT/loio-folds/$(basename "$fold").json"; fi
-done
+# --max-folds leaves the run unfinished (no pooled metrics.json yet): summarise every finished fold.
+step loio-folds "$PYTHON" -c "
+import json, pathlib
+keys = ('fold', 'test_individual', 'test_accuracy', 'temperature', 'epochs_run', 'num_train_frames')
+folds = [json.loads(p.read_text()) for p in sorted(pathlib.Path('$WORK/loio/folds').glob('*/result.json'))]
+summary = [{key: fold.get(key) for key in keys} for fold in folds]
+assert summary, 'no LOIO fold finished'
+json.dump(summary, open('$OUT/loio-folds.json', 'w'), indent=2)
+print(summary)
+"
 step predictor "$PYTHON" -c "
 import json, time
 import numpy as np
@@ -85,4 +91,4 @@ print({k: report[k] for k in ('engine', 'answer_s', 'certificate_s', 'answers')}
 "
 step bench "$PYTHON" scripts/bench_latency.py --device "$DEVICE" --arch "$ARCH" --input-size "$INPUT_SIZE" \
     --out "$OUT" "${BENCH[@]}"
-echo "All steps passed; figures in $OUT (environment.json, loio-folds/, predictor.json, bench.json)"
+echo "All steps passed; figures in $OUT (environment.json, loio-folds.json, predictor.json, bench.json)"
