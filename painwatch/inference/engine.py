@@ -41,8 +41,8 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 """The arithmetic of weights and activations: float32, or bfloat16 (8-bit mantissa, fp32 range)."""
 
 CPU_PASS_ROWS = 16
-"""Images per noise pass on a CPU: OpenVINO ran ResNet50 at 224 px fastest at 16 on the 2-core test
-machine (``scripts/bench_latency.py``)."""
+"""Images per noise pass on a CPU: the batch ``scripts/bench_latency.py`` measures every engine at
+(OpenVINO bf16 ran ResNet50 at 224 px at 4.7 times a bare fp32 timm loop there, ``results/latency/``)."""
 GPU_PASS_ROWS = 256
 """Images per noise pass on a GPU: enough to keep it busy with ResNet50 at 224 px."""
 _THROUGHPUT_MEMORY = 0.7
