@@ -88,7 +88,7 @@ class CertificationJob:
     def snapshot(self, ahead: int = 0) -> JobSnapshot:
         with self.lock:
             progress, results, state = tuple(self.progress), tuple(self.results), self.state
-        rate = float(self.predictor.engine.passes_per_s)
+        rate = float(self.predictor.engine.draws_per_s)
         left = sum(self.budget - (step.draws if step is not None else 0)
                    for step, result in zip(progress, results, strict=True) if result is None)
         time_left = left / rate if math.isfinite(rate) and rate > 0 else (0.0 if left == 0 else math.nan)

@@ -70,7 +70,7 @@ def choose_budget(predictor: Any, *, requested: int, seconds: float) -> DrawBudg
     fits = int(predictor.draw_budget(float(seconds)))
     n = max(low, min(high, int(requested), fits))
     return DrawBudget(n=n, requested=int(requested), seconds=float(seconds), fits=fits,
-                      passes_per_s=float(predictor.engine.passes_per_s), low=low, high=high)
+                      passes_per_s=float(predictor.engine.draws_per_s), low=low, high=high)
 
 
 def budget_words(budget: DrawBudget) -> str:

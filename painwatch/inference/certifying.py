@@ -13,6 +13,7 @@ generator. Methods that do not draw in steps (fixed-n smoothing, the Lipschitz m
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -193,6 +194,7 @@ def certify_frames(
             active.append(_Frame(index, frames[index], sampler, totals))
         if not active:
             continue
+        began = time.perf_counter()
         chunks = [(frame, frame.next_chunk()) for frame in active]
         drawn = [(frame, chunk) for frame, chunk in chunks if chunk is not None]
         logits = engine(torch.cat([chunk for _, chunk in drawn])) if drawn else None
@@ -201,6 +203,8 @@ def certify_frames(
             assert logits is not None
             frame.take(logits[offset:offset + chunk.shape[0]])
             offset += chunk.shape[0]
+        if offset:  # what a draw really costs: noise, pass and bookkeeping (the time budget's rate)
+            engine.record_draws(offset, time.perf_counter() - began)
         for frame in list(active):
             done = frame.sampler.done
             yield FrameCertification(

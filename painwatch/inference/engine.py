@@ -11,7 +11,9 @@ batched together give the certificates they get alone, and a recorded noise seed
 whatever else was being certified. A single clean image (the answer) goes through a pass of one row.
 
 The engine measures its own throughput (:attr:`Engine.passes_per_s`, images per second over recent
-noise passes), from which the page turns a time budget into a number of draws.
+noise passes) and, once certification reports it, the rate of whole certification rounds
+(:attr:`Engine.draws_per_s`: drawing the noise, the passes and the bookkeeping), from which the page
+turns a time budget into a number of draws.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class Engine:
         self.input_shape = tuple(int(d) for d in input_shape)
         self.threads = torch.get_num_threads()
         self._throughput = _Throughput()
+        self._draws = _Throughput()
 
     @property
     def name(self) -> str:
@@ -159,6 +162,17 @@ class Engine:
     def passes_per_s(self) -> float:
         """Images per second of the recent noise passes (NaN before any was timed)."""
         return self._throughput.passes_per_s
+
+    @property
+    def draws_per_s(self) -> float:
+        """Noise draws per second of recent certification rounds (:meth:`record_draws`), or
+        :attr:`passes_per_s` before any was recorded."""
+        rate = self._draws.passes_per_s
+        return rate if math.isfinite(rate) else self.passes_per_s
+
+    def record_draws(self, draws: int, seconds: float) -> None:
+        """Record a certification round: ``draws`` noisy copies drawn, passed and counted in ``seconds``."""
+        self._draws.record(draws, seconds)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self._in_passes(batch, self.pass_rows, timed=True)

@@ -209,12 +209,13 @@ class Predictor:
                          in_distribution=self.in_distribution)
 
     def draw_budget(self, seconds: float) -> int:
-        """The most estimation draws per frame that fit in ``seconds`` at the engine's measured
-        throughput (its warm-up pass when nothing was timed yet), after the ``n0`` selection draws and
-        the answer pass; at least 0."""
+        """The most estimation draws per frame that fit in ``seconds`` at the engine's measured rate of
+        certification rounds (:attr:`~painwatch.inference.engine.Engine.draws_per_s`; its warm-up
+        passes when nothing was timed yet), after the ``n0`` selection draws and the answer pass; at
+        least 0."""
         if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds > 0):
             raise ValueError(f"seconds must be a positive number, got {seconds!r}")
-        rate = self.engine.passes_per_s
+        rate = self.engine.draws_per_s
         if not math.isfinite(rate):
             rate = self.engine.warm_up()
         return max(0, int(rate * float(seconds)) - self.settings.n0 - 1)
