@@ -2,7 +2,8 @@
 
 Run with ``make app``, or ``streamlit run app.py -- --bundle PATH`` (or ``PAINWATCH_BUNDLE=PATH``).
 The page is thin: classification and certification come from :class:`painwatch.inference.Predictor`;
-uploads, tables and downloads from :mod:`painwatch.app`.
+uploads, tables, downloads and the background certification from :mod:`painwatch.app`. Every frame's
+answer (one clean pass) is shown at once; its certificate grows in a worker thread that the page polls.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +21,7 @@ import streamlit as st
 
 from painwatch import app as support
 from painwatch.app import widgets
-from painwatch.inference import Predictor, SettingsError
+from painwatch.inference import ABSTAIN_REASONS, Predictor, SettingsError
 
 st.set_page_config(page_title="painwatch: pain check for macaque faces", page_icon=":material/pets:",
                    layout="wide")
@@ -36,10 +38,27 @@ frame can predict its draws; each result records its noise seed, which reproduce
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def load_predictor(bundle: str, fingerprint: str, method: str | None, sigma: float | None,
-                   alpha: float | None, n: int | None) -> Any:
-    """The Predictor for a bundle and settings; ``fingerprint`` changes when the bundle's files do."""
+                   alpha: float | None) -> Any:
+    """The Predictor for a bundle and settings (the draw budget is set per upload with
+    ``with_budget``); ``fingerprint`` changes when the bundle's files do."""
     del fingerprint  # part of the cache key only
-    return Predictor.load(bundle, method=method, sigma=sigma, alpha=alpha, n=n, seed=SEED)
+    predictor = Predictor.load(bundle, method=method, sigma=sigma, alpha=alpha, seed=SEED)
+    # Time the engine now, while the model loads: the time budget needs its speed, and the first
+    # upload's answers should not wait for it.
+    predictor.engine.warm_up()
+    return predictor
+
+
+@st.cache_resource
+def certification_worker() -> support.CertificationWorker:
+    """The one certification worker of this process: every session's uploads queue there, and their
+    certificates grow there while the pages poll it."""
+    return support.CertificationWorker()
+
+
+def session_token() -> str:
+    """This browser session's name for the worker (which jobs it shows)."""
+    return st.session_state.setdefault("session_token", uuid.uuid4().hex)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -54,8 +73,8 @@ def model_lock() -> threading.Lock:
     """One lock for every model call of every browser session.
 
     Streamlit serves sessions from parallel threads and they share the cached Predictor; Grad-CAM
-    attaches hooks to the shared network, so model calls must not interleave. The work is CPU-bound,
-    so running one call at a time costs little.
+    attaches hooks to the shared network, so calls of that network must not interleave. The engine
+    that answers and certifies has its own copy of the network.
     """
     return threading.Lock()
 
@@ -67,10 +86,12 @@ class Batch:
     key: str
     frames: list[support.Frame]  # images are display thumbnails (support.thumbnail_with_crop)
     views: list[Any]  # what the model saw: uint8 RGB at the model's input size
-    results: list[Any]
+    answers: list[Any]  # the first answers (one clean pass each)
     problems: list[support.FileProblem]
     provenance: support.Provenance
     created: datetime
+    budget: support.DrawBudget
+    results: list[Any] | None = None  # the certified results, once every frame has one
 
 
 # --------------------------------------------------------------------------- sidebar
@@ -88,7 +109,7 @@ def sidebar_bundle() -> Path:
     return Path(typed.strip() or str(default_path)).expanduser()
 
 
-SETTING_KEYS = ("method", "sigma", "alpha", "n")
+SETTING_KEYS = ("method", "sigma", "alpha", "n", "seconds")
 
 
 def sidebar_settings(bundle: Path, metadata: Any) -> dict[str, Any]:
@@ -129,12 +150,21 @@ def sidebar_settings(bundle: Path, metadata: Any) -> dict[str, Any]:
             format_func=lambda a: f"{a:g}", key="alpha",
             help="A sampled certificate is wrong with probability at most α.",
         )
-        n_choices = _sample_choices(n_lo, n_hi, int(certification.n))
+        cap = support.sample_cap(n_hi, st.session_state.get("passes_per_s"))
+        n_choices = _sample_choices(n_lo, cap, int(certification.n))
         n = st.select_slider(
             "Sample budget n (per frame)", options=n_choices, value=int(certification.n), key="n",
             help="At most this many noisy copies of each frame are used to certify it, on top of a few "
             "that pick the answer (sampling stops early when no radius can be certified). More samples: "
-            "larger, tighter radii, slower.",
+            f"larger, tighter radii, slower. At most {cap}: what "
+            f"{support.MAX_SECONDS_PER_FRAME:g} s a frame allow on this machine.",
+        )
+        seconds = st.number_input(
+            "Time budget per frame (seconds)", min_value=1.0, max_value=support.MAX_SECONDS_PER_FRAME,
+            value=support.DEFAULT_SECONDS_PER_FRAME, step=5.0, key="seconds",
+            help="Each frame is certified with at most the noise draws that fit in this time at the "
+            "measured speed of the model (fewer than the sample budget when they do not fit). The answer "
+            "itself comes at once.",
         )
         fps = st.number_input(
             "Clip sampling rate (frames per second)", min_value=0.1, max_value=30.0, value=1.0, step=0.5,
@@ -144,7 +174,8 @@ def sidebar_settings(bundle: Path, metadata: Any) -> dict[str, Any]:
         st.form_submit_button("Apply settings", key="apply")
     with st.sidebar.expander("What the radius means", expanded=True):
         st.markdown(support.radius_note(metadata.input_shape, float(sigma)))
-    return {"method": method, "sigma": float(sigma), "alpha": float(alpha), "n": int(n), "fps": float(fps)}
+    return {"method": method, "sigma": float(sigma), "alpha": float(alpha), "n": int(n),
+            "seconds": float(seconds), "fps": float(fps)}
 
 
 def _log_choices(lo: float, hi: float, current: float) -> list[float]:
@@ -190,25 +221,21 @@ def show_model_card(predictor: Any) -> None:
 # --------------------------------------------------------------------------- analysis
 
 
-def analyse(predictor: Any, uploads: list[support.Upload], settings: dict[str, Any], key: str) -> Batch:
-    """Decode the uploads, then classify and certify every frame with a progress bar."""
+def analyse(predictor: Any, uploads: list[support.Upload], settings: dict[str, Any], key: str,
+            budget: support.DrawBudget) -> Batch:
+    """Decode the uploads and answer every frame at once (one clean pass each); certification is the
+    worker's."""
     progress = st.progress(0.0, text="Reading files…")
     frames, problems = support.decode_uploads(uploads, settings["fps"])
-
-    def report(done: int, total: int) -> None:
-        progress.progress(done / max(total, 1), text=f"Classifying and certifying frame {done} of {total}…")
-
-    progress.progress(0.0, text="Waiting for the model (another analysis may be running)…")
+    progress.progress(0.5, text=f"Answering {len(frames)} frame(s)…")
     with model_lock():
-        frames, results, refused = support.classify_frames(predictor, frames, progress=report)
-    problems = problems + refused
+        frames, answers, views, refused = support.answer_frames(predictor, frames)
     # Keep only what the page shows: the model's view and a thumbnail, not full-size frames
     # (300 full-HD clip frames would hold about 2 GB per browser session).
-    views = [support.tensor_to_image(predictor.preprocess(f.image, f.name)) for f in frames]
     frames = [replace(f, image=support.thumbnail_with_crop(f.image)) for f in frames]
     progress.empty()
-    return Batch(key, frames, views, results, problems, support.Provenance.from_predictor(predictor),
-                 datetime.now(UTC))
+    provenance = support.Provenance.from_predictor(predictor)
+    return Batch(key, frames, views, answers, problems + refused, provenance, datetime.now(UTC), budget)
 
 
 def show_problems(problems: list[support.FileProblem]) -> None:
@@ -222,6 +249,7 @@ def show_problems(problems: list[support.FileProblem]) -> None:
 
 
 def show_summary(batch: Batch) -> None:
+    assert batch.results is not None
     summary = support.summarize(batch.results)
     st.subheader("Summary")
     st.markdown(f"**{summary.frames} frames analysed** from {len({f.source for f in batch.frames})} file(s).")
@@ -235,7 +263,11 @@ def show_summary(batch: Batch) -> None:
                    f"{summary.refused} do not look like the macaque face crops it was trained on.")
     cols[3].metric("Robust to small pixel changes", f"{summary.certified} of {summary.frames}",
                    help="Frames with a certified radius above 0. Robust is not the same as correct.")
-    course = support.time_course(batch.frames, batch.results)
+    show_time_course(batch.frames, batch.results)
+
+
+def show_time_course(frames: list[support.Frame], answers: list[Any]) -> None:
+    course = support.time_course(frames, answers)
     if not course.empty:
         st.markdown("**Time course** (probability of pain over each clip)")
         st.altair_chart(_time_course_chart(course), width="stretch")
@@ -259,9 +291,14 @@ def _time_course_chart(course: Any) -> Any:
     return alt.layer(base.mark_line(), dots, half).properties(height=260)
 
 
-def show_table(batch: Batch) -> None:
+def show_table(batch: Batch, predictor: Any, snapshot: support.JobSnapshot | None) -> None:
     st.subheader("Results")
-    table = support.results_table(batch.frames, batch.results)
+    if batch.results is not None:
+        table = support.results_table(batch.frames, batch.results)
+    else:
+        table = support.live_table(
+            batch.frames, batch.answers, snapshot, method=predictor.settings.method_name,
+            grey_levels_per_unit=support.grey_levels_per_unit_radius(predictor.input_shape))
     if table["time (s)"].isna().all():
         # Still frames only: no times, and the file is the frame; blank or repeated columns only confuse.
         table = table.drop(columns=["time (s)", "file"])
@@ -275,11 +312,23 @@ def show_table(batch: Batch) -> None:
                 min_value=0.0, max_value=1.0, format="%.2f",
                 help="Calibrated probability of the predicted class"),
             "certified radius (L2)": st.column_config.NumberColumn(
-                format="%.4f", help="L2 size of pixel noise (pixels 0–1) that cannot change the answer"),
+                format="%.4f", help="L2 size of pixel noise (pixels 0–1) that cannot change the answer: the "
+                "worst case. Empty while a fixed-budget certificate is still being drawn"),
             "radius (grey levels)": st.column_config.NumberColumn(
                 format="%.2f", help="The radius spread evenly over all pixels, in grey levels of 255"),
+            "noise kept (at least)": st.column_config.NumberColumn(
+                format="percent", help="Share of random pixel noise at the certification σ that leaves the "
+                "answer unchanged (at least, with probability 1 − α): the typical case"),
+            "certified": st.column_config.ProgressColumn(
+                min_value=0.0, max_value=1.0, format="percent",
+                help="Share of the frame's noise-draw budget spent (100% once certified)"),
         },
     )
+    cert = batch.provenance.certification
+    engine = f"{predictor.runtime} at {predictor.precision}"
+    if batch.results is None:
+        st.caption(f"{support.budget_words(batch.budget)} Answers and noise draws computed by {engine}.")
+        return
     csv_bytes = support.results_csv(batch.frames, batch.results, batch.provenance)
     json_bytes = support.results_json(batch.frames, batch.results, batch.provenance, problems=batch.problems,
                                       created=batch.created)
@@ -289,12 +338,11 @@ def show_table(batch: Batch) -> None:
                          on_click="ignore", icon=":material/download:")
     right.download_button("Download JSON", json_bytes, file_name=f"{stem}.json", mime="application/json",
                           on_click="ignore", icon=":material/download:")
-    cert = batch.provenance.certification
     st.caption(
         f"Bundle weights SHA-256 {batch.provenance.weights_sha256[:16]}…; method {cert.get('method')}, "
-        f"σ = {cert.get('sigma'):g}, α = {cert.get('alpha'):g}, budget n = {cert.get('n')} per frame. "
-        "Each frame's noise was drawn unpredictably; the downloads carry its noise seed (which reproduces "
-        "the certificate), the full hash and the settings."
+        f"σ = {cert.get('sigma'):g}, α = {cert.get('alpha'):g}, budget n = {cert.get('n')} per frame; "
+        f"answers and noise draws computed by {engine}. Each frame's noise was drawn unpredictably; the "
+        "downloads carry its noise seed (which reproduces the certificate), the full hash and the settings."
     )
 
 
@@ -319,12 +367,15 @@ def _status_style(value: str) -> str:
     return "color: #9a5b00"
 
 
-def show_frame(batch: Batch, predictor: Any) -> None:
+def show_frame(batch: Batch, predictor: Any, snapshot: support.JobSnapshot | None) -> None:
     st.subheader("Frame view")
     names = [frame.name for frame in batch.frames]
     chosen = st.selectbox("Frame", names, key="frame_choice")
     index = names.index(chosen)
-    frame, result = batch.frames[index], batch.results[index]
+    frame, answer = batch.frames[index], batch.answers[index]
+    result = batch.results[index] if batch.results is not None else (
+        snapshot.results[index] if snapshot is not None else None)
+    step = snapshot.progress[index] if snapshot is not None else None
     uploaded, heat, numbers = st.columns([1, 1, 1.2])
     uploaded.image(frame.image, width="stretch",
                    caption="The uploaded frame; the outlined centre square is what the model sees"
@@ -335,6 +386,9 @@ def show_frame(batch: Batch, predictor: Any) -> None:
                caption=f"What the model saw ({view.shape[1]} x {view.shape[0]} pixels) and where it looked "
                "(Grad-CAM; red = most influence)")
     with numbers:
+        if result is None:
+            _frame_in_progress(answer, step, snapshot, predictor)
+            return
         if support.is_abstention(result):
             refused = result.abstain_code == "not_like_training_frames"
             st.markdown("### Refused" if refused else "### Abstained")
@@ -349,8 +403,33 @@ def show_frame(batch: Batch, predictor: Any) -> None:
             st.progress(min(max(float(probability), 0.0), 1.0), text=f"{name}: {probability:.1%}")
         st.markdown(support.describe_radius(float(result.radius), float(result.radius_grey_levels),
                                             method=str(result.method), alpha=float(result.alpha)))
+        if result.sigma > 0:
+            st.markdown(support.describe_survival(result.noise_survival, sigma=float(result.sigma),
+                                                  alpha=float(result.alpha)))
         st.caption(f"Method {result.method}, σ = {result.sigma:g}, {result.n} noise draws, "
-                   f"{result.forward_passes} network evaluations. Answer from the {result.classifier}.")
+                   f"{result.forward_passes} network evaluations ({result.runtime} at {result.precision}). "
+                   f"Answer from the {result.classifier}.")
+
+
+def _frame_in_progress(answer: Any, step: Any, snapshot: support.JobSnapshot | None, predictor: Any) -> None:
+    """The first answer of a frame whose certificate is still growing, and how far it has come."""
+    if answer.refused:  # decided on its clean pass: no noise is drawn for it
+        st.markdown("### Refused")
+        st.caption(f"Why: {ABSTAIN_REASONS[answer.abstain_code]}.")
+        return
+    st.markdown(f"### {answer.label}\nconfidence {answer.confidence:.0%} (first answer, not yet certified)")
+    for name, probability in answer.probabilities.items():
+        st.progress(min(max(float(probability), 0.0), 1.0), text=f"{name}: {probability:.1%}")
+    fraction = step.fraction if step is not None else 0.0
+    st.progress(fraction, text=support.frame_status(step, None, predictor.interim_valid))
+    if step is not None and predictor.interim_valid and step.radius > 0:
+        grey = step.radius * support.grey_levels_per_unit_radius(predictor.input_shape)
+        settings = predictor.settings
+        st.markdown("So far: " + support.describe_radius(step.radius, grey, method=settings.method_name,
+                                                          alpha=settings.alpha))
+        st.markdown(support.describe_survival(step.noise_survival, sigma=predictor.settings.sigma,
+                                              alpha=predictor.settings.alpha))
+    st.caption(support.bound_in_words(predictor.interim_valid, predictor.settings.method_name))
 
 
 def _saliency(batch_key: str, index: int, predictor: Any, image: Any) -> Any:
@@ -401,7 +480,7 @@ def main() -> None:
     )
     try:
         predictor = load_predictor(str(bundle), support.bundle_fingerprint(bundle), settings["method"],
-                                   settings["sigma"], settings["alpha"], settings["n"])
+                                   settings["sigma"], settings["alpha"])
     except support.BundleError as error:
         card_slot.error(f"The model cannot be used: {error}", icon=":material/inventory_2:")
         return
@@ -411,26 +490,73 @@ def main() -> None:
     with card_slot:
         show_model_card(predictor)
 
+    worker = certification_worker()
     if not files:
-        st.session_state.pop("batch", None)  # files removed: let go of their results
+        worker.release_all(session_token())  # files removed: stop certifying them
+        st.session_state.pop("batch", None)  # and let go of their results
         st.info("Drop frames or clips above to analyse them.", icon=":material/upload:")
         return
+    budget = support.choose_budget(predictor, requested=settings["n"], seconds=settings["seconds"])
+    st.session_state["passes_per_s"] = budget.passes_per_s
+    predictor = predictor.with_budget(budget.n)
     uploads = [support.Upload(f.name, f.getvalue()) for f in files]
     key = support.uploads_digest(uploads, {**settings, "bundle": support.bundle_fingerprint(bundle)})
     batch: Batch | None = st.session_state.get("batch")
     if batch is None or batch.key != key:
-        batch = analyse(predictor, uploads, settings, key)
+        batch = analyse(predictor, uploads, settings, key, budget)
         st.session_state["batch"] = batch
+    if batch.results is None:
+        # Joins the job already there for these uploads; any other job of this session is let go.
+        worker.submit(key, predictor, batch.views, names=[f.name for f in batch.frames],
+                      answers=batch.answers, owner=session_token())
     show_problems(batch.problems)
     if not batch.frames:
         st.warning("None of the uploaded files could be analysed.")
         return
-    show_summary(batch)
-    show_table(batch)
-    show_frame(batch, predictor)
-    widgets.save_check_section(batch.frames, batch.results, batch.provenance,
-                               model_card=predictor.model_card_dict(), batch_key=batch.key,
-                               analysed_at=batch.created, problems=batch.problems, user=SIGNED_IN_USER)
+    snapshot = worker.snapshot(key)
+    polling = batch.results is None and snapshot is not None and snapshot.state in ("queued", "running")
+    st.fragment(run_every=support.POLL_S if polling else None)(show_results)(key, predictor, polling)
+
+
+def show_results(key: str, predictor: Any, polling: bool) -> None:
+    """The results as they stand: redrawn every :data:`support.POLL_S` seconds while certificates grow
+    (the page polls the worker), once more in full when they are all there."""
+    batch: Batch | None = st.session_state.get("batch")
+    if batch is None or batch.key != key:
+        return
+    snapshot = certification_worker().snapshot(key)
+    if batch.results is None and snapshot is not None and snapshot.finished:
+        results = [replace(result, time_s=frame.time_s)
+                   for frame, result in zip(batch.frames, snapshot.results, strict=True)]
+        batch = replace(batch, results=results)
+        st.session_state["batch"] = batch
+    if polling and (snapshot is None or snapshot.state not in ("queued", "running")):
+        st.rerun()  # certification ended: draw the whole page once more, without polling
+    if batch.results is None:
+        show_progress(batch, snapshot, predictor)
+        show_time_course(batch.frames, batch.answers)
+    else:
+        show_summary(batch)
+    show_table(batch, predictor, snapshot)
+    show_frame(batch, predictor, snapshot)
+    if batch.results is not None:
+        widgets.save_check_section(batch.frames, batch.results, batch.provenance,
+                                   model_card=predictor.model_card_dict(), batch_key=batch.key,
+                                   analysed_at=batch.created, problems=batch.problems, user=SIGNED_IN_USER)
+
+
+def show_progress(batch: Batch, snapshot: support.JobSnapshot | None, predictor: Any) -> None:
+    """Where the upload's certification stands, and the bound in use, in words."""
+    st.subheader("Answers (certifying)")
+    if snapshot is None:
+        st.info("Waiting for the certification worker…")
+        return
+    words = support.upload_progress_words(snapshot)
+    if snapshot.state in ("failed", "cancelled"):
+        st.error(words)
+    else:
+        st.progress(support.upload_fraction(snapshot), text=words)
+    st.markdown(support.bound_in_words(predictor.interim_valid, predictor.settings.method_name))
 
 
 widgets.navigation(main, SIGNED_IN_USER)

@@ -41,7 +41,9 @@ CHROMIUM_ARGS: tuple[str, ...] = (
 )
 
 RESULTS_READY_TEXT = "frames analysed"
-"""Text the page shows once a batch is classified (see app.py)."""
+"""Text the page shows once every frame of a batch is certified (see app.py)."""
+ANSWERS_TEXT = "Answers (certifying)"
+"""Heading the page shows while the first answers are there and certificates still grow."""
 
 
 class AppServerError(RuntimeError):
@@ -184,6 +186,11 @@ def wait_for_results(page: Any, timeout_ms: float = 180_000) -> None:
     page.get_by_text(RESULTS_READY_TEXT).first.wait_for(state="visible", timeout=timeout_ms)
 
 
+def wait_for_answers(page: Any, timeout_ms: float = 60_000) -> None:
+    """Wait until the page shows the first answers while certificates still grow."""
+    page.get_by_text(ANSWERS_TEXT).first.wait_for(state="visible", timeout=timeout_ms)
+
+
 def download(page: Any, button_label: str, target: Path, timeout_ms: float = 30_000) -> Path:
     """Click a download button and save what the browser receives to ``target``."""
     with page.expect_download(timeout=timeout_ms) as info:
@@ -230,3 +237,22 @@ def sign_in(page: Any, name: str, password: str, timeout_ms: float = 30_000) -> 
     page.get_by_label("User name", exact=True).first.fill(name, timeout=timeout_ms)
     page.get_by_label("Password", exact=True).first.fill(password, timeout=timeout_ms)
     page.get_by_role("button", name="Sign in").click(timeout=timeout_ms)
+
+
+def run_until_certified(at: Any, timeout: float) -> Any:
+    """Run a Streamlit ``AppTest`` page, wait for the certification worker, and run it again until every
+    frame has its certificate (in the browser the page polls the worker every second); a page where no
+    frame could be analysed has nothing to certify. Raises ``AssertionError`` after ``timeout`` s."""
+    at.run()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert not at.exception, [e.value for e in at.exception]
+        try:
+            batch = at.session_state["batch"]
+        except KeyError:
+            return at
+        if batch.results is not None:
+            return at
+        time.sleep(0.1)
+        at.run()
+    raise AssertionError(f"the page did not certify its frames within {timeout} s")

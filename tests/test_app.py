@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import cv2
+import harness
 import numpy as np
 import pytest
 import torch
@@ -288,6 +289,10 @@ def _app(monkeypatch: pytest.MonkeyPatch, bundle: Path):
     return at
 
 
+def _certified(at, timeout: float = APP_TIMEOUT_S):
+    return harness.run_until_certified(at, timeout)
+
+
 def test_page_without_bundle_says_how_to_build_it(monkeypatch, tmp_path: Path) -> None:
     at = _app(monkeypatch, tmp_path / "no-bundle-here")
     messages = " ".join(e.value for e in at.error)
@@ -304,7 +309,7 @@ def test_page_table_equals_predictor_and_bad_files_are_named(
     uploader = at.file_uploader[0]
     for upload in [*good_uploads, *bad_uploads[:3]]:
         uploader.upload(upload.name, upload.data, "application/octet-stream")
-    at.run()
+    _certified(at)
     assert not at.exception, [e.value for e in at.exception]
 
     errors = " ".join(e.value for e in at.error)
@@ -339,7 +344,7 @@ def test_page_table_equals_predictor_and_bad_files_are_named(
 def test_page_clip_gives_time_course(monkeypatch, tiny_bundle, tmp_path: Path) -> None:
     at = _app(monkeypatch, tiny_bundle)
     at.file_uploader[0].upload("clip.avi", _avi_clip(tmp_path / "clip.avi"), "video/x-msvideo")
-    at.run()
+    _certified(at)
     assert not at.exception, [e.value for e in at.exception]
     table = at.dataframe[0].value
     assert list(table.columns) == list(support.TABLE_COLUMNS)
@@ -354,7 +359,7 @@ def test_page_settings_apply_and_refused_method_keeps_uploads(monkeypatch, tiny_
     at.file_uploader[0].upload(good_uploads[0].name, good_uploads[0].data, "image/png")
     at.slider(key="sigma").set_value(0.3)  # inside the bundle's bounds
     at.button(key="apply").click()  # the settings form's submit button
-    at.run()
+    _certified(at)
     assert not at.exception, [e.value for e in at.exception]
     assert at.session_state["batch"].provenance.certification["sigma"] == pytest.approx(0.3)
     assert at.session_state["batch"].results[0].sigma == pytest.approx(0.3)
@@ -366,7 +371,7 @@ def test_page_settings_apply_and_refused_method_keeps_uploads(monkeypatch, tiny_
     assert "lipschitz" not in method.help and "majority vote" in method.help
     method.set_value("soft_smoothing")
     at.button(key="apply").click()
-    at.run()
+    _certified(at)
     assert not at.exception, [e.value for e in at.exception]
     assert at.session_state["batch"].results[0].method.startswith("soft_smoothing")
     assert len(at.file_uploader) == 1 and len(at.file_uploader[0].value) == 1
@@ -376,7 +381,7 @@ def test_page_refuses_too_large_file(monkeypatch, tiny_bundle, good_uploads) -> 
     at = _app(monkeypatch, tiny_bundle)
     at.file_uploader[0].upload("huge.png", b"\0" * (support.MAX_IMAGE_BYTES + 1), "image/png")
     at.file_uploader[0].upload(good_uploads[0].name, good_uploads[0].data, "image/png")
-    at.run()
+    _certified(at)
     assert not at.exception, [e.value for e in at.exception]
     message = " ".join(e.value for e in at.error)
     assert "huge.png" in message and "larger than the 30.0 MB allowed for one frame" in message
@@ -498,7 +503,7 @@ def test_page_says_why_a_picture_unlike_the_training_frames_is_refused(monkeypat
     noise = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
     at.file_uploader[0].upload("noise.png", _encode(noise, "PNG"), "image/png")
     at.file_uploader[0].upload("frame_a.png", _encode(_face_like(1), "PNG"), "image/png")
-    at.run()
+    _certified(at)
     assert not at.exception, [e.value for e in at.exception]
     table = at.dataframe[0].value
     statuses = dict(zip(table["frame"], table["status"], strict=True))
@@ -537,7 +542,7 @@ def test_page_words_a_vet_can_act_on(monkeypatch, tmp_path, bundle_factory, good
     assert f"{support.MAX_IMAGE_BYTES // support.MEGABYTE} MB" in uploader.help
     uploader.upload("report.pdf", b"%PDF-1.4", "application/pdf")  # the uploader lets every type through
     uploader.upload(good_uploads[0].name, good_uploads[0].data, "image/png")
-    at.run()
+    _certified(at)
     assert not at.exception, [e.value for e in at.exception]
     errors = " ".join(e.value for e in at.error)
     assert "report.pdf" in errors and "unsupported file type '.pdf'" in errors

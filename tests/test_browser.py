@@ -206,3 +206,30 @@ def test_served_to_the_network_nobody_gets_in_without_an_account(tiny_bundle: Pa
         assert page.get_by_text("Signed in as").count() >= 1
         page.screenshot(path=str(ARTIFACTS / "browser-signed-in.png"), full_page=True)
         assert app.process.poll() is None, f"the server died during the test:\n{app.log_tail()}"
+
+
+@pytest.fixture(scope="module")
+def slow_app(tmp_path_factory: pytest.TempPathFactory, bundle_factory):
+    """The page with a bundle whose default budget takes seconds to certify even for the tiny network."""
+    folder = bundle_factory(tmp_path_factory.mktemp("slow") / "slow-bundle",
+                            certification={"n0": 16, "n": 20_000, "alpha": 0.01, "batch_size": 50})
+    with harness.serve_app(folder, ARTIFACTS / "streamlit-server-slow.log",
+                           extra_env={"OMP_NUM_THREADS": "1"}) as app:
+        yield app
+
+
+def test_answers_at_once_then_certificates_grow_in_chromium(slow_app, upload_files: list[Path]) -> None:
+    with harness.open_browser() as page:
+        harness.wait_for_page(page, slow_app.url)
+        harness.upload_files(page, upload_files[:2])
+        # The first answers and every row's progress, before any certificate.
+        harness.wait_for_answers(page)
+        page.get_by_text("Fixed-budget bound").first.wait_for(state="visible", timeout=10_000)
+        grid = page.locator('[data-testid="stDataFrame"]').first
+        grid.wait_for(state="visible", timeout=20_000)
+        assert page.get_by_role("button", name="Download CSV").count() == 0
+        page.screenshot(path=str(ARTIFACTS / "browser-answers.png"), full_page=True)
+        # The page polls the worker by itself: the certificates and downloads arrive without a click.
+        harness.wait_for_results(page)
+        page.get_by_role("button", name="Download CSV").first.wait_for(state="visible", timeout=10_000)
+    assert slow_app.process.poll() is None, f"the server died during the test:\n{slow_app.log_tail()}"

@@ -84,6 +84,9 @@ def test_passing_gate_exits_0_writes_report_and_verdict(
     assert report["held_out"] is True and report["passed"] is True
     assert report["data"]["frames_used"] == 8 and report["data"]["individuals"] == ["syn-m03", "syn-m04"]
     assert set(report["certified_accuracy"]) == {"soft_smoothing", "randomized_smoothing"}
+    # beside the worst-case radius, the share of random noise that keeps the answer (typical case)
+    assert all(0.0 <= c["median_noise_survival"] <= 1.0 for c in report["certified_accuracy"].values())
+    assert "median noise kept (at least)" in (out / "report.md").read_text()
     assert set(report["corruptions"]) == {"gaussian_blur", "motion_blur", "jpeg", "brightness", "contrast"}
     assert {"estimate", "low", "high"} <= set(report["deployed"]["pain_recall"])
     assert "never replaces" in report["model_card"]["intended_use"]

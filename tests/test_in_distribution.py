@@ -265,19 +265,20 @@ def test_predictor_refuses_far_frames_with_the_reason_and_no_noise_draws(checked
     noise = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
     alike = _structured(1, 3)[0]
     calls = []
-    real_certify = __import__("painwatch.inference.predict", fromlist=["certify"]).certify
+    real_certify_frames = __import__("painwatch.inference.predict", fromlist=["x"]).certify_frames
 
-    def counting_certify(*args, **kwargs):
-        calls.append(1)
-        return real_certify(*args, **kwargs)
+    def counting_certify_frames(engine, frames, generators, **kwargs):
+        calls.append(len(frames))
+        return real_certify_frames(engine, frames, generators, **kwargs)
 
-    monkeypatch.setattr("painwatch.inference.predict.certify", counting_certify)
+    monkeypatch.setattr("painwatch.inference.predict.certify_frames", counting_certify_frames)
     refused, answered = predictor.predict([noise, alike], names=["noise.png", "alike.png"])
     assert calls == [1]  # only the frame like the training frames was certified
     assert refused.abstained and refused.radius == 0.0 and refused.label == "abstain"
     assert refused.abstain_code == "not_like_training_frames"
     assert refused.abstain_reason == ABSTAIN_REASONS["not_like_training_frames"]
-    assert refused.forward_passes == 1 and refused.n == 0 and refused.noise_seed is None
+    # its answer: one clean pass of the engine, and one of the fp32 network for the check's descriptors
+    assert refused.forward_passes == 2 and refused.n == 0 and refused.noise_seed is None
     assert refused.in_distribution_threshold == predictor.in_distribution.threshold
     assert refused.in_distribution_score > refused.in_distribution_threshold
     assert sum(refused.probabilities.values()) == pytest.approx(1.0)

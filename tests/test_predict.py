@@ -77,17 +77,21 @@ def test_sequential_results_equal_the_robust_certificate(bundle: Path, method: s
         options, name = {"score_temperature": 0.1}, "soft_smoothing_sequential"
     for image, result in zip(images, results, strict=True):
         x = predictor.preprocess(image)
+        # The certificate is about the engine that answers (its runtime and precision), exactly.
         expected = sequential_certify(
-            predictor.model, x, sigma=s.sigma, alpha=s.alpha, n0=s.n0, max_n=200, batch_size=s.batch_size,
+            predictor.engine, x, sigma=s.sigma, alpha=s.alpha, n0=s.n0, max_n=200, batch_size=s.batch_size,
             rel_tol=s.rel_tol, min_radius=s.min_radius, **options,
             generator=torch.Generator().manual_seed(frame_seed(3, x)),
         )
         certificate = expected.certificate
         assert result.class_index == certificate.prediction
         assert result.radius == certificate.radius and result.bound == certificate.bound
-        assert result.n == certificate.n and result.forward_passes == expected.forward_passes
+        # + the clean pass of the first answer
+        assert result.n == certificate.n and result.forward_passes == expected.forward_passes + 1
         assert result.method == name and result.stop_reason == expected.stop_reason
-        assert result.forward_passes <= s.n0 + 200
+        assert result.forward_passes <= s.n0 + 200 + 1
+        assert (result.runtime, result.precision) == (predictor.runtime, predictor.precision)
+        assert result.noise_survival == (None if result.abstained else expected.vote_lower_bound)
     assert [r.label for r in results[:2]] == ["no_pain", "pain"]
     assert all(r.radius > 0.2 for r in results[:2])
 
@@ -102,12 +106,12 @@ def test_fixed_n_results_equal_the_robust_certificate(bundle: Path, method: str)
     s = predictor.settings
     if method == "soft_smoothing":
         def sharpened(z: torch.Tensor) -> torch.Tensor:  # the bundle's score temperature, 0.1
-            return predictor.model(z) / 0.1
+            return predictor.engine(z) / 0.1
 
         expected = soft_smoothing_certify(sharpened, x, sigma=s.sigma, n0=s.n0, n=100, alpha=s.alpha,
                                           batch_size=s.batch_size, generator=generator)
     else:
-        expected = SmoothedClassifier(predictor.model, 2, s.sigma).certify(
+        expected = SmoothedClassifier(predictor.engine, 2, s.sigma).certify(
             x, n0=s.n0, n=100, alpha=s.alpha, batch_size=s.batch_size, generator=generator)
     assert (result.class_index, result.radius, result.bound) == (expected.prediction, expected.radius,
                                                                  expected.bound)
@@ -121,7 +125,7 @@ def test_score_temperature_override_and_bundles_without_it(bundle: Path) -> None
     assert plain.settings.score_temperature == 1.0 and "mean softmax over" in plain.classifier_description
     x = plain.preprocess(image)
     expected = sequential_certify(
-        plain.model, x, sigma=plain.settings.sigma, alpha=plain.settings.alpha, n0=plain.settings.n0,
+        plain.engine, x, sigma=plain.settings.sigma, alpha=plain.settings.alpha, n0=plain.settings.n0,
         max_n=200, batch_size=plain.settings.batch_size, rel_tol=plain.settings.rel_tol,
         min_radius=plain.settings.min_radius, generator=torch.Generator().manual_seed(frame_seed(4, x)),
     )
@@ -224,6 +228,9 @@ def test_model_card_and_gate(bundle: Path, tmp_path: Path) -> None:
     assert predictor.gate is None
     card = predictor.model_card()
     assert "never replaces" in card and "2 individuals" in card and "Not run" in card
+    # which engine answers and certifies, and how often bf16's class was measured to differ from fp32's
+    assert f"computed by {predictor.runtime} at {predictor.precision}" in card
+    assert "bf16 class differed from its fp32 class on 0" in card
     record_gate_verdict(copy, GateVerdict(gate_file="default.toml", passed=False, date="2026-01-01",
                                           results=({"name": "min_pain_recall", "value": 0.5,
                                                     "threshold": 0.6, "passed": False},),
@@ -258,7 +265,7 @@ def test_pgd_does_not_break_certified_smoothed_predictions(bundle: Path) -> None
 def test_deployed_noise_is_unpredictable_recorded_and_reproducible(bundle: Path, monkeypatch) -> None:
     import secrets
 
-    import painwatch.inference.predict as predict_module
+    import painwatch.inference.results as predict_module  # where the Predictor's noise seeds come from
 
     images = _frames(125, 3, 30)
     deployed = Predictor.load(bundle, n=200)  # no seed: as the page and bulk prediction run

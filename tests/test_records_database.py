@@ -83,7 +83,7 @@ def test_a_database_of_an_older_revision_is_migrated_and_keeps_its_checks(tmp_pa
         assert connection.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchall() == [("0001",)]
     again = open_database(_url(path))
     try:
-        assert again.revision == head_revision() == "0002"
+        assert again.revision == head_revision() == "0003"
         stored = check_frames(again, animal_checks(again, "M01")[0].check_id)
         assert [r.result.name for r in stored] == [r.name for r in results]
         assert [r.result.abstain_reason for r in stored] == [r.abstain_reason for r in results]

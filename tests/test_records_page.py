@@ -8,6 +8,7 @@ import io
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import pytest
 from PIL import Image
@@ -72,7 +73,7 @@ def _analyse_and_save(at: AppTest, uploads: list[tuple[str, bytes]], animal: str
                       notes: str = "") -> None:
     for name, data in uploads:
         at.file_uploader[0].upload(name, data, "image/png")
-    _run(at)
+    harness.run_until_certified(at, TIMEOUT_S)
     assert any("frames analysed" in m.value for m in at.markdown)
     if new:
         at.selectbox(key="record_animal").set_value(widgets.NEW_ANIMAL)
@@ -136,7 +137,7 @@ def test_two_checks_of_one_animal_show_as_its_history(records_env: Path) -> None
 def test_a_new_animal_needs_confirmation_and_an_id_that_can_be_one(records_env: Path) -> None:
     at = _session()
     at.file_uploader[0].upload("a.png", _png(7), "image/png")
-    _run(at)
+    harness.run_until_certified(at, TIMEOUT_S)
     at.selectbox(key="record_animal").set_value(widgets.NEW_ANIMAL)
     _run(at)
     at.text_input(key="record_new_animal").set_value("-bad id;")
@@ -196,7 +197,7 @@ def test_a_database_that_cannot_be_used_is_named_and_left_alone(records_env: Pat
     broken.write_bytes(b"this is not a database")
     at = _session()
     at.file_uploader[0].upload("a.png", _png(11), "image/png")
-    _run(at)
+    harness.run_until_certified(at, TIMEOUT_S)
     assert any("frames analysed" in m.value for m in at.markdown)  # the analysis still works
     assert any("Checks cannot be saved" in w.value and "not an SQLite database" in w.value
                for w in at.warning)

@@ -46,9 +46,11 @@ NO_CHECK_WARNING = (
 
 TABLE_COLUMNS: tuple[str, ...] = (
     "frame", "file", "time (s)", "class", "confidence", "certified radius (L2)",
-    "radius (grey levels)", "method", "status",
+    "radius (grey levels)", "noise kept (at least)", "method", "status", "certified",
 )
-"""Columns of the on-page results table, in order."""
+"""Columns of the on-page results table, in order: ``noise kept (at least)`` is the share of random
+pixel noise at the certification sigma that leaves the answer unchanged (a lower bound at level
+``1 - alpha``), ``certified`` the share of the frame's draw budget spent (1 once certified)."""
 
 
 STATUS_ROBUST = "robust to small pixel changes"
@@ -94,13 +96,15 @@ def results_table(frames: Sequence[Frame], results: Sequence[Any]) -> Any:
                 "confidence": None if abstained else float(result.confidence),
                 "certified radius (L2)": float(result.radius),
                 "radius (grey levels)": float(result.radius_grey_levels),
+                "noise kept (at least)": getattr(result, "noise_survival", None),
                 "method": str(result.method),
                 "status": status_of(result),
+                "certified": 1.0,
             }
         )
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-    table["time (s)"] = table["time (s)"].astype("float64")
-    table["confidence"] = table["confidence"].astype("float64")
+    for column in ("time (s)", "confidence", "noise kept (at least)"):
+        table[column] = table[column].astype("float64")
     return table
 
 
@@ -174,6 +178,18 @@ def describe_radius(radius: float, grey_levels: float, *, method: str, alpha: fl
             f"wrong with probability at most {alpha:g}."
         )
     return sentence + " Robust is not the same as correct."
+
+
+def describe_survival(share: float | None, *, sigma: float, alpha: float) -> str:
+    """One plain-language sentence on the share of random noise that leaves the answer unchanged."""
+    if share is None or not share > 0:
+        return ("No share of random noise is guaranteed to keep this answer (nothing was certified, or "
+                "the method draws no noise).")
+    return (
+        f"With probability at least {1 - alpha:.4g}, at least {share:.1%} of random pixel noise of "
+        f"{255 * sigma:.0f} grey levels per pixel (σ = {sigma:g}) leaves this answer unchanged: the "
+        "typical case, where the radius is the worst case."
+    )
 
 
 def grey_levels_per_unit_radius(input_shape: Sequence[int]) -> float:

@@ -236,6 +236,34 @@ def classify_frames(
     return kept, results, problems
 
 
+def answer_frames(
+    predictor: Any, frames: Sequence[Frame]
+) -> tuple[list[Frame], list[Any], list[np.ndarray], list[FileProblem]]:
+    """The first answer of every frame (one clean pass each, :meth:`Predictor.answer`), at once.
+
+    Returns ``(kept_frames, answers, views, problems)``: ``answers[i]`` is the Predictor's
+    :class:`~painwatch.inference.Answer` for ``kept_frames[i]`` and ``views[i]`` what the model saw
+    (uint8 RGB at its input size; certifying the view gives the frame's certificate exactly); a frame the
+    Predictor refuses (``ValueError``) becomes a :class:`FileProblem` naming it.
+    """
+    kept: list[Frame] = []
+    answers: list[Any] = []
+    views: list[np.ndarray] = []
+    problems: list[FileProblem] = []
+    for frame in frames:
+        try:
+            x = predictor.preprocess(frame.image, frame.name)
+            answer = predictor.answer_tensor(x, frame.name)
+        except ValueError as error:
+            problems.append(FileProblem(frame.source, f"{frame.name} could not be classified: {error}"))
+            continue
+        kept.append(frame)
+        answers.append(answer)
+        views.append(np.clip(np.rint(x.detach().cpu().numpy().transpose(1, 2, 0) * 255.0), 0, 255)
+                     .astype(np.uint8))
+    return kept, answers, views, problems
+
+
 def uploads_digest(uploads: Iterable[Upload], settings: Mapping[str, Any]) -> str:
     """sha256 over the uploaded names, bytes and the settings: same digest, same results."""
     digest = hashlib.sha256()

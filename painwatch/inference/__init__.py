@@ -21,8 +21,11 @@ _EXPORTS: dict[str, str] = {
     "model_card_markdown": "painwatch.inference.model_card",
     "ABSTAIN_LABEL": "painwatch.inference.predict",
     "ABSTAIN_REASONS": "painwatch.inference.predict",
+    "Answer": "painwatch.inference.predict",
+    "CertificationProgress": "painwatch.inference.predict",
     "FrameResult": "painwatch.inference.predict",
     "Predictor": "painwatch.inference.predict",
+    "Engine": "painwatch.inference.engine",
     "frame_seed": "painwatch.inference.predict",
     "random_noise_seed": "painwatch.inference.predict",
     "gradcam": "painwatch.inference.saliency",
@@ -40,6 +43,9 @@ __all__ = [
     "INTENDED_USE",
     "KNOWN_LIMITS",
     "SYNTHETIC_WARNING",
+    "Answer",
+    "CertificationProgress",
+    "Engine",
     "FrameResult",
     "Predictor",
     "PredictorSettings",
@@ -60,6 +66,7 @@ __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, namespace=globals(), 
 
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
+    from painwatch.inference.engine import Engine
     from painwatch.inference.model_card import (
         INTENDED_USE,
         KNOWN_LIMITS,
@@ -70,6 +77,8 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from painwatch.inference.predict import (
         ABSTAIN_LABEL,
         ABSTAIN_REASONS,
+        Answer,
+        CertificationProgress,
         FrameResult,
         Predictor,
         frame_seed,

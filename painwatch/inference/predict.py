@@ -1,15 +1,24 @@
-"""The single entry point of the page: classify frames and certify each answer.
+"""The single entry point of the page: classify frames at once, then certify each answer.
 
 :class:`Predictor` wraps a model bundle (``weights.safetensors`` + ``model.json``). For every frame
 (an ``H x W x 3`` uint8 RGB array, already face-cropped or a whole frame) it
 
 1. applies the deterministic evaluation transform (``painwatch.data.eval_transform`` at the model's
    input size: shorter side resized, centre square kept, pixels in [0, 1]);
-2. certifies the frame with the bundle's method (``model.json`` -> ``certification``), optionally
-   overridden within the bundle's bounds;
-3. returns a :class:`FrameResult`: the class *of the classifier the certificate is about*, its
+2. answers from one clean forward pass (:meth:`Predictor.answer`: class and temperature-calibrated
+   confidence, an :class:`Answer`, in well under a second for a ResNet50 at 224 px on a CPU);
+3. certifies the frame with the bundle's method (``model.json`` -> ``certification``), optionally
+   overridden within the bundle's bounds, reporting its progress as the draws come in
+   (:meth:`Predictor.certify_steps`);
+4. returns a :class:`FrameResult`: the class *of the classifier the certificate is about*, its
    temperature-calibrated probability, the certified L2 radius (pixels in [0, 1], at the model's
-   input size) with its per-pixel RMS and 8-bit grey-level equivalents, and the forward passes spent.
+   input size) with its per-pixel RMS and 8-bit grey-level equivalents, the share of random noise that
+   leaves the answer unchanged, and the forward passes spent. :meth:`Predictor.predict` does 2-4.
+
+The answer and every noise draw go through one :class:`~painwatch.inference.engine.Engine` (runtime and
+precision: OpenVINO in bfloat16 on CPUs that have it, by default), so the certificate is about the
+exact model that answered; every result records which (``runtime``, ``precision``). Methods that need a
+sound Lipschitz bound run in PyTorch at fp32 only (the bound is about the fp32 network).
 
 Which classifier answers (``FrameResult.classifier`` says it in words):
 
@@ -32,11 +41,11 @@ Abstention is an answer: ``label == "abstain"``, ``class_index == -1``, ``radius
 reason in words (``abstain_reason``, from :data:`ABSTAIN_REASONS`).
 
 Frames unlike the training frames are refused (docs/design.md, "The in-distribution check"): when the
-bundle carries an in-distribution check, the frame's clean forward pass also gives the check's score
-(one pass); a frame scoring above the check's threshold is refused (``abstain_code
-"not_like_training_frames"``, radius 0) before any noise is drawn for it. Every :class:`FrameResult`
-records the score and the threshold. A bundle without a check still answers;
-:attr:`Predictor.in_distribution_note` then says why it cannot refuse such frames.
+bundle carries an in-distribution check, the frame's answer also scores it, from the descriptors of one
+clean pass of the fp32 network (the network the check's threshold was set on); a frame scoring above
+the threshold is refused (:attr:`Answer.abstain_code` ``"not_like_training_frames"``, radius 0) and no
+noise is drawn for it. Every :class:`FrameResult` records the score and the threshold. A bundle without
+a check still answers; :attr:`Predictor.in_distribution_note` then says why it cannot refuse such frames.
 
 Noise that nobody can predict (docs/design.md, "Noise seeds"): in deployment (``seed=None``, the
 default) every frame's noise seed comes from the operating system's entropy (:mod:`secrets`), so
@@ -48,11 +57,9 @@ seed is then a hash of ``(seed, frame pixels)``, the same whatever else is in th
 
 from __future__ import annotations
 
-import hashlib
 import math
-import secrets
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,125 +68,40 @@ import torch
 
 from painwatch.calibration import calibrated_probabilities
 from painwatch.data import eval_transform
+from painwatch.inference.certifying import Answer, FrameCertification, certify_frames
+from painwatch.inference.engine import Engine, EngineError, make_engine
 from painwatch.inference.model_card import model_card_dict, model_card_markdown
+from painwatch.inference.results import (
+    ABSTAIN_LABEL,
+    ABSTAIN_REASONS,
+    CertificationProgress,
+    FrameResult,
+    frame_seed,
+    random_noise_seed,
+)
 from painwatch.inference.saliency import gradcam
-from painwatch.inference.settings import PredictorSettings, resolve_settings, sound_lipschitz_constant
+from painwatch.inference.settings import (
+    PredictorSettings,
+    SettingsError,
+    resolve_settings,
+    sound_lipschitz_constant,
+)
 from painwatch.models import BundleMetadata, GateVerdict, load_bundle
 from painwatch.models.in_distribution import InDistributionStatistic, descriptor_pass
-from painwatch.robust import certify, method_spec
+from painwatch.robust import method_spec
 
-__all__ = ["ABSTAIN_LABEL", "ABSTAIN_REASONS", "FrameResult", "Predictor", "frame_seed", "random_noise_seed"]
-
-ABSTAIN_LABEL = "abstain"
-
-ABSTAIN_REASONS: dict[str, str] = {
-    "unclear_under_noise": (
-        "no clear answer: the answer changes too often when the picture is slightly disturbed "
-        "(no clear majority under noise)"
-    ),
-    "not_like_training_frames": (
-        "this picture does not look like the macaque face crops the model was trained on"
-    ),
-}
-"""Why a frame was refused, by code, in words a veterinarian can act on."""
-
-NOISE_SEED_BITS = 63
-
-
-@dataclass(frozen=True)
-class FrameResult:
-    """The answer for one frame.
-
-    Attributes:
-        name: the frame's name (file name, or ``frame-<i>``).
-        label: ``"pain"``, ``"no_pain"`` or ``"abstain"``.
-        class_index: 1 (pain), 0 (no_pain) or -1 (abstain).
-        confidence: the temperature-calibrated probability of ``label`` (of the most probable class
-            when abstaining), in [0, 1].
-        probabilities: calibrated probability per class name. For sequential smoothing these are the
-            mean of ``softmax(f(x + xi) / T)`` over the noise draws, i.e. of the smoothed classifier
-            that answers; otherwise ``softmax(f(x) / T)`` of the clean frame.
-        radius: certified L2 radius in [0, 1] pixel units at the model's input size (0 on abstain).
-        radius_rms: ``radius / sqrt(C * H * W)``, the per-pixel RMS change, pixels in [0, 1].
-        radius_grey_levels: ``255 * radius_rms``, the same in 8-bit grey levels.
-        method: the certification method (``soft_smoothing_sequential``, ``soft_smoothing``,
-            ``randomized_smoothing_sequential``, ``randomized_smoothing``, ...).
-        sigma, n, alpha: the noise level, the estimation draws actually used, the error probability.
-        forward_passes: network evaluations spent on this frame (certificate and probabilities).
-        time_s: the frame's time in its clip (None for still images).
-        bound: the statistic the radius came from (lower confidence bound or margin).
-        classifier: in words, the classifier that produced ``label`` and that the radius is about.
-        stop_reason: why a sequential certificate stopped sampling (None for fixed-n methods).
-        noise_seed: the seed of this frame's noise draws (None for methods without noise):
-            ``predict(..., noise_seeds=[noise_seed])`` gives this result again.
-        abstain_code: why the frame was refused, a key of :data:`ABSTAIN_REASONS` (None unless it was).
-        abstain_reason: the same in words (None unless the frame was refused).
-        in_distribution_score: the in-distribution check's score of the frame (larger: less like the
-            training frames); None when the bundle has no check.
-        in_distribution_threshold: the check's threshold; the frame is refused when its score is above.
-    """
-
-    name: str
-    label: str
-    class_index: int
-    confidence: float
-    probabilities: dict[str, float]
-    radius: float
-    radius_rms: float
-    radius_grey_levels: float
-    method: str
-    sigma: float
-    n: int
-    alpha: float
-    forward_passes: int
-    time_s: float | None = None
-    bound: float = math.nan
-    classifier: str = ""
-    stop_reason: str | None = field(default=None)
-    noise_seed: int | None = None
-    abstain_code: str | None = None
-    abstain_reason: str | None = None
-    in_distribution_score: float | None = None
-    in_distribution_threshold: float | None = None
-
-    @property
-    def abstained(self) -> bool:
-        return self.class_index < 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (NaN becomes None)."""
-        record = asdict(self)
-        for key, value in record.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                record[key] = None
-        return record
-
-
-def random_noise_seed() -> int:
-    """A 63-bit noise seed from the operating system's entropy: nobody can predict it."""
-    return secrets.randbits(NOISE_SEED_BITS)
-
-
-def frame_seed(seed: int, x: torch.Tensor) -> int:
-    """The noise seed of one preprocessed frame: a 63-bit hash of ``seed`` and the frame's pixels.
-
-    Same seed and same pixels give the same seed (hence the same certificate), independent of the
-    frame's position in a batch.
-    """
-    digest = hashlib.sha256()
-    digest.update(int(seed).to_bytes(16, "little", signed=True))
-    digest.update(str(tuple(x.shape)).encode())
-    digest.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return int.from_bytes(digest.digest()[:8], "little") & ((1 << 63) - 1)
-
+__all__ = ["ABSTAIN_LABEL", "ABSTAIN_REASONS", "Answer", "CertificationProgress", "FrameResult", "Predictor",
+           "frame_seed", "random_noise_seed"]
 
 class Predictor:
     """Classify and certify frames with a model bundle (see the module docstring).
 
-    Use :meth:`load`. Attributes: ``model`` (eval mode), ``metadata`` (the bundle's checked
-    ``model.json``), ``bundle_path``, ``settings`` (:class:`PredictorSettings`), ``classes``,
-    ``input_shape`` ``(C, H, W)``, ``temperature``, ``seed``, ``in_distribution`` (the bundle's check,
-    or None).
+    Use :meth:`load`. Attributes: ``model`` (the bundle's network, eval mode, fp32: Grad-CAM explains
+    it), ``engine`` (the :class:`~painwatch.inference.engine.Engine` that answers and certifies),
+    ``metadata`` (the bundle's checked ``model.json``), ``bundle_path``, ``settings``
+    (:class:`PredictorSettings`), ``classes``, ``input_shape`` ``(C, H, W)``, ``temperature``, ``seed``,
+    ``frames_per_pass`` (frames whose noise draws share a forward pass), ``in_distribution`` (the
+    bundle's check, or None).
     """
 
     def __init__(
@@ -191,6 +113,9 @@ class Predictor:
         *,
         seed: int | None = None,
         lipschitz_constant: float | None = None,
+        runtime: str = "auto",
+        precision: str = "auto",
+        engine: Engine | None = None,
         in_distribution: InDistributionStatistic | None = None,
     ) -> None:
         self.model = model.eval()
@@ -205,6 +130,21 @@ class Predictor:
         self.lipschitz_constant = lipschitz_constant
         self.in_distribution = in_distribution
         self.device = next(model.parameters()).device
+        if engine is None:
+            if method_spec(settings.method).needs_lipschitz_constant:
+                # The Lipschitz bound is about the fp32 network: no other arithmetic may answer.
+                if (runtime, precision) not in (("auto", "auto"), ("torch", "fp32"), ("auto", "fp32"),
+                                                ("torch", "auto")):
+                    raise SettingsError(f"method={settings.method!r} certifies the fp32 network with its "
+                                        f"Lipschitz bound: it runs with runtime torch at fp32 only, not "
+                                        f"{runtime}/{precision}")
+                runtime, precision = "torch", "fp32"
+            try:
+                engine = make_engine(model, self.input_shape, runtime=runtime, precision=precision)
+            except EngineError as error:
+                raise SettingsError(str(error)) from error
+        self.engine = engine
+        self.frames_per_pass = max(1, engine.pass_rows // settings.batch_size)
 
     # ------------------------------------------------------------------------------------- loading
 
@@ -221,6 +161,8 @@ class Predictor:
         score_temperature: float | None = None,
         seed: int | None = None,
         device: str | torch.device = "cpu",
+        runtime: str = "auto",
+        precision: str = "auto",
     ) -> Predictor:
         """Load a bundle; ``method``/``sigma``/``alpha``/``n`` override ``model.json`` within its bounds.
 
@@ -228,12 +170,14 @@ class Predictor:
         the bundle's ``bound``: only to abstain when ``"fixed"``); ``score_temperature`` overrides the
         soft scores' temperature (within the bounds). ``seed`` None (deployment) draws every frame's
         noise seed from the operating system's entropy; an integer makes experiments reproducible
-        (each frame's seed is then a hash of the seed and its pixels).
+        (each frame's seed is then a hash of the seed and its pixels). ``runtime`` (``torch``,
+        ``openvino``) and ``precision`` (``fp32``, ``bf16``) choose the engine; ``"auto"`` the fastest
+        this machine has (:func:`painwatch.inference.engine.choose_engine`).
 
         Raises:
             painwatch.models.BundleError: the folder is not a valid bundle.
-            SettingsError: an override is unknown or out of bounds, or the method cannot be used
-                with this network.
+            SettingsError: an override is unknown or out of bounds, the method cannot be used with this
+                network, or the runtime or precision cannot run here.
         """
         bundle = load_bundle(bundle_dir, device=device)
         settings = resolve_settings(bundle.metadata.certification, method=method, sigma=sigma, alpha=alpha,
@@ -246,9 +190,47 @@ class Predictor:
                 architecture=bundle.metadata.architecture,
             )
         return cls(bundle.model, bundle.metadata, bundle.path, settings, seed=seed,
-                   lipschitz_constant=lipschitz_constant, in_distribution=bundle.in_distribution)
+                   lipschitz_constant=lipschitz_constant, runtime=runtime, precision=precision,
+                   in_distribution=bundle.in_distribution)
+
+    def with_budget(self, n: int) -> Predictor:
+        """The same predictor (same network, engine and seed policy) with a draw budget of ``n``
+        estimation draws per frame, checked against the bundle's bounds (a :class:`SettingsError`
+        names the value and the range)."""
+        if int(n) == self.settings.n:
+            return self
+        s = self.settings
+        resolved = resolve_settings(self.metadata.certification, method=s.method, sigma=s.sigma,
+                                    alpha=s.alpha, n=n, sequential=s.sequential,
+                                    score_temperature=s.score_temperature,
+                                    source=str(self.bundle_path / "model.json"))
+        return Predictor(self.model, self.metadata, self.bundle_path, resolved, seed=self.seed,
+                         lipschitz_constant=self.lipschitz_constant, engine=self.engine,
+                         in_distribution=self.in_distribution)
+
+    def draw_budget(self, seconds: float) -> int:
+        """The most estimation draws per frame that fit in ``seconds`` at the engine's measured rate of
+        certification rounds (:attr:`~painwatch.inference.engine.Engine.draws_per_s`; its warm-up
+        passes when nothing was timed yet), after the ``n0`` selection draws and the answer pass; at
+        least 0."""
+        if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"seconds must be a positive number, got {seconds!r}")
+        rate = self.engine.draws_per_s
+        if not math.isfinite(rate):
+            rate = self.engine.warm_up()
+        return max(0, int(rate * float(seconds)) - self.settings.n0 - 1)
 
     # ---------------------------------------------------------------------------------- properties
+
+    @property
+    def runtime(self) -> str:
+        """What runs the network: ``torch`` or ``openvino``."""
+        return self.engine.runtime
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic of the network that answers and certifies: ``fp32`` or ``bf16``."""
+        return self.engine.precision
 
     @property
     def gates(self) -> Mapping[str, GateVerdict]:
@@ -279,6 +261,12 @@ class Predictor:
             details += f", scores softmax(logits / {s.score_temperature:g})"
         return f"smoothed classifier: {spec.certifies} ({details})"
 
+    @property
+    def interim_valid(self) -> bool:
+        """Whether a certificate holds at every moment of its sampling (the anytime-valid bound), or only
+        once the budget is spent (the fixed bound, and methods that certify in one go)."""
+        return self.settings.method_name != self.settings.method
+
     # ---------------------------------------------------------------------------------- prediction
 
     def preprocess(self, image: np.ndarray, name: str = "image") -> torch.Tensor:
@@ -301,14 +289,9 @@ class Predictor:
         seed = self.noise_seed_for(x) if noise_seed is None else int(noise_seed)
         return torch.Generator().manual_seed(seed)
 
-    def _clean_probabilities(self, x: torch.Tensor) -> np.ndarray:
-        with torch.no_grad():
-            logits = self.model(x.unsqueeze(0).to(self.device)).detach().to("cpu", torch.float64)
-        return calibrated_probabilities(logits.numpy(), self.temperature)[0]
-
     def clean_pass(self, x: torch.Tensor) -> tuple[np.ndarray, float | None]:
-        """One clean forward pass of a preprocessed frame ``(C, H, W)``: its temperature-calibrated
-        probabilities and its in-distribution score (None without a check)."""
+        """One clean pass of the fp32 network over a preprocessed frame ``(C, H, W)``: its
+        temperature-calibrated probabilities and its in-distribution score (None without a check)."""
         batch = x.unsqueeze(0).to(self.device)
         if self.in_distribution is None:
             with torch.no_grad():
@@ -326,6 +309,131 @@ class Predictor:
         check = self.in_distribution
         return score is not None and check is not None and score > check.threshold
 
+    def _threshold(self) -> float | None:
+        return None if self.in_distribution is None else float(self.in_distribution.threshold)
+
+    def answer_tensor(self, x: torch.Tensor, name: str = "image") -> Answer:
+        """The :class:`Answer` of one preprocessed frame ``(C, H, W)``: one clean pass of the engine and,
+        when the bundle has an in-distribution check, one of the fp32 network for its score (the
+        answer then carries the refusal of a frame unlike the training frames)."""
+        logits = self.engine.answer(x.unsqueeze(0).to(self.device)).detach().to("cpu", torch.float64)
+        probabilities = calibrated_probabilities(logits.numpy(), self.temperature)[0]
+        index = int(np.argmax(probabilities))
+        score, passes = None, 1
+        if self.in_distribution is not None:
+            _, descriptors = descriptor_pass(self.model, x.unsqueeze(0).to(self.device),
+                                             self.in_distribution.spec.descriptors)
+            score, passes = float(self.in_distribution.scores(descriptors)[0]), 2
+        return Answer(name=name, label=self.classes[index], class_index=index,
+                      confidence=float(probabilities[index]),
+                      probabilities={c: float(p) for c, p in zip(self.classes, probabilities, strict=True)},
+                      runtime=self.runtime, precision=self.precision, forward_passes=passes,
+                      in_distribution_score=score,
+                      abstain_code="not_like_training_frames" if self.refuses(score) else None)
+
+    def _refused(self, answer: Answer) -> FrameResult:
+        """A frame the in-distribution check refused: an abstention after its answer, without noise."""
+        s = self.settings
+        code = "not_like_training_frames"
+        return FrameResult(
+            name=answer.name, label=ABSTAIN_LABEL, class_index=-1, confidence=answer.confidence,
+            probabilities=dict(answer.probabilities), radius=0.0, radius_rms=0.0, radius_grey_levels=0.0,
+            method=s.method_name, sigma=float(s.sigma) if method_spec(s.method).needs_noise else 0.0, n=0,
+            alpha=float(s.alpha), forward_passes=answer.forward_passes,
+            classifier=self.classifier_description, abstain_code=code, abstain_reason=ABSTAIN_REASONS[code],
+            runtime=self.runtime, precision=self.precision, answer_label=answer.label,
+            answer_confidence=answer.confidence,
+            in_distribution_score=answer.in_distribution_score, in_distribution_threshold=self._threshold(),
+        )
+
+    def answer(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[Answer]:
+        """The first answer of every frame (``H x W x 3`` uint8 RGB), in order: class and calibrated
+        confidence from one clean forward pass each, no certificate. Raises ``ValueError`` naming the
+        frame when an image is not an RGB uint8 array."""
+        names = self._names(images, names)
+        return [self.answer_tensor(self.preprocess(image, name), name)
+                for image, name in zip(images, names, strict=True)]
+
+    def _names(self, images: Sequence[np.ndarray], names: Sequence[str] | None) -> list[str]:
+        names = [f"frame-{i}" for i in range(len(images))] if names is None else list(names)
+        if len(names) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(names)} names")
+        return names
+
+    def certify_steps(
+        self,
+        images: Sequence[np.ndarray],
+        names: Sequence[str] | None = None,
+        *,
+        noise_seeds: Sequence[int | None] | None = None,
+        answers: Sequence[Answer] | None = None,
+    ) -> Iterator[CertificationProgress]:
+        """Certify frames, reporting each frame's :class:`CertificationProgress` after every chunk of its
+        noise draws; the last report of a frame carries its :class:`FrameResult` (``done``).
+
+        ``noise_seeds`` (one per frame, None for a fresh one) reproduce earlier results exactly;
+        ``answers`` (from :meth:`answer`, same order) save the clean passes when the page already made
+        them. Frames are preprocessed (and checked, ``ValueError`` naming the frame) before any draw.
+        """
+        images = list(images)
+        names = self._names(images, names)
+        seeds = [None] * len(images) if noise_seeds is None else list(noise_seeds)
+        if len(seeds) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(seeds)} noise seeds")
+        xs = [self.preprocess(image, name).to(self.device) for image, name in zip(images, names, strict=True)]
+        return self._certify_tensors(xs, names, seeds, answers)
+
+    def _certify_tensors(
+        self, xs: Sequence[torch.Tensor], names: Sequence[str], seeds: Sequence[int | None],
+        answers: Sequence[Answer] | None,
+    ) -> Iterator[CertificationProgress]:
+        if answers is not None and len(answers) != len(xs):
+            raise ValueError(f"got {len(xs)} frames but {len(answers)} answers")
+        # The answers first: they carry the in-distribution check's refusals, decided before any noise.
+        given = list(answers) if answers is not None else [self.answer_tensor(x, name)
+                                                           for x, name in zip(xs, names, strict=True)]
+        budget = self.settings.n0 + self.settings.n
+        kept = []
+        for index, answer in enumerate(given):
+            if answer.abstain_code == "not_like_training_frames":
+                yield CertificationProgress(
+                    index=index, name=names[index], draws=0, budget=budget, radius=0.0, noise_survival=None,
+                    interim_valid=self.interim_valid, done=True,
+                    result=self._refused(replace(answer, name=names[index])))
+            else:
+                kept.append(index)
+        noise_seeds = {index: self.noise_seed_for(xs[index]) if seeds[index] is None else int(seeds[index])
+                       for index in kept}
+        generators = [torch.Generator().manual_seed(noise_seeds[index]) for index in kept]
+        for step in certify_frames(self.engine, [xs[index] for index in kept], generators,
+                                   settings=self.settings, num_classes=len(self.classes),
+                                   temperature=self.temperature, lipschitz_constant=self.lipschitz_constant,
+                                   frames_per_pass=self.frames_per_pass):
+            index = kept[step.index]
+            certificate = step.outcome.certificate if step.outcome is not None else None
+            result = None
+            if step.done:
+                result = self._result(names[index], step, given[index], noise_seeds[index])
+            yield CertificationProgress(
+                index=index, name=names[index], draws=step.draws, budget=step.budget,
+                radius=float(certificate.radius) if certificate is not None else 0.0,
+                noise_survival=step.noise_survival, interim_valid=self.interim_valid, done=step.done,
+                result=result,
+            )
+
+    def certify_frame(self, x: torch.Tensor, *, noise_seed: int | None = None) -> FrameCertification:
+        """The finished :class:`~painwatch.inference.certifying.FrameCertification` of one preprocessed
+        frame ``(C, H, W)`` with the noise of ``noise_seed`` (by default :meth:`noise_seed_for` the
+        frame): its certificate, the share of noise that keeps the answer, and the passes it took (no
+        clean pass)."""
+        seed = self.noise_seed_for(x) if noise_seed is None else int(noise_seed)
+        generator = torch.Generator().manual_seed(seed)
+        steps = certify_frames(self.engine, [x.to(self.device)], [generator], settings=self.settings,
+                               num_classes=len(self.classes), temperature=self.temperature,
+                               lipschitz_constant=self.lipschitz_constant)
+        (step,) = [step for step in steps if step.done]
+        return step
+
     def certify_tensor(
         self,
         x: torch.Tensor,
@@ -339,58 +447,34 @@ class Predictor:
         probabilities are reported (that pass is then not counted in ``forward_passes``).
 
         Returns ``(certificate, probabilities, forward_passes, stop_reason)``; the certificate is the
-        one :func:`painwatch.robust.certify` returns for these settings and that generator.
+        one :func:`painwatch.robust.certify` returns for these settings, this predictor's engine and
+        that generator. Probabilities are the smoothed ones (sequential methods) or those of the clean
+        pass, which then counts in ``forward_passes``.
         """
-        s = self.settings
-        x = x.to(self.device)
-        totals = torch.zeros(len(self.classes), dtype=torch.float64)
-
-        def collect(logits: torch.Tensor) -> None:
-            totals.add_(torch.softmax(logits.cpu() / self.temperature, dim=1).sum(dim=0))
-
-        outcome = certify(
-            s.method_name, self.model, x, sigma=s.sigma, alpha=s.alpha, n0=s.n0, n=s.n,
-            batch_size=s.batch_size, generator=self.generator_for(x, noise_seed),
-            lipschitz_constant=self.lipschitz_constant, score_temperature=s.score_temperature,
-            stop_early=s.sequential, rel_tol=s.rel_tol,
-            min_radius=s.min_radius, logits_callback=collect if s.sequential else None,
-        )
-        certificate = outcome.certificate
-        if s.sequential:
-            # The probabilities come from the noisy logits already drawn: no extra forward pass.
-            return certificate, (totals / totals.sum()).numpy(), outcome.forward_passes, outcome.stop_reason
+        step = self.certify_frame(x, noise_seed=noise_seed)
+        assert step.outcome is not None
+        if step.probabilities is not None:
+            return step.outcome.certificate, step.probabilities, step.passes, step.outcome.stop_reason
         if clean_probabilities is not None:
-            return certificate, clean_probabilities, int(certificate.forward_passes), None
-        passes = int(certificate.forward_passes) + 1  # + the clean pass for the probabilities
-        return certificate, self._clean_probabilities(x), passes, None
+            return step.outcome.certificate, clean_probabilities, step.passes, step.outcome.stop_reason
+        answer = self.answer_tensor(x)
+        probabilities = np.array([answer.probabilities[c] for c in self.classes])
+        return (step.outcome.certificate, probabilities, step.passes + answer.forward_passes,
+                step.outcome.stop_reason)
 
-    def _threshold(self) -> float | None:
-        return None if self.in_distribution is None else float(self.in_distribution.threshold)
-
-    def _refused(self, name: str, probabilities: np.ndarray, score: float) -> FrameResult:
-        """A frame refused by the in-distribution check: an abstention after one clean pass."""
+    def _result(self, name: str, step: FrameCertification, answer: Answer,
+                noise_seed: int | None) -> FrameResult:
         s = self.settings
-        shown = int(np.argmax(probabilities))
-        code = "not_like_training_frames"
-        return FrameResult(
-            name=name, label=ABSTAIN_LABEL, class_index=-1, confidence=float(probabilities[shown]),
-            probabilities={c: float(p) for c, p in zip(self.classes, probabilities, strict=True)},
-            radius=0.0, radius_rms=0.0, radius_grey_levels=0.0, method=s.method_name,
-            sigma=float(s.sigma) if method_spec(s.method).needs_noise else 0.0, n=0, alpha=float(s.alpha),
-            forward_passes=1, classifier=self.classifier_description, abstain_code=code,
-            abstain_reason=ABSTAIN_REASONS[code], in_distribution_score=score,
-            in_distribution_threshold=self._threshold(),
-        )
-
-    def _result(self, name: str, certificate: Any, probabilities: np.ndarray, passes: int,
-                stop_reason: str | None, noise_seed: int | None) -> FrameResult:
-        s = self.settings
+        assert step.outcome is not None
+        certificate = step.outcome.certificate
+        probabilities = step.probabilities
+        if probabilities is None:  # fixed-n methods: the clean pass's calibrated probabilities
+            probabilities = np.array([answer.probabilities[c] for c in self.classes])
         needs_noise = method_spec(s.method).needs_noise
         abstain_code = "unclear_under_noise" if certificate.abstained else None
         numel = math.prod(self.input_shape)
         index = int(certificate.prediction)
         shown = index if index >= 0 else int(np.argmax(probabilities))
-        method = s.method_name
         radius = float(certificate.radius)
         return FrameResult(
             name=name,
@@ -401,17 +485,23 @@ class Predictor:
             radius=radius,
             radius_rms=radius / math.sqrt(numel),
             radius_grey_levels=255.0 * radius / math.sqrt(numel),
-            method=method,
+            method=s.method_name,
             sigma=float(s.sigma) if needs_noise else 0.0,
             n=int(certificate.n),
             alpha=float(certificate.alpha),
-            forward_passes=int(passes),
+            forward_passes=int(step.passes) + answer.forward_passes,
             bound=float(certificate.bound),
             classifier=self.classifier_description,
-            stop_reason=stop_reason,
+            stop_reason=step.outcome.stop_reason,
             noise_seed=noise_seed if needs_noise else None,
             abstain_code=abstain_code,
             abstain_reason=ABSTAIN_REASONS[abstain_code] if abstain_code else None,
+            runtime=self.runtime,
+            precision=self.precision,
+            noise_survival=step.noise_survival,
+            answer_label=answer.label,
+            answer_confidence=answer.confidence,
+            in_distribution_score=answer.in_distribution_score,
             in_distribution_threshold=self._threshold(),
         )
 
@@ -423,43 +513,23 @@ class Predictor:
         noise_seeds: Sequence[int] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[FrameResult]:
-        """Classify and certify frames (``H x W x 3`` uint8 RGB arrays), in order.
+        """Answer, then classify and certify frames (``H x W x 3`` uint8 RGB arrays), in order.
 
-        A frame the in-distribution check refuses is answered after its clean pass, without noise
-        draws. ``noise_seeds`` (one per frame, e.g. the ``noise_seed`` of earlier results; None for a
-        refused frame) reproduce those results exactly; by default each frame gets
-        :meth:`noise_seed_for` it. ``progress(done, total)``
+        ``noise_seeds`` (one per frame, e.g. the ``noise_seed`` of earlier results) reproduce those
+        results exactly; by default each frame gets :meth:`noise_seed_for` it. ``progress(done, total)``
         is called after each frame. Raises ``ValueError`` naming the frame when an image is not an RGB
         uint8 array (the page decodes and checks files before this), or when the lengths differ.
         """
         images = list(images)
-        names = [f"frame-{i}" for i in range(len(images))] if names is None else list(names)
-        if len(names) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(names)} names")
-        seeds = [None] * len(images) if noise_seeds is None else [
-            None if seed is None else int(seed) for seed in noise_seeds]
-        if len(seeds) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(seeds)} noise seeds")
-        results = []
-        for done, (image, name, seed) in enumerate(zip(images, names, seeds, strict=True), start=1):
-            x = self.preprocess(image, name)
-            clean = None
-            if self.in_distribution is not None:
-                clean, score = self.clean_pass(x)
-            if clean is not None and self.refuses(score):
-                results.append(self._refused(name, clean, score))
-            else:
-                noise_seed = self.noise_seed_for(x) if seed is None else seed
-                outcome = self.certify_tensor(x, noise_seed=noise_seed, clean_probabilities=clean)
-                result = self._result(name, *outcome, noise_seed)
-                if clean is not None:
-                    # + the clean pass that gave the score (and the clean probabilities, where shown).
-                    result = replace(result, in_distribution_score=score,
-                                     forward_passes=result.forward_passes + 1)
-                results.append(result)
-            if progress is not None:
-                progress(done, len(images))
-        return results
+        results: list[FrameResult | None] = [None] * len(images)
+        finished = 0
+        for step in self.certify_steps(images, names, noise_seeds=noise_seeds):
+            if step.done:
+                results[step.index] = step.result
+                finished += 1
+                if progress is not None:
+                    progress(finished, len(images))
+        return [result for result in results if result is not None]
 
     # ----------------------------------------------------------------------------------- saliency
 
@@ -474,7 +544,7 @@ class Predictor:
     def model_card_dict(self) -> dict[str, Any]:
         """The model card as a dict: intended use, model, training data, calibration, certification,
         gate verdicts, limits."""
-        return model_card_dict(self.metadata, self.settings)
+        return model_card_dict(self.metadata, self.settings, self.engine.describe())
 
     def model_card(self) -> str:
         """The model card as Markdown (for the page and the certification report)."""

@@ -2,10 +2,11 @@
 
 A row holds a :class:`~painwatch.inference.predict.FrameResult`'s values at full precision (floats
 written with ``repr``, so they read back exactly) and its provenance: the certification settings, the
-frame's noise seed (give it back to re-check the certificate), the predictor's fixed seed (empty in
-deployment, where every frame's seed is unpredictable) and the bundle's weights hash, so that a row
-copied elsewhere still says where it came from. Radii are L2 norms in [0, 1] pixel units at the model's
-input size (docs/design.md, "Units and conventions").
+frame's noise seed (give it back to re-check the certificate), what computed the answer and every draw
+(``runtime``, ``precision``), the predictor's fixed seed (empty in deployment, where every frame's seed
+is unpredictable) and the bundle's weights hash, so that a row copied elsewhere still says where it came
+from. Radii are L2 norms in [0, 1] pixel units at the model's input size (docs/design.md, "Units and
+conventions").
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ CSV_COLUMNS_FIXED: tuple[str, ...] = (
 )
 CSV_COLUMNS_TAIL: tuple[str, ...] = (
     "abstain_reason", "in_distribution_score", "in_distribution_threshold", "radius_l2", "radius_rms",
-    "radius_grey_levels", "method", "sigma", "alpha", "n", "n_budget", "forward_passes", "noise_seed", "seed",
-    "bundle_weights_sha256", "painwatch_version",
+    "radius_grey_levels", "noise_survival", "method", "sigma", "alpha", "n", "n_budget", "forward_passes",
+    "runtime", "precision", "noise_seed", "seed", "bundle_weights_sha256", "painwatch_version",
 )
-"""After the per-class probabilities: why a frame was refused (in words), its in-distribution score and
-the threshold above which a frame is refused (empty for a bundle without a check), the certificate, the
-settings (``n`` = estimation draws used for this frame, ``n_budget`` = the most allowed), the frame's
-noise seed (give it back to re-check the certificate), the predictor's fixed seed (empty in deployment,
-where every frame's seed is unpredictable) and the bundle's weights hash."""
+"""After the per-class probabilities: why a frame was refused (in words), its in-distribution score and the
+threshold above which a frame is refused (empty for a bundle without a check), the certificate (the
+worst-case radius, and ``noise_survival``: with probability at least ``1 - alpha``, at least this share
+of random pixel noise at ``sigma`` leaves the answer unchanged, the typical case), the settings (``n`` =
+estimation draws used for this frame, ``n_budget`` = the most allowed), what computed the answer and
+every noise draw (``runtime``, ``precision``), the frame's noise seed (give it back to re-check the
+certificate), the predictor's fixed seed (empty in deployment, where every frame's seed is
+unpredictable) and the bundle's weights hash."""
 
 DETAIL_COLUMNS: tuple[str, ...] = ("abstain_code", "bound", "stop_reason", "classifier")
 """The rest of a FrameResult's fields, after :data:`CSV_COLUMNS_TAIL` in bulk results: the refusal's
@@ -75,12 +79,15 @@ def result_row(
             "radius_l2": float(result.radius),
             "radius_rms": float(result.radius_rms),
             "radius_grey_levels": float(result.radius_grey_levels),
+            "noise_survival": result.noise_survival,
             "method": str(result.method),
             "sigma": float(result.sigma),
             "alpha": float(result.alpha),
             "n": int(result.n),
             "n_budget": budget,
             "forward_passes": int(result.forward_passes),
+            "runtime": result.runtime,
+            "precision": result.precision,
             "noise_seed": result.noise_seed,
             "seed": seed,
             "bundle_weights_sha256": weights_sha256,

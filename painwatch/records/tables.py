@@ -161,6 +161,12 @@ class CheckFrame(Base):
     abstain_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     in_distribution_score: Mapped[float | None] = mapped_column(Double, nullable=True)
     in_distribution_threshold: Mapped[float | None] = mapped_column(Double, nullable=True)
+    # None for checks saved before painwatch recorded them (revision 0003).
+    runtime: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    precision: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    noise_survival: Mapped[float | None] = mapped_column(Double, nullable=True)
+    answer_label: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    answer_confidence: Mapped[float | None] = mapped_column(Double, nullable=True)
     thumbnail: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
     check: Mapped[Check] = relationship(back_populates="frames")

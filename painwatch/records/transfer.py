@@ -221,7 +221,8 @@ def _read_frame(value: Any, where: str, source: str) -> tuple[int, str, FrameRes
             if not all(isinstance(v, int | float) and math.isfinite(v) for v in probabilities.values()):
                 raise entry.fail(name, "must map class names to numbers")
             values[name] = {str(k): float(v) for k, v in probabilities.items()}
-        elif name in ("time_s", "bound", "in_distribution_score", "in_distribution_threshold"):
+        elif name in ("time_s", "bound", "in_distribution_score", "in_distribution_threshold",
+                      "noise_survival", "answer_confidence"):
             number = entry.get(name, float, optional=True)
             values[name] = math.nan if number is None and name == "bound" else number
         elif name == "noise_seed":

@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from types import MappingProxyType
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from painwatch.robust.validation import Model
+from painwatch.robust.validation import Model, check_model, check_same_device
 
 __all__ = [
     "ABSTAIN",
@@ -31,9 +32,12 @@ __all__ = [
     "SEQUENTIAL_BOUNDS",
     "Certificate",
     "CertificationOutcome",
+    "CertificationSampler",
     "CertificationSettings",
     "MethodSpec",
+    "certification_sampler",
     "certify",
+    "certify_steps",
     "method_spec",
     "register_method",
 ]
@@ -183,10 +187,21 @@ class CertificationSettings:
 @dataclass(frozen=True)
 class CertificationOutcome:
     """What :func:`certify` returns: the certificate and, for runs that may stop sampling early, why
-    they stopped (``"target"``, ``"saturated"``, ``"futile"`` or ``"budget"``; None for fixed-n runs)."""
+    they stopped (``"target"``, ``"saturated"``, ``"futile"`` or ``"budget"``; None for fixed-n runs and
+    for the steps of :func:`certify_steps` before the last).
+
+    ``done`` is False for those earlier steps; ``budget`` is the most estimation draws of a run that draws
+    in steps (None otherwise); ``vote_lower_bound`` is, where the method gives one, a level ``1 - alpha``
+    lower bound on ``P_xi[argmax f(x + xi) = prediction]`` (see
+    :class:`painwatch.robust.sequential.SequentialCertificate`), NaN where it gives none.
+    """
 
     certificate: Certificate
     stop_reason: str | None = None
+    _: KW_ONLY
+    done: bool = True
+    budget: int | None = None
+    vote_lower_bound: float = math.nan
 
     @property
     def forward_passes(self) -> int:
@@ -196,6 +211,31 @@ class CertificationOutcome:
 
 Runner = Callable[[Model, torch.Tensor, CertificationSettings], CertificationOutcome]
 """How a method runs: ``runner(model, x, settings) -> CertificationOutcome`` for one image ``x``."""
+
+
+class CertificationSampler(Protocol):
+    """A certification of one image that draws in steps while the caller runs the model
+    (:class:`painwatch.robust.sequential.SequentialSampler` is one).
+
+    ``noisy_chunks()`` gives the next step's noisy copies of the image (chunks ``(b, C, H, W)``, drawn
+    in a fixed order); ``observe(logits)`` takes their logits, concatenated in that order, and returns
+    the outcome so far; ``done`` says that sampling stopped; ``next_draws`` how many copies the next step
+    takes. Driven with the same model and generator, the last outcome equals :func:`certify`'s.
+    """
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def next_draws(self) -> int: ...
+
+    def noisy_chunks(self) -> Iterator[torch.Tensor]: ...
+
+    def observe(self, logits: torch.Tensor) -> CertificationOutcome: ...
+
+
+SamplerFactory = Callable[[torch.Tensor, CertificationSettings], "CertificationSampler | None"]
+"""How a method draws in steps: ``sampler(x, settings)``, or None when with these settings it does not."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,6 +257,7 @@ class MethodSpec:
             is decided, and otherwise certifies from the whole budget with the fixed-n bound (the
             ``"fixed"`` bound of :data:`SEQUENTIAL_BOUNDS`).
         uses_score_temperature: the certified scores are ``softmax(f / score_temperature)``.
+        sampler: how the method draws in steps (see :data:`SamplerFactory`; None: it certifies in one go).
     """
 
     name: str
@@ -229,6 +270,7 @@ class MethodSpec:
     runner: Runner
     stops_early_to_abstain: bool = False
     uses_score_temperature: bool = False
+    sampler: SamplerFactory | None = None
 
     def __post_init__(self) -> None:
         for field_name in ("name", "certifies", "base"):
@@ -237,6 +279,9 @@ class MethodSpec:
                 raise ValueError(f"MethodSpec.{field_name} must be a non-empty string, got {value!r}")
         if not callable(self.runner):
             raise TypeError(f"MethodSpec.runner of {self.name!r} must be callable, got {self.runner!r}")
+        if self.sampler is not None and not callable(self.sampler):
+            raise TypeError(f"MethodSpec.sampler of {self.name!r} must be callable or None, "
+                            f"got {self.sampler!r}")
         if self.sequential and self.base == self.name:
             raise ValueError(f"sequential method {self.name!r} must name the fixed-n method it shares "
                              "its classifier with as its base")
@@ -305,6 +350,39 @@ def method_spec(name: str) -> MethodSpec:
     return spec
 
 
+def _settings(
+    method: str,
+    *,
+    sigma: float = 0.0,
+    alpha: float = 0.001,
+    n0: int = 100,
+    n: int = 1000,
+    batch_size: int = 1000,
+    generator: torch.Generator | None = None,
+    lipschitz_constant: float | None = None,
+    score_temperature: float = 1.0,
+    stop_early: bool = True,
+    rel_tol: float = 0.05,
+    min_radius: float = 0.0,
+    logits_callback: LogitsCallback | None = None,
+) -> tuple[MethodSpec, CertificationSettings]:
+    spec = method_spec(method)
+    if spec.needs_lipschitz_constant and lipschitz_constant is None:
+        raise ValueError(f"method {method!r} needs lipschitz_constant (a sound upper bound of the network's "
+                         "L2 Lipschitz constant, e.g. from lipschitz_upper_bound); none was given")
+    if spec.needs_noise and not (isinstance(sigma, numbers.Real) and sigma > 0):
+        raise ValueError(f"method {method!r} smooths with Gaussian noise and needs sigma > 0 (L2 noise "
+                         f"std in [0, 1] pixel units), got sigma={sigma!r}")
+    if logits_callback is not None and not callable(logits_callback):
+        raise TypeError(f"logits_callback must be callable or None, got {type(logits_callback).__name__}")
+    settings = CertificationSettings(
+        sigma=sigma, alpha=alpha, n0=n0, n=n, batch_size=batch_size, generator=generator,
+        lipschitz_constant=lipschitz_constant, score_temperature=score_temperature, stop_early=stop_early,
+        rel_tol=rel_tol, min_radius=min_radius, logits_callback=logits_callback,
+    )
+    return spec, settings
+
+
 def certify(
     method: str,
     model: Model,
@@ -333,22 +411,97 @@ def certify(
     says is certified at the returned radius, with probability at least ``1 - alpha`` over the noise
     for the statistical methods. Same generator seed, same certificate.
     """
-    spec = method_spec(method)
-    if spec.needs_lipschitz_constant and lipschitz_constant is None:
-        raise ValueError(f"method {method!r} needs lipschitz_constant (a sound upper bound of the network's "
-                         "L2 Lipschitz constant, e.g. from lipschitz_upper_bound); none was given")
-    if spec.needs_noise and not (isinstance(sigma, numbers.Real) and sigma > 0):
-        raise ValueError(f"method {method!r} smooths with Gaussian noise and needs sigma > 0 (L2 noise "
-                         f"std in [0, 1] pixel units), got sigma={sigma!r}")
-    if logits_callback is not None and not callable(logits_callback):
-        raise TypeError(f"logits_callback must be callable or None, got {type(logits_callback).__name__}")
-    settings = CertificationSettings(
-        sigma=sigma, alpha=alpha, n0=n0, n=n, batch_size=batch_size, generator=generator,
+    spec, checked = _settings(
+        method, sigma=sigma, alpha=alpha, n0=n0, n=n, batch_size=batch_size, generator=generator,
         lipschitz_constant=lipschitz_constant, score_temperature=score_temperature, stop_early=stop_early,
         rel_tol=rel_tol, min_radius=min_radius, logits_callback=logits_callback,
     )
-    outcome = spec.runner(model, x, settings)
+    outcome = spec.runner(model, x, checked)
     if not isinstance(outcome, CertificationOutcome) or outcome.certificate.method != method:
         raise TypeError(f"the runner of {method!r} must return a CertificationOutcome whose certificate "
                         f"has method {method!r}, got {outcome!r}")
     return outcome
+
+
+def certification_sampler(
+    method: str,
+    x: torch.Tensor,
+    *,
+    sigma: float = 0.0,
+    alpha: float = 0.001,
+    n0: int = 100,
+    n: int = 1000,
+    batch_size: int = 1000,
+    generator: torch.Generator | None = None,
+    lipschitz_constant: float | None = None,
+    score_temperature: float = 1.0,
+    stop_early: bool = True,
+    rel_tol: float = 0.05,
+    min_radius: float = 0.0,
+    logits_callback: LogitsCallback | None = None,
+) -> CertificationSampler | None:
+    """A :class:`CertificationSampler` of ``x`` for a method that draws in steps with these settings (the
+    settings of :func:`certify`), or None when it certifies in one go (then use :func:`certify`).
+
+    Driven to the end with the same model and generator, it gives :func:`certify`'s outcome exactly; a
+    caller may run the noisy copies of several images through one forward pass.
+    """
+    spec, checked = _settings(
+        method, sigma=sigma, alpha=alpha, n0=n0, n=n, batch_size=batch_size, generator=generator,
+        lipschitz_constant=lipschitz_constant, score_temperature=score_temperature, stop_early=stop_early,
+        rel_tol=rel_tol, min_radius=min_radius, logits_callback=logits_callback,
+    )
+    return None if spec.sampler is None else spec.sampler(x, checked)
+
+
+def certify_steps(
+    method: str,
+    model: Model,
+    x: torch.Tensor,
+    *,
+    sigma: float = 0.0,
+    alpha: float = 0.001,
+    n0: int = 100,
+    n: int = 1000,
+    batch_size: int = 1000,
+    generator: torch.Generator | None = None,
+    lipschitz_constant: float | None = None,
+    score_temperature: float = 1.0,
+    stop_early: bool = True,
+    rel_tol: float = 0.05,
+    min_radius: float = 0.0,
+    logits_callback: LogitsCallback | None = None,
+) -> Iterator[CertificationOutcome]:
+    """:func:`certify`, step by step: the outcome after every step of a method that draws in steps (the
+    last has ``done=True`` and equals :func:`certify`'s), or the one outcome of any other method.
+
+    With an anytime-valid bound every step's certificate holds on its own; with a fixed-budget bound the
+    steps before the last abstain and only show progress. Arguments are checked before the first draw.
+    """
+    options = dict(
+        sigma=sigma, alpha=alpha, n0=n0, n=n, batch_size=batch_size, generator=generator,
+        lipschitz_constant=lipschitz_constant, score_temperature=score_temperature, stop_early=stop_early,
+        rel_tol=rel_tol, min_radius=min_radius, logits_callback=logits_callback,
+    )
+    sampler = certification_sampler(method, x, **options)
+    if sampler is None:
+        return iter([certify(method, model, x, **options)])
+    check_model(model)
+    check_same_device(model, x)
+    return _drive(model, sampler)
+
+
+def _drive(model: Model, sampler: CertificationSampler) -> Iterator[CertificationOutcome]:
+    # Certificates are about the deterministic network: eval mode for the run, each flag restored after
+    # (the registry knows no sampler module, so this does not reuse painwatch.robust.noise).
+    flags = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    for module, _ in flags:
+        module.training = False
+    try:
+        with torch.no_grad():
+            while not sampler.done:
+                logits = torch.cat([model(chunk) for chunk in sampler.noisy_chunks()], dim=0)
+                yield sampler.observe(logits)
+    finally:
+        for module, training in flags:
+            module.training = training

@@ -29,6 +29,7 @@ __all__ = [
     "evaluation_mode",
     "expected_logits",
     "expected_softmax",
+    "noisy_copies",
     "noisy_logit_batches",
     "noisy_logits",
     "resolve_generator",
@@ -64,20 +65,42 @@ def resolve_generator(generator: torch.Generator | None) -> torch.Generator:
     return fresh
 
 
+def _noisy_copies(
+    x: torch.Tensor, sigma: float, num: int, batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    remaining = num
+    while remaining > 0:
+        this_batch = min(batch_size, remaining)
+        # Drawn on the generator's device, so that a seed gives the same noise whatever device x is on.
+        noise = torch.randn((this_batch, *x.shape), generator=generator, device=generator.device,
+                            dtype=x.dtype)
+        remaining -= this_batch
+        yield x.unsqueeze(0) + sigma * noise.to(x.device)
+
+
+def noisy_copies(
+    x: torch.Tensor,
+    *,
+    sigma: float,
+    num: int,
+    batch_size: int = 1000,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """``num`` Gaussian perturbations ``x + sigma * Z_k`` of one image ``(C, H, W)``, in chunks of at most
+    ``batch_size`` rows, each chunk drawn from ``generator`` when it is taken (the same order, hence the
+    same noise, as :func:`noisy_logit_batches`). Not clipped to [0, 1]. Arguments are checked at once."""
+    check_image(x)
+    return _noisy_copies(x, check_sigma(sigma), check_count(num, "num"),
+                         check_count(batch_size, "batch_size"), resolve_generator(generator))
+
+
 def _draw_batches(
     model: Model, x: torch.Tensor, sigma: float, num: int, batch_size: int, generator: torch.Generator,
     num_classes: int | None, logits_callback: Callable[[torch.Tensor], None] | None,
 ) -> Iterator[torch.Tensor]:
     with evaluation_mode(model), torch.no_grad():
-        remaining = num
-        while remaining > 0:
-            this_batch = min(batch_size, remaining)
-            # Drawn on the generator's device, so that a seed gives the same noise whatever device x is on.
-            noise = torch.randn((this_batch, *x.shape), generator=generator, device=generator.device,
-                                dtype=x.dtype)
-            batch = x.unsqueeze(0) + sigma * noise.to(x.device)
-            logits = check_logits(model(batch), this_batch, num_classes=num_classes)
-            remaining -= this_batch
+        for batch in _noisy_copies(x, sigma, num, batch_size, generator):
+            logits = check_logits(model(batch), batch.shape[0], num_classes=num_classes)
             logits = logits.detach().to(torch.float64)
             if logits_callback is not None:
                 logits_callback(logits)

@@ -41,9 +41,11 @@ of probability at most ``alpha``; stopping early only removes certificates.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,14 +62,16 @@ from painwatch.robust.certificate import (
     MethodSpec,
     register_method,
 )
-from painwatch.robust.noise import noisy_logits
+from painwatch.robust.noise import evaluation_mode, noisy_copies
 from painwatch.robust.validation import (
     Model,
     check_alpha,
     check_count,
     check_generator,
     check_image,
+    check_logits,
     check_model,
+    check_same_device,
     check_sigma,
 )
 
@@ -77,7 +81,9 @@ __all__ = [
     "SEQUENTIAL_METHODS",
     "STOP_REASONS",
     "SequentialCertificate",
+    "SequentialSampler",
     "sequential_certify",
+    "sequential_certify_steps",
 ]
 
 SCORE_KINDS: tuple[str, ...] = ("soft", "hard")
@@ -96,7 +102,7 @@ def _check_fraction(value: object, name: str) -> float:
 
 @dataclass(frozen=True, kw_only=True)
 class SequentialCertificate:
-    """A sequential certificate and what it cost.
+    """A sequential certificate and what it cost, after the last step or after any step so far.
 
     Attributes:
         certificate: the :class:`Certificate` (``n`` = estimation draws, ``bound`` = the lower
@@ -107,18 +113,40 @@ class SequentialCertificate:
             (Cohen's CERTIFY over the budget).
         forward_passes: network evaluations spent (selection draws + estimation draws).
         stop_reason: one of ``target``, ``saturated``, ``futile``, ``budget`` (``futile`` or ``budget``
-            with ``bound="fixed"``).
+            with ``bound="fixed"``); None while sampling goes on.
         upper_bound: an upper confidence bound on the same score, used only to decide when to
             stop; it is not part of the guarantee.
         point_estimate: the running mean of the estimation draws.
+        done: False for the steps before the last of :func:`sequential_certify_steps`.
+        budget: the most estimation draws (``max_n``).
+        votes: estimation draws whose top class was the selected class.
+        vote_lower_bound: with probability at least ``1 - alpha``, ``P_xi[argmax f(x + xi) = c]`` is at
+            least this for the certified class ``c``: the share of random Gaussian noise at ``sigma``
+            that leaves the answer unchanged (docs/design.md, "The answer at once and a certificate
+            that grows"). For hard votes it is the certificate's own bound (Clopper-Pearson [CP34] over
+            the budget with ``bound="fixed"``, the confidence sequence otherwise); for soft scores a
+            confidence sequence [WSR23] on the votes, valid at every step. 0.0 while nothing is
+            certified.
+        selected: the class the selection draws chose (None before them).
     """
 
     certificate: Certificate
     method: str
     forward_passes: int
-    stop_reason: str
+    stop_reason: str | None
     upper_bound: float
     point_estimate: float
+    done: bool = True
+    budget: int = 0
+    votes: int = 0
+    vote_lower_bound: float = 0.0
+    selected: int | None = None
+
+    @property
+    def outcome(self) -> CertificationOutcome:
+        """This step as :func:`painwatch.robust.certify` reports a certification."""
+        return CertificationOutcome(self.certificate, self.stop_reason, done=self.done, budget=self.budget,
+                                    vote_lower_bound=self.vote_lower_bound)
 
 
 def _selection_class(logits: Tensor, scores: str, score_temperature: float) -> int:
@@ -134,6 +162,255 @@ def _class_scores(logits: Tensor, predicted: int, scores: str, score_temperature
     else:
         values = (logits.argmax(dim=1) == predicted).to(torch.float64)
     return values.clamp(0.0, 1.0).cpu().numpy()
+
+
+class SequentialSampler:
+    """One sequential certification of one image, a step at a time, with the caller running the model.
+
+    :func:`sequential_certify_steps` drives it with a model; a caller that batches noisy copies of
+    several images through one forward pass (or runs the model elsewhere) drives it itself::
+
+        sampler = SequentialSampler(x, sigma=0.25, max_n=1000, scores="hard", generator=g)
+        while not sampler.done:
+            logits = torch.cat([model(chunk) for chunk in sampler.noisy_chunks()])
+            step = sampler.step(logits)  # the certificate so far (a SequentialCertificate)
+
+    The first step is the ``n0`` selection draws; then estimation steps of ``first_batch`` draws,
+    doubling up to ``max_batch``, each drawn in chunks of at most ``batch_size`` rows from
+    ``generator`` in a fixed order. Driven with the same model and generator, the last step equals
+    what :func:`sequential_certify` returns. Arguments are those of :func:`sequential_certify`
+    (checked here, naming the bad value).
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        *,
+        sigma: float,
+        alpha: float = 0.001,
+        n0: int = 64,
+        max_n: int = 100_000,
+        first_batch: int = 64,
+        max_batch: int = 2048,
+        batch_size: int = 256,
+        target_radius: float | None = None,
+        rel_tol: float = 0.05,
+        min_radius: float = 0.0,
+        scores: str = "soft",
+        score_temperature: float = 1.0,
+        bound: str = "anytime",
+        generator: torch.Generator | None = None,
+        logits_callback: Callable[[Tensor], None] | None = None,
+    ) -> None:
+        if scores not in SCORE_KINDS:
+            raise ValueError(f"scores must be one of {SCORE_KINDS}, got {scores!r}")
+        if bound not in SEQUENTIAL_BOUNDS:
+            raise ValueError(f"bound must be one of {SEQUENTIAL_BOUNDS}, got {bound!r}")
+        if bound == "fixed" and scores != "hard":
+            raise ValueError("bound='fixed' (Clopper-Pearson) needs scores='hard'; soft scores need "
+                             "'anytime'")
+        check_image(x)
+        check_generator(generator)
+        self.x = x
+        self.sigma = check_sigma(sigma)
+        self.alpha = check_alpha(alpha)
+        self.n0 = check_count(n0, "n0")
+        self.max_n = check_count(max_n, "max_n", minimum=2)
+        first_batch = check_count(first_batch, "first_batch")
+        self.max_batch = check_count(max_batch, "max_batch")
+        self.batch_size = check_count(batch_size, "batch_size")
+        self.rel_tol = _check_fraction(rel_tol, "rel_tol")
+        self.score_temperature = check_sigma(score_temperature, "score_temperature")
+        if isinstance(min_radius, bool) or not isinstance(min_radius, (int, float)) or not min_radius >= 0.0:
+            raise ValueError(f"min_radius must be a number >= 0, got {min_radius!r}")
+        self.min_radius = float(min_radius)
+        self.target_radius = None if target_radius is None else check_sigma(target_radius, "target_radius")
+        if logits_callback is not None and not callable(logits_callback):
+            raise TypeError(f"logits_callback must be callable or None, got {type(logits_callback).__name__}")
+        self.logits_callback = logits_callback
+        if generator is None:
+            # One generator for the selection and every batch (each draw continues the same stream).
+            generator = torch.Generator(device="cpu")
+            generator.seed()
+        self.generator = generator
+        self.scores, self.bound = scores, bound
+        self.fixed = bound == "fixed"
+        self.predicted: int | None = None  # chosen by the selection draws
+        self.lower_bound = BettingLowerBound(self.alpha, probit_min=0.0)
+        # An upper bound on the same score (a lower bound on 1 - score); it only steers stopping.
+        self.upper_tracker = BettingLowerBound(self.alpha, probit_step=0.02)
+        # Soft scores bound E softmax; the votes for the class get their own time-uniform bound.
+        self.vote_tracker = BettingLowerBound(self.alpha, probit_min=0.0) if scores == "soft" else None
+        self.attainable = self.sigma * norm.ppf(
+            self.alpha ** (1.0 / self.max_n) if self.fixed
+            else best_attainable_lower_bound(self.alpha, self.max_n, self.lower_bound.max_bet)
+        )
+        self.votes = 0  # estimation draws whose top class is the selected class
+        self.used = 0  # estimation draws taken
+        self.radius = 0.0
+        self._batch = min(first_batch, self.max_batch)
+        self._pending = 0  # draws handed out by noisy_chunks and not yet observed
+        self._stop_reason: str | None = None
+        self._last: SequentialCertificate | None = None
+
+    # ------------------------------------------------------------------------------------ state
+
+    @property
+    def done(self) -> bool:
+        """True once sampling has stopped (a stopping rule fired or the budget is spent)."""
+        return self._stop_reason is not None
+
+    @property
+    def next_draws(self) -> int:
+        """How many noisy copies the next step takes (0 when done)."""
+        if self.done:
+            return 0
+        if self.predicted is None:
+            return self.n0
+        return min(self._batch, self.max_n - self.used)
+
+    @property
+    def last(self) -> SequentialCertificate:
+        """The certificate after the latest step (an abstention before the first estimation step)."""
+        return self._last if self._last is not None else self._certificate()
+
+    def noisy_chunks(self) -> Iterator[Tensor]:
+        """The next step's noisy copies ``x + sigma * Z``, in chunks of at most ``batch_size`` rows drawn
+        from the generator as they are taken (one chunk in memory at a time); feed all their logits,
+        concatenated in the same order, to :meth:`step`."""
+        if self.done:
+            raise RuntimeError("the sampler is done: no more draws")
+        if self._pending:
+            raise RuntimeError(f"the previous {self._pending} draws were not observed yet")
+        self._pending = self.next_draws
+        return noisy_copies(self.x, sigma=self.sigma, num=self._pending, batch_size=self.batch_size,
+                            generator=self.generator)
+
+    def step(self, logits: Tensor) -> SequentialCertificate:
+        """Take the logits ``(b, K)`` of the noisy copies :meth:`noisy_chunks` gave, in order; return the
+        certificate so far (``done`` and ``stop_reason`` set once sampling stops)."""
+        if not self._pending:
+            raise RuntimeError("call noisy_chunks() before step()")
+        logits = check_logits(logits, self._pending).detach().to(torch.float64)
+        self._pending = 0
+        if self.logits_callback is not None:
+            self.logits_callback(logits)
+        if self.predicted is None:
+            self.predicted = _selection_class(logits, self.scores, self.score_temperature)
+        else:
+            self._estimate(logits)
+        self._last = self._certificate()
+        return self._last
+
+    def outcome(self) -> CertificationOutcome:
+        """The latest step as the registry reports it (:class:`CertificationOutcome`)."""
+        return self.last.outcome
+
+    def observe(self, logits: Tensor) -> CertificationOutcome:
+        """:meth:`step`, reported as the registry reports it (see
+        :class:`painwatch.robust.certificate.CertificationSampler`)."""
+        return self.step(logits).outcome
+
+    # -------------------------------------------------------------------------------- the rules
+
+    def _estimate(self, logits: Tensor) -> None:
+        draws = logits.shape[0]
+        predicted = int(self.predicted)  # type: ignore[arg-type]
+        values = _class_scores(logits, predicted, self.scores, self.score_temperature)
+        if self.vote_tracker is not None:
+            votes = (logits.argmax(dim=1) == predicted).to(torch.float64).cpu().numpy()
+            self.vote_tracker.update(votes)
+        else:
+            votes = values
+        upper = 1.0 - self.upper_tracker.update(1.0 - values)
+        self.used += draws
+        self._batch = min(2 * self._batch, self.max_batch)
+        best = min(self.attainable, self.sigma * float(norm.ppf(upper))) if upper > 0.5 else 0.0
+        self.votes += int(votes.sum())
+        if self.fixed:
+            if self.used < self.max_n and (best <= 0.0 or best < self.min_radius):
+                self._stop_reason = "futile"
+            elif self.used == self.max_n:
+                self._stop_reason = "budget"
+            return
+        lower = self.lower_bound.update(values)
+        self.radius = self.sigma * float(norm.ppf(lower)) if lower > 0.5 else 0.0
+        if self.target_radius is not None and self.radius >= self.target_radius:
+            self._stop_reason = "target"
+        elif best <= 0.0 or best < self.min_radius:
+            self._stop_reason = "futile"
+        elif self.radius > 0.0 and best - self.radius <= max(self.rel_tol * best, self.min_radius):
+            self._stop_reason = "saturated"
+        elif self.used >= self.max_n:
+            self._stop_reason = "budget"
+
+    def _certificate(self) -> SequentialCertificate:
+        if self.fixed:
+            # Clopper-Pearson of the whole budget; before it is spent, or after an early stop (futile),
+            # nothing is certified.
+            spent = self.used == self.max_n
+            lower = clopper_pearson_lower(self.votes, self.max_n, self.alpha) if spent else 0.0
+            radius = self.sigma * float(norm.ppf(lower)) if lower > 0.5 else 0.0
+        else:
+            lower, radius = self.lower_bound.lower, self.radius
+        certified = lower > 0.5 and radius > 0.0
+        # The fixed bound is Cohen's CERTIFY over the whole budget: the base method's certificate.
+        method = _SEQUENTIAL_SPECS[self.scores].base if self.fixed else _SEQUENTIAL_SPECS[self.scores].name
+        certificate = Certificate(
+            prediction=int(self.predicted) if certified else ABSTAIN,  # type: ignore[arg-type]
+            radius=radius if certified else 0.0,
+            method=method,
+            sigma=self.sigma,
+            n=self.used,
+            alpha=self.alpha,
+            bound=lower,
+            forward_passes=self.n0 + self.used,
+        )
+        if self.fixed:
+            estimate = self.votes / self.used if self.used else math.nan
+        else:
+            estimate = self.lower_bound.mean
+        vote_lower = self.vote_tracker.lower if self.vote_tracker is not None else lower
+        return SequentialCertificate(
+            certificate=certificate,
+            method=method,
+            forward_passes=self.n0 + self.used,
+            stop_reason=self._stop_reason,
+            upper_bound=1.0 - self.upper_tracker.lower,
+            point_estimate=estimate,
+            done=self.done,
+            budget=self.max_n,
+            votes=self.votes,
+            vote_lower_bound=vote_lower if certified else 0.0,
+            selected=self.predicted,
+        )
+
+
+def sequential_certify_steps(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    **options: Any,
+) -> Iterator[SequentialCertificate]:
+    """Certify ``x`` step by step: the certificate after the selection draws and after every estimation
+    batch, until sampling stops (the last one has ``done=True``).
+
+    ``options`` are the keyword arguments of :func:`sequential_certify`, checked before the first draw.
+    With ``bound="anytime"`` every step's certificate holds on its own (the confidence sequence is valid
+    at every stopping time, so also when whoever watches stops looking); with ``bound="fixed"`` every
+    step before the last abstains (Clopper-Pearson needs the whole budget) and only shows progress. The
+    last step equals :func:`sequential_certify`'s result for the same model and generator.
+    """
+    check_model(model)
+    sampler = SequentialSampler(x, **options)
+    check_same_device(model, x)
+    return _drive(model, sampler)
+
+
+def _drive(model: Callable[[Tensor], Tensor], sampler: SequentialSampler) -> Iterator[SequentialCertificate]:
+    with evaluation_mode(model), torch.no_grad():
+        while not sampler.done:
+            chunks = sampler.noisy_chunks()
+            yield sampler.step(torch.cat([model(chunk) for chunk in chunks], dim=0))
 
 
 def sequential_certify(
@@ -186,111 +463,23 @@ def sequential_certify(
             included), e.g. to estimate calibrated smoothed probabilities without extra passes.
 
     Returns:
-        a :class:`SequentialCertificate`. Guarantee: with probability at least ``1 - alpha`` over the
-        noise, whenever the certificate does not abstain, the smoothed classifier (``argmax_k
-        E softmax(f(x + xi))_k`` for soft scores, the majority vote for hard ones) returns the
-        certificate's class at every ``x'`` with ``||x' - x||_2 <= radius``.
+        a :class:`SequentialCertificate` (the last step of :func:`sequential_certify_steps`).
+        Guarantee: with probability at least ``1 - alpha`` over the noise, whenever the certificate
+        does not abstain, the smoothed classifier (``argmax_k E softmax(f(x + xi))_k`` for soft scores,
+        the majority vote for hard ones) returns the certificate's class at every ``x'`` with
+        ``||x' - x||_2 <= radius``.
     """
-    if scores not in SCORE_KINDS:
-        raise ValueError(f"scores must be one of {SCORE_KINDS}, got {scores!r}")
-    if bound not in SEQUENTIAL_BOUNDS:
-        raise ValueError(f"bound must be one of {SEQUENTIAL_BOUNDS}, got {bound!r}")
-    if bound == "fixed" and scores != "hard":
-        raise ValueError("bound='fixed' (Clopper-Pearson) needs scores='hard'; soft scores need 'anytime'")
-    check_model(model)
-    check_image(x)
-    check_generator(generator)
-    sigma = check_sigma(sigma)
-    alpha = check_alpha(alpha)
-    n0 = check_count(n0, "n0")
-    max_n = check_count(max_n, "max_n", minimum=2)
-    first_batch = check_count(first_batch, "first_batch")
-    max_batch = check_count(max_batch, "max_batch")
-    batch_size = check_count(batch_size, "batch_size")
-    rel_tol = _check_fraction(rel_tol, "rel_tol")
-    score_temperature = check_sigma(score_temperature, "score_temperature")
-    if isinstance(min_radius, bool) or not isinstance(min_radius, (int, float)) or not min_radius >= 0.0:
-        raise ValueError(f"min_radius must be a number >= 0, got {min_radius!r}")
-    if target_radius is not None:
-        target_radius = check_sigma(target_radius, "target_radius")
-    if generator is None:
-        # One generator for the selection and every batch (noisy_logits would seed each call afresh).
-        generator = torch.Generator(device="cpu")
-        generator.seed()
-
-    if logits_callback is not None and not callable(logits_callback):
-        raise TypeError(f"logits_callback must be callable or None, got {type(logits_callback).__name__}")
-    selection = noisy_logits(model, x, sigma=sigma, num=n0, batch_size=batch_size, generator=generator)
-    if logits_callback is not None:
-        logits_callback(selection)
-    predicted = _selection_class(selection, scores, score_temperature)
-
-    lower_bound = BettingLowerBound(alpha, probit_min=0.0)
-    # An upper bound on the same score (a lower bound on 1 - score); it only steers stopping.
-    upper_tracker = BettingLowerBound(alpha, probit_step=0.02)
-    fixed = bound == "fixed"
-    attainable = sigma * norm.ppf(
-        alpha ** (1.0 / max_n) if fixed else best_attainable_lower_bound(alpha, max_n, lower_bound.max_bet)
+    steps = sequential_certify_steps(
+        model, x, sigma=sigma, alpha=alpha, n0=n0, max_n=max_n, first_batch=first_batch,
+        max_batch=max_batch, batch_size=batch_size, target_radius=target_radius, rel_tol=rel_tol,
+        min_radius=min_radius, scores=scores, score_temperature=score_temperature, bound=bound,
+        generator=generator, logits_callback=logits_callback,
     )
-    votes = 0  # estimation draws that voted for the selected class (fixed bound)
-    used = 0
-    batch = min(first_batch, max_batch)
-    stop_reason = "budget"
-    radius = 0.0
-    while used < max_n:
-        draws = min(batch, max_n - used)
-        logits = noisy_logits(model, x, sigma=sigma, num=draws, batch_size=batch_size, generator=generator)
-        if logits_callback is not None:
-            logits_callback(logits)
-        values = _class_scores(logits, predicted, scores, score_temperature)
-        upper = 1.0 - upper_tracker.update(1.0 - values)
-        used += draws
-        batch = min(2 * batch, max_batch)
-        best = min(attainable, sigma * float(norm.ppf(upper))) if upper > 0.5 else 0.0
-        if fixed:
-            votes += int(values.sum())
-            if used < max_n and (best <= 0.0 or best < min_radius):
-                stop_reason = "futile"
-                break
-            continue
-        lower = lower_bound.update(values)
-        radius = sigma * float(norm.ppf(lower)) if lower > 0.5 else 0.0
-        if target_radius is not None and radius >= target_radius:
-            stop_reason = "target"
-            break
-        if best <= 0.0 or best < min_radius:
-            stop_reason = "futile"
-            break
-        if radius > 0.0 and best - radius <= max(rel_tol * best, min_radius):
-            stop_reason = "saturated"
-            break
-    if fixed:
-        # Clopper-Pearson of the whole budget; after an early stop (futile) nothing is certified.
-        lower = clopper_pearson_lower(votes, max_n, alpha) if used == max_n else 0.0
-        radius = sigma * float(norm.ppf(lower)) if lower > 0.5 else 0.0
-    else:
-        lower = lower_bound.lower
-    certified = lower > 0.5 and radius > 0.0
-    # The fixed bound is Cohen's CERTIFY over the whole budget: the base method's certificate.
-    method = _SEQUENTIAL_SPECS[scores].base if fixed else _SEQUENTIAL_SPECS[scores].name
-    certificate = Certificate(
-        prediction=predicted if certified else ABSTAIN,
-        radius=radius if certified else 0.0,
-        method=method,
-        sigma=sigma,
-        n=used,
-        alpha=alpha,
-        bound=lower,
-        forward_passes=n0 + used,
-    )
-    return SequentialCertificate(
-        certificate=certificate,
-        method=method,
-        forward_passes=n0 + used,
-        stop_reason=stop_reason,
-        upper_bound=1.0 - upper_tracker.lower,
-        point_estimate=votes / used if fixed else lower_bound.mean,
-    )
+    last = None
+    for last in steps:  # noqa: B007 - the last step is the certificate
+        pass
+    assert last is not None and last.done  # the budget is at least two draws
+    return last
 
 
 def _sequential_runner(scores: str) -> Callable[[Model, Tensor, CertificationSettings], CertificationOutcome]:
@@ -301,9 +490,21 @@ def _sequential_runner(scores: str) -> Callable[[Model, Tensor, CertificationSet
             scores=scores, score_temperature=settings.score_temperature if scores == "soft" else 1.0,
             bound="anytime", generator=settings.generator, logits_callback=settings.logits_callback,
         )
-        return CertificationOutcome(result.certificate, result.stop_reason)
+        return result.outcome
 
     return run
+
+
+def _sequential_sampler(scores: str) -> Callable[[Tensor, CertificationSettings], SequentialSampler]:
+    def sampler(x: Tensor, settings: CertificationSettings) -> SequentialSampler:
+        return SequentialSampler(
+            x, sigma=settings.sigma, alpha=settings.alpha, n0=settings.n0, max_n=settings.n,
+            batch_size=settings.batch_size, rel_tol=settings.rel_tol, min_radius=settings.min_radius,
+            scores=scores, score_temperature=settings.score_temperature if scores == "soft" else 1.0,
+            bound="anytime", generator=settings.generator, logits_callback=settings.logits_callback,
+        )
+
+    return sampler
 
 
 _SEQUENTIAL_SPECS: dict[str, MethodSpec] = {
@@ -316,6 +517,7 @@ _SEQUENTIAL_SPECS: dict[str, MethodSpec] = {
         sequential=True,
         base="randomized_smoothing",
         runner=_sequential_runner("hard"),
+        sampler=_sequential_sampler("hard"),
     )),
     "soft": register_method(MethodSpec(
         name="soft_smoothing_sequential",
@@ -327,6 +529,7 @@ _SEQUENTIAL_SPECS: dict[str, MethodSpec] = {
         base="soft_smoothing",
         uses_score_temperature=True,
         runner=_sequential_runner("soft"),
+        sampler=_sequential_sampler("soft"),
     )),
 }
 

@@ -32,7 +32,7 @@ from painwatch.robust.certificate import (
     register_method,
 )
 from painwatch.robust.noise import noisy_logit_batches, resolve_generator
-from painwatch.robust.sequential import sequential_certify
+from painwatch.robust.sequential import SequentialSampler, sequential_certify
 from painwatch.robust.validation import (
     Model,
     check_alpha,
@@ -251,7 +251,7 @@ def _run_randomized_smoothing(model: Model, x: torch.Tensor,
             scores="hard", bound="fixed", generator=settings.generator,
             logits_callback=settings.logits_callback,
         )
-        return CertificationOutcome(result.certificate, result.stop_reason)
+        return result.outcome
     check_model(model)
     certificate = _cohen_certify(
         model, x, sigma=check_sigma(settings.sigma), n0=settings.n0, n=settings.n, alpha=settings.alpha,
@@ -259,6 +259,18 @@ def _run_randomized_smoothing(model: Model, x: torch.Tensor,
         logits_callback=settings.logits_callback,
     )
     return CertificationOutcome(certificate)
+
+
+def _randomized_smoothing_sampler(
+    x: torch.Tensor, settings: CertificationSettings
+) -> SequentialSampler | None:
+    if not settings.stop_early:
+        return None  # the plain fixed-n CERTIFY draws in one go
+    return SequentialSampler(
+        x, sigma=settings.sigma, alpha=settings.alpha, n0=settings.n0, max_n=settings.n,
+        batch_size=settings.batch_size, rel_tol=settings.rel_tol, min_radius=settings.min_radius,
+        scores="hard", bound="fixed", generator=settings.generator, logits_callback=settings.logits_callback,
+    )
 
 
 def _run_soft_smoothing(
@@ -282,6 +294,7 @@ _RANDOMIZED_SMOOTHING = register_method(MethodSpec(
     base="randomized_smoothing",
     stops_early_to_abstain=True,
     runner=_run_randomized_smoothing,
+    sampler=_randomized_smoothing_sampler,
 ))
 _SOFT_SMOOTHING = register_method(MethodSpec(
     name="soft_smoothing",

@@ -1,0 +1,336 @@
+"""The network as it answers: one runtime and one precision for the clean pass and every noise draw.
+
+A certificate is about the exact function that gave the answer (docs/design.md, "The answer at once and
+a certificate that grows"). An :class:`Engine` is that function: it wraps a bundle's network in a
+runtime (``torch``, or ``openvino`` [OpenVINO] on CPUs) at a precision (``fp32``, or ``bf16`` where
+the processor has it) and computes logits ``(B, K)`` of images ``(B, C, H, W)`` with pixels in [0, 1].
+
+Every batch is cut into passes of a fixed shape (``pass_rows`` images, the last one padded with zeros),
+so a row's logits depend on that row alone, never on the other images that shared its pass: frames
+batched together give the certificates they get alone, and a recorded noise seed reproduces a result
+whatever else was being certified. A single clean image (the answer) goes through a pass of one row.
+
+The engine measures its own throughput (:attr:`Engine.passes_per_s`, images per second over recent
+noise passes) and, once certification reports it, the rate of whole certification rounds
+(:attr:`Engine.draws_per_s`: drawing the noise, the passes and the bookkeeping), from which the page
+turns a time budget into a number of draws.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import math
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["PRECISIONS", "RUNTIMES", "Engine", "EngineError", "bf16_supported", "choose_engine",
+           "make_engine", "network_fingerprint"]
+
+RUNTIMES: tuple[str, ...] = ("torch", "openvino")
+"""How the network runs: PyTorch eager, or an OpenVINO compiled model (CPU only)."""
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+"""The arithmetic of weights and activations: float32, or bfloat16 (8-bit mantissa, fp32 range)."""
+
+CPU_PASS_ROWS = 16
+"""Images per noise pass on a CPU: the batch ``scripts/bench_latency.py`` measures every engine at
+(OpenVINO bf16 ran ResNet50 at 224 px at 4.7 times a bare fp32 timm loop there, ``results/latency/``)."""
+GPU_PASS_ROWS = 256
+"""Images per noise pass on a GPU: enough to keep it busy with ResNet50 at 224 px."""
+_THROUGHPUT_MEMORY = 0.7
+"""Weight of the past in the running throughput (per timed pass)."""
+
+
+class EngineError(ValueError):
+    """A runtime or precision that cannot run here (not installed, no bf16, no GPU for it)."""
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_supported_on_cpu() -> bool:
+    """Whether this processor computes bfloat16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
+    try:
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+            # oneDNN also emulates bf16 on plain AVX512; only the native instructions pay.
+            return not flags or any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+    except (AttributeError, RuntimeError, OSError):
+        pass
+    return False
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (a CUDA GPU that supports it, or such a CPU)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return device.type == "cpu" and bf16_supported_on_cpu()
+
+
+def openvino_available() -> bool:
+    """Whether the ``openvino`` package imports."""
+    try:
+        import openvino  # noqa: F401 - optional: imported only to see whether it is there
+    except ImportError:
+        return False
+    return True
+
+
+def choose_engine(
+    device: torch.device, *, runtime: str = "auto", precision: str = "auto"
+) -> tuple[str, str]:
+    """The ``(runtime, precision)`` to run on ``device``: ``"auto"`` picks the fastest that is exact
+    enough here (OpenVINO on CPUs when installed, bf16 where the device has it natively); an explicit
+    choice is checked. Raises :class:`EngineError` naming what is missing."""
+    if runtime not in ("auto", *RUNTIMES):
+        raise EngineError(f"runtime={runtime!r} is not a runtime; choose auto or one of "
+                          f"{', '.join(RUNTIMES)}")
+    if precision not in ("auto", *PRECISIONS):
+        raise EngineError(f"precision={precision!r} is not a precision; choose auto or one of "
+                          f"{', '.join(PRECISIONS)}")
+    if runtime == "auto":
+        runtime = "openvino" if device.type == "cpu" and openvino_available() else "torch"
+    if runtime == "openvino":
+        if device.type != "cpu":
+            raise EngineError(f"runtime='openvino' runs on the CPU only, not on {device}")
+        if not openvino_available():
+            raise EngineError("runtime='openvino' needs the openvino package (pip install openvino)")
+    if precision == "auto":
+        precision = "bf16" if bf16_supported(device) else "fp32"
+    if precision == "bf16" and not bf16_supported(device):
+        raise EngineError(f"precision='bf16' needs native bfloat16 on {device} (AVX512-BF16 or AMX on a CPU, "
+                          "a GPU that supports it); use fp32")
+    return runtime, precision
+
+
+@dataclass
+class _Throughput:
+    """Images per second over recent timed passes (a running average)."""
+
+    passes_per_s: float = math.nan
+
+    def record(self, images: int, seconds: float) -> None:
+        if images <= 0 or seconds <= 0:
+            return
+        rate = images / seconds
+        if math.isnan(self.passes_per_s):
+            self.passes_per_s = rate
+        else:
+            self.passes_per_s = _THROUGHPUT_MEMORY * self.passes_per_s + (1 - _THROUGHPUT_MEMORY) * rate
+
+
+class Engine:
+    """The network in one runtime and precision; see the module docstring.
+
+    ``engine(batch)`` returns float32 logits ``(B, K)`` on ``batch``'s device, computed in passes of
+    ``pass_rows`` images (``engine.answer(batch)`` in passes of one image, for clean answers). Attributes:
+    ``runtime``, ``precision``, ``pass_rows``, ``device``, ``threads`` (CPU threads it runs on),
+    ``passes_per_s`` (measured, NaN before the first timed pass).
+    """
+
+    runtime: str = ""
+
+    def __init__(
+        self, *, precision: str, pass_rows: int, device: torch.device, input_shape: Sequence[int]
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise EngineError(f"precision={precision!r} is not one of {PRECISIONS}")
+        if not isinstance(pass_rows, int) or pass_rows < 1:
+            raise EngineError(f"pass_rows must be a positive integer, got {pass_rows!r}")
+        self.precision = precision
+        self.pass_rows = pass_rows
+        self.device = device
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.threads = torch.get_num_threads()
+        self._throughput = _Throughput()
+        self._draws = _Throughput()
+
+    @property
+    def name(self) -> str:
+        """``"<runtime>-<precision>"``, e.g. ``openvino-bf16``."""
+        return f"{self.runtime}-{self.precision}"
+
+    @property
+    def passes_per_s(self) -> float:
+        """Images per second of the recent noise passes (NaN before any was timed)."""
+        return self._throughput.passes_per_s
+
+    @property
+    def draws_per_s(self) -> float:
+        """Noise draws per second of recent certification rounds (:meth:`record_draws`), or
+        :attr:`passes_per_s` before any was recorded."""
+        rate = self._draws.passes_per_s
+        return rate if math.isfinite(rate) else self.passes_per_s
+
+    def record_draws(self, draws: int, seconds: float) -> None:
+        """Record a certification round: ``draws`` noisy copies drawn, passed and counted in ``seconds``."""
+        self._draws.record(draws, seconds)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._in_passes(batch, self.pass_rows, timed=True)
+
+    def answer(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits of clean images, one image per pass (the fastest way to one answer)."""
+        return self._in_passes(batch, 1, timed=False)
+
+    def warm_up(self) -> float:
+        """Run one noise pass and one answer pass on zeros (first passes are slow: memory, kernel choice)
+        and time a second noise pass; returns the measured images per second."""
+        zeros = torch.zeros((self.pass_rows, *self.input_shape), device=self.device)
+        self.answer(zeros[:1])
+        self(zeros)
+        self(zeros)
+        return self.passes_per_s
+
+    def _in_passes(self, batch: torch.Tensor, rows: int, *, timed: bool) -> torch.Tensor:
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected images (B, {', '.join(map(str, self.input_shape))}), "
+                             f"got shape {tuple(batch.shape)}")
+        outputs = []
+        for start in range(0, batch.shape[0], rows):
+            part = batch[start:start + rows]
+            count = part.shape[0]
+            if count < rows:  # a fixed shape: a row's logits never depend on the rows beside it
+                part = torch.cat([part, part.new_zeros((rows - count, *self.input_shape))])
+            began = time.perf_counter()
+            logits = self._run(part)[:count]
+            if timed:
+                self._throughput.record(rows, time.perf_counter() - began)
+            outputs.append(logits.to(batch.device, torch.float32))
+        return torch.cat(outputs) if outputs else batch.new_zeros((0, 0))
+
+    def _run(self, part: torch.Tensor) -> torch.Tensor:  # pragma: no cover - every runtime overrides it
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What computes the answers, for results and reports."""
+        return {"runtime": self.runtime, "precision": self.precision, "pass_rows": self.pass_rows,
+                "device": str(self.device), "threads": self.threads}
+
+
+class TorchEngine(Engine):
+    """PyTorch eager on its own copy of the network, channels-last (faster convolutions on CPUs and
+    GPUs), with weights and activations in bfloat16 for ``precision="bf16"``."""
+
+    runtime = "torch"
+
+    def __init__(
+        self, model: torch.nn.Module, *, precision: str, pass_rows: int, input_shape: Sequence[int]
+    ) -> None:
+        device = next(model.parameters()).device
+        super().__init__(precision=precision, pass_rows=pass_rows, device=device, input_shape=input_shape)
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        # Its own copy: the page's Grad-CAM hooks on the bundle's network never see a noise pass.
+        self.network = copy.deepcopy(model).eval().to(dtype=self.dtype, memory_format=torch.channels_last)
+        for parameter in self.network.parameters():
+            parameter.requires_grad_(False)
+
+    def _run(self, part: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            inputs = part.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+            return self.network(inputs).float()
+
+
+def network_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a network's class and every parameter and buffer (names, dtypes, shapes, values): the
+    same fingerprint, the same function."""
+    digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+_COMPILED: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+"""OpenVINO compiled models by (network fingerprint, shape, precision, threads), the most recent last:
+converting a network takes seconds, and a process often loads the same bundle again."""
+_COMPILED_MAX = 8
+_COMPILED_LOCK = threading.Lock()
+
+
+class OpenVinoEngine(Engine):
+    """An OpenVINO compiled model on the CPU [OpenVINO], converted from the bundle's network (the
+    weights are the same numbers); ``precision`` is its inference precision hint (``bf16`` runs
+    convolutions and matrix products in bfloat16 with fp32 accumulation). Compiled models are kept per
+    process (:data:`_COMPILED`); every engine has its own inference requests, one call at a time each."""
+
+    runtime = "openvino"
+
+    def __init__(
+        self, model: torch.nn.Module, *, precision: str, pass_rows: int, input_shape: Sequence[int]
+    ) -> None:
+        super().__init__(precision=precision, pass_rows=pass_rows, device=torch.device("cpu"),
+                         input_shape=input_shape)
+        fingerprint = network_fingerprint(model)
+        self._requests = {}
+        self._locks = {}
+        for rows in sorted({1, pass_rows}):
+            compiled = self._compiled(model, fingerprint, rows)
+            self._requests[rows] = compiled.create_infer_request()
+            self._locks[rows] = threading.Lock()
+
+    def _compiled(self, model: torch.nn.Module, fingerprint: str, rows: int) -> Any:
+        import openvino as ov  # optional: only this runtime needs it
+
+        key = (fingerprint, rows, self.input_shape, self.precision, self.threads)
+        with _COMPILED_LOCK:
+            if key in _COMPILED:
+                _COMPILED.move_to_end(key)
+                return _COMPILED[key]
+            converted = _COMPILED.get((fingerprint, "converted"))
+            if converted is None:
+                # Traced once on one image (tracing a large batch costs minutes), reshaped per pass.
+                with torch.no_grad(), warnings.catch_warnings():
+                    # The converter traces the network; its tracer's notes are about other networks.
+                    warnings.simplefilter("ignore", category=FutureWarning)
+                    warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+                    converted = ov.convert_model(copy.deepcopy(model).cpu().eval().float(),
+                                                 example_input=torch.zeros((1, *self.input_shape)))
+                self._keep((fingerprint, "converted"), converted)
+            shaped = converted.clone()
+            shaped.reshape({shaped.inputs[0]: [rows, *self.input_shape]})
+            config = {"INFERENCE_NUM_THREADS": self.threads,
+                      "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32"}
+            compiled = ov.Core().compile_model(shaped, "CPU", config)
+            self._keep(key, compiled)
+            return compiled
+
+    @staticmethod
+    def _keep(key: tuple[Any, ...], value: Any) -> None:
+        _COMPILED[key] = value
+        while len(_COMPILED) > _COMPILED_MAX:
+            _COMPILED.popitem(last=False)
+
+    def _run(self, part: torch.Tensor) -> torch.Tensor:
+        inputs = np.ascontiguousarray(part.detach().cpu().numpy(), dtype=np.float32)
+        rows = part.shape[0]
+        with self._locks[rows]:
+            outputs = self._requests[rows].infer({0: inputs})
+            return torch.from_numpy(np.array(outputs[0], dtype=np.float32, copy=True))
+
+
+def make_engine(
+    model: torch.nn.Module,
+    input_shape: Sequence[int],
+    *,
+    runtime: str = "auto",
+    precision: str = "auto",
+    pass_rows: int | None = None,
+) -> Engine:
+    """The :class:`Engine` of ``model`` (on its device) for images ``input_shape`` ``(C, H, W)``: the
+    runtime and precision :func:`choose_engine` gives, in passes of ``pass_rows`` images (by default
+    :data:`CPU_PASS_ROWS` on a CPU, :data:`GPU_PASS_ROWS` on a GPU)."""
+    device = next(model.parameters()).device
+    runtime, precision = choose_engine(device, runtime=runtime, precision=precision)
+    if pass_rows is None:
+        pass_rows = CPU_PASS_ROWS if device.type == "cpu" else GPU_PASS_ROWS
+    engine_type = OpenVinoEngine if runtime == "openvino" else TorchEngine
+    return engine_type(model, precision=precision, pass_rows=pass_rows, input_shape=input_shape)
