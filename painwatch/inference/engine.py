@@ -34,13 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from painwatch.inference.bulk_settings import PRECISIONS, RUNTIMES
+
 __all__ = ["PRECISIONS", "RUNTIMES", "Engine", "EngineError", "bf16_supported", "choose_engine",
            "make_engine", "network_fingerprint"]
 
-RUNTIMES: tuple[str, ...] = ("torch", "openvino")
-"""How the network runs: PyTorch eager, or an OpenVINO compiled model (CPU only)."""
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-"""The arithmetic of weights and activations: float32, or bfloat16 (8-bit mantissa, fp32 range)."""
 
 CPU_PASS_ROWS = 16
 """Images per noise pass on a CPU: the batch ``scripts/bench_latency.py`` measures every engine at
