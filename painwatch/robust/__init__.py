@@ -19,9 +19,11 @@ Modules (arrows point to what a module imports; there are no cycles):
 - ``spectral`` dense and convolution operator norms [Sedghi19]; ``lipschitz_rules`` (-> spectral)
   per-layer bounds and ``lipschitz_extensions`` (-> lipschitz_rules, spectral) those of timm and
   deel-torchlip layers; ``lipschitz`` (-> lipschitz_rules, lipschitz_extensions, spectral) sound
-  network bounds; ``layers`` (-> spectral) orthogonal layers [Li19; Anil19];
-- ``moments`` (-> layers) Gaussian moment propagation; ``losses`` (-> moments) margin losses;
-  ``attacks`` (-> margin, noise, smoothing) PGD-L2 checks [Madry18]; ``evaluation`` certified accuracy.
+  network bounds; ``layers`` (-> spectral) orthogonal layers [Li19; Anil19]; ``lipschitz_layers``
+  (-> layers, spectral) AOL layers [Prach22] and SLL residual layers [Araujo23];
+- ``moments`` (-> layers, lipschitz_layers) Gaussian moment propagation; ``losses`` (-> moments)
+  margin losses; ``attacks`` (-> margin, noise, smoothing) PGD-L2 checks [Madry18]; ``evaluation``
+  certified accuracy.
 
 Everything public is re-exported here.
 """
@@ -74,6 +76,16 @@ from painwatch.robust.lipschitz import (
     UnsupportedLayerError,
     lipschitz_lower_estimate,
     lipschitz_upper_bound,
+)
+from painwatch.robust.lipschitz_layers import (
+    AOLConv2d,
+    AOLLinear,
+    ChannelPad,
+    PlainSLL,
+    SLLConv2d,
+    SLLLinear,
+    aol_rescale,
+    sdp_residual_bound,
 )
 from painwatch.robust.losses import (
     LOSS_NAMES,
@@ -167,11 +179,14 @@ __all__ = [
     "SEQUENTIAL_METHODS",
     "STOP_REASONS",
     "SURROGATE_KINDS",
+    "AOLConv2d",
+    "AOLLinear",
     "BettingLowerBound",
     "Certificate",
     "CertificateAttackReport",
     "CertificationOutcome",
     "CertificationSettings",
+    "ChannelPad",
     "GroupSort",
     "InvertibleDownsampling",
     "MCExpectedMarginLoss",
@@ -185,12 +200,16 @@ __all__ = [
     "MulticlassHingeLoss",
     "OrthogonalConv2d",
     "OrthogonalLinear",
+    "PlainSLL",
+    "SLLConv2d",
+    "SLLLinear",
     "SequentialCertificate",
     "SmoothedClassifier",
     "SmoothedCrossEntropyLoss",
     "SoftmaxCrossEntropyLoss",
     "UnsupportedLayerError",
     "ZhenLoss",
+    "aol_rescale",
     "attack_certificates",
     "best_attainable_lower_bound",
     "bjorck_orthonormalize",
@@ -249,6 +268,7 @@ __all__ = [
     "resolve_generator",
     "sc_sce_loss",
     "sce_loss",
+    "sdp_residual_bound",
     "sequential_certify",
     "smoothed_margin_certify",
     "smoothed_margin_slack",
