@@ -1,4 +1,5 @@
-"""timm backbones with the normalisation inside, and model bundles (``weights.safetensors`` + ``model.json``).
+"""timm backbones and Lipschitz networks with the normalisation inside, and model bundles
+(``weights.safetensors`` + ``model.json``).
 
 A model takes ``(B, 3, H, W)`` float images with pixels in [0, 1] and returns logits ``(B, K)``.
 :mod:`painwatch.models.schema` types ``model.json``; :mod:`painwatch.models.bundle` reads and writes
@@ -15,6 +16,11 @@ from painwatch.models.bundle import (
     record_gate_verdict,
     save_bundle,
     update_bundle_metadata,
+)
+from painwatch.models.lipschitz_nets import (
+    LIPSCHITZ_ARCHITECTURES,
+    LipschitzArchitecture,
+    is_lipschitz_architecture,
 )
 from painwatch.models.network import (
     DEFAULT_ARCH,
@@ -36,6 +42,7 @@ from painwatch.models.schema import (
     CertificationDefaults,
     GateVerdict,
     default_certification,
+    default_certification_method,
 )
 
 __all__ = [
@@ -44,6 +51,7 @@ __all__ = [
     "DEFAULT_CERTIFICATION_SIGMA",
     "DEFAULT_SCORE_TEMPERATURE",
     "FORMAT_VERSION",
+    "LIPSCHITZ_ARCHITECTURES",
     "METADATA_FILE",
     "WEIGHTS_FILE",
     "Bundle",
@@ -51,12 +59,15 @@ __all__ = [
     "BundleMetadata",
     "CertificationDefaults",
     "GateVerdict",
+    "LipschitzArchitecture",
     "ModelWeightsError",
     "Normalize",
     "PainNet",
     "create_model",
     "default_certification",
+    "default_certification_method",
     "find_gradcam_layer",
+    "is_lipschitz_architecture",
     "library_versions",
     "load_backbone_weights",
     "load_bundle",

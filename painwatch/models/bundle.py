@@ -43,6 +43,7 @@ from painwatch.models.schema import (
     BundleMetadata,
     GateVerdict,
     default_certification,
+    default_certification_method,
 )
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -122,7 +123,7 @@ def _build_metadata(model: PainNet, metadata: Mapping[str, Any] | None) -> dict[
     certification = given.pop("certification", None)
     if certification is None:
         noise_sigma = training.get("noise_sigma") if isinstance(training, Mapping) else None
-        certification = default_certification(noise_sigma)
+        certification = default_certification(noise_sigma, method=default_certification_method(model.arch))
     content: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         **derived,
