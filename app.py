@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,6 +62,7 @@ class Batch:
     problems: list[support.FileProblem]
     provenance: support.Provenance
     created: datetime
+    seconds: float  # classifying and certifying every frame (decoding and waiting for the lock excluded)
 
 
 # --------------------------------------------------------------------------- sidebar
@@ -103,7 +105,8 @@ def sidebar_settings(bundle: Path, certification: Any) -> dict[str, Any]:
             help="randomized_smoothing: Cohen et al.'s vote counts under noise (any network; new bundles' "
             "default). soft_smoothing: expected softmax scores under noise, sharpened with the bundle's "
             "score temperature. smoothed_margin: expected-margin bound (small noise). "
-            "lipschitz: worst case from one pass (only meaningful for Lipschitz-constrained networks).",
+            "lipschitz: exact worst case from one pass, no noise (the default of Lipschitz networks, "
+            "lip-*; other networks cannot use it).",
         )
         sigma = st.slider(
             "Noise level σ (L2, pixels 0–1)", min_value=sigma_lo, max_value=sigma_hi,
@@ -182,7 +185,9 @@ def analyse(predictor: Any, uploads: list[support.Upload], settings: dict[str, A
 
     progress.progress(0.0, text="Waiting for the model (another analysis may be running)…")
     with model_lock():
+        started = time.perf_counter()
         frames, results, refused = support.classify_frames(predictor, frames, progress=report)
+        seconds = time.perf_counter() - started
     problems = problems + refused
     # Keep only what the page shows: the model's view and a thumbnail, not full-size frames
     # (300 full-HD clip frames would hold about 2 GB per browser session).
@@ -190,7 +195,7 @@ def analyse(predictor: Any, uploads: list[support.Upload], settings: dict[str, A
     frames = [replace(f, image=support.thumbnail_with_crop(f.image)) for f in frames]
     progress.empty()
     return Batch(key, frames, views, results, problems, support.Provenance.from_predictor(predictor),
-                 datetime.now(UTC))
+                 datetime.now(UTC), seconds)
 
 
 def show_problems(problems: list[support.FileProblem]) -> None:
@@ -216,6 +221,7 @@ def show_summary(batch: Batch) -> None:
                    help="Frames where the model would not commit to an answer.")
     cols[3].metric("Certified", f"{summary.certified} of {summary.frames}",
                    help="Frames with a certified radius above 0.")
+    st.caption("Time: " + support.describe_cost(batch.results, batch.seconds))
     course = support.time_course(batch.frames, batch.results)
     if not course.empty:
         st.markdown("**Time course** (probability of pain over each clip)")
@@ -271,6 +277,13 @@ def show_table(batch: Batch) -> None:
     right.download_button("Download JSON", json_bytes, file_name=f"{stem}.json", mime="application/json",
                           on_click="ignore", icon=":material/download:")
     cert = batch.provenance.certification
+    if cert.get("method") == "lipschitz":
+        st.caption(
+            f"Bundle weights SHA-256 {batch.provenance.weights_sha256[:16]}…; method lipschitz: one network "
+            "evaluation per frame, no noise, exact certificates. The downloads carry the full hash and the "
+            "settings."
+        )
+        return
     st.caption(
         f"Bundle weights SHA-256 {batch.provenance.weights_sha256[:16]}…; method {cert.get('method')}, "
         f"σ = {cert.get('sigma'):g}, α = {cert.get('alpha'):g}, budget n = {cert.get('n')} per frame. "
@@ -323,8 +336,12 @@ def show_frame(batch: Batch, predictor: Any) -> None:
             st.progress(min(max(float(probability), 0.0), 1.0), text=f"{name}: {probability:.1%}")
         st.markdown(support.describe_radius(float(result.radius), float(result.radius_grey_levels),
                                             method=str(result.method), alpha=float(result.alpha)))
-        st.caption(f"Method {result.method}, σ = {result.sigma:g}, {result.n} noise draws, "
-                   f"{result.forward_passes} network evaluations. Answer from the {result.classifier}.")
+        if result.method == "lipschitz":
+            st.caption(f"Method lipschitz: {result.forward_passes} network evaluation, no noise. Answer from "
+                       f"{result.classifier}.")
+        else:
+            st.caption(f"Method {result.method}, σ = {result.sigma:g}, {result.n} noise draws, "
+                       f"{result.forward_passes} network evaluations. Answer from the {result.classifier}.")
 
 
 def _saliency(batch_key: str, index: int, predictor: Any, image: Any) -> Any:

@@ -131,11 +131,28 @@ def describe_radius(radius: float, grey_levels: float, *, method: str, alpha: fl
         "grey levels (of 255) per pixel."
     )
     if method == "lipschitz":
-        return sentence + " This bound is exact for the network itself (no sampling)."
+        return sentence + (
+            " This guarantee is exact: it holds for the network itself, with no random sampling and no "
+            "chance of being wrong, and it took a single pass of the network."
+        )
     return sentence + (
         f" It holds for the noise-averaged model and was established from random samples, so it can be "
         f"wrong with probability at most {alpha:g}."
     )
+
+
+def describe_cost(results: Sequence[Any], seconds: float) -> str:
+    """What analysing a batch cost, in words: seconds per frame and network evaluations per frame
+    (``FrameResult.forward_passes``), e.g. "0.004 s per frame (1 network evaluation each)"."""
+    if not results:
+        return "No frame was analysed."
+    per_frame = float(seconds) / len(results)
+    passes = sorted({int(r.forward_passes) for r in results})
+    if len(passes) == 1:
+        count = f"{passes[0]} network evaluation{'s' if passes[0] != 1 else ''} each"
+    else:
+        count = f"{passes[0]} to {passes[-1]} network evaluations each"
+    return f"{seconds:.2f} s for {len(results)} frame(s): {per_frame:.3g} s per frame ({count})."
 
 
 RADIUS_NOTE = (

@@ -26,7 +26,9 @@ Which classifier answers (``FrameResult.classifier`` says it in words):
   :class:`painwatch.robust.SmoothedClassifier`. At the default budget of 1 000 forward passes the fixed
   bound certifies the largest radii (``scripts/bench_certify_clinical.py``).
 - ``smoothed_margin`` / ``lipschitz``: need a sound Lipschitz bound of the network; loading refuses
-  them with a clear message for networks whose bound painwatch cannot compute (e.g. ResNets).
+  them with a clear message for networks whose bound painwatch cannot compute (e.g. ResNets). The
+  Lipschitz networks (``lip-*`` architectures) certify with ``lipschitz`` by default: the bare
+  network's answer, deterministic (alpha 0), from one forward pass that also gives the probabilities.
 
 Abstention is an answer: ``label == "abstain"``, ``class_index == -1``, ``radius == 0.0``, with the
 reason in words (``abstain_reason``, from :data:`ABSTAIN_REASONS`).
@@ -299,16 +301,19 @@ class Predictor:
         def collect(logits: torch.Tensor) -> None:
             totals.add_(torch.softmax(logits.cpu() / self.temperature, dim=1).sum(dim=0))
 
+        # A sequential certificate's noisy logits, or the deterministic certificate's one clean pass, also
+        # give the probabilities.
+        reuse_logits = s.sequential or method_spec(s.method_name).deterministic
         outcome = certify(
             s.method_name, self.model, x, sigma=s.sigma, alpha=s.alpha, n0=s.n0, n=s.n,
             batch_size=s.batch_size, generator=self.generator_for(x, noise_seed),
             lipschitz_constant=self.lipschitz_constant, score_temperature=s.score_temperature,
             stop_early=s.sequential, rel_tol=s.rel_tol,
-            min_radius=s.min_radius, logits_callback=collect if s.sequential else None,
+            min_radius=s.min_radius, logits_callback=collect if reuse_logits else None,
         )
         certificate = outcome.certificate
-        if s.sequential:
-            # The probabilities come from the noisy logits already drawn: no extra forward pass.
+        if reuse_logits:
+            # The probabilities come from the logits already computed: no extra forward pass.
             return certificate, (totals / totals.sum()).numpy(), outcome.forward_passes, outcome.stop_reason
         passes = int(certificate.forward_passes) + 1  # + the clean pass for the probabilities
         return certificate, self._clean_probabilities(x), passes, None

@@ -163,7 +163,8 @@ class CertificationSettings:
             remaining budget could plausibly give.
         min_radius: noise methods that stop early: radii below this (L2) are not worth sampling for.
         logits_callback: called with each batch of noisy logits (float64 ``(b, K)``), selection draws
-            included, e.g. to estimate calibrated probabilities without extra forward passes.
+            included, e.g. to estimate calibrated probabilities without extra forward passes; for
+            ``"lipschitz"``, with its one batch of clean logits.
     """
 
     sigma: float = 0.0
