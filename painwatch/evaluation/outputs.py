@@ -19,10 +19,12 @@ from painwatch import CLASS_NAMES
 from painwatch.calibration import calibrated_probabilities
 from painwatch.data import FrameRecord, is_synthetic
 from painwatch.data.splits import Fold
+from painwatch.evaluation.lipschitz_folds import pooled_certified_accuracy
 from painwatch.evaluation.metrics import evaluate
 from painwatch.evaluation.report import PUBLISHED_REFERENCE, write_loio_report
 from painwatch.evaluation.settings import LoioSettings
 from painwatch.io import atomic_write_json, atomic_write_text
+from painwatch.models import is_lipschitz_architecture
 
 PREDICTIONS_FILE = "predictions.csv"
 METRICS_FILE = "metrics.json"
@@ -121,6 +123,7 @@ def write_outputs(
                 "best epoch": result["best_epoch"],
                 "epochs run": result["epochs_run"],
                 "seconds": result["seconds"],
+                **_fold_certificate_columns(result),
             }
         )
     synthetic = is_synthetic(settings.data)
@@ -141,6 +144,9 @@ def write_outputs(
         "evaluation": evaluation,
         "folds": fold_rows,
     }
+    certified = pooled_certified_accuracy(list(results.values()), labels)
+    if certified is not None:
+        metrics["lipschitz_certified_accuracy"] = certified
     outputs["metrics"] = atomic_write_json(run_dir / METRICS_FILE, metrics)
     run_info = {
         "data": str(settings.data),
@@ -184,7 +190,7 @@ def write_outputs(
         "device": device,
     }
     notes = []
-    if not train.weights_path and not train.pretrained:
+    if not train.weights_path and not train.pretrained and not is_lipschitz_architecture(train.arch):
         notes.append(
             "The backbone started from random weights (no ImageNet weights were given: pass --weights PATH "
             "or --pretrained). "
@@ -195,5 +201,21 @@ def write_outputs(
                 else "Training from scratch on few frames usually stays near chance."
             )
         )
+    if certified is not None:
+        notes.append(
+            "Certified accuracy (Lipschitz margin, one forward pass per frame, exact): "
+            + ", ".join(f"{value:.1%} at L2 radius {radius}" for radius, value in certified.items())
+            + " over all frames, each certified by the fold that left its individual out."
+        )
     outputs.update(write_loio_report(run_dir, evaluation, run_info, fold_rows=fold_rows, notes=notes))
     return metrics, outputs
+
+
+def _fold_certificate_columns(result: dict[str, Any]) -> dict[str, Any]:
+    """The Lipschitz bound and certified accuracy of a fold, for its row (empty for other networks)."""
+    certificates = result.get("lipschitz")
+    if not certificates:
+        return {}
+    return {"Lipschitz L": certificates["lipschitz_constant"],
+            **{f"certified acc. r={radius}": value
+               for radius, value in certificates["certified_accuracy"].items()}}
