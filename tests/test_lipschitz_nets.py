@@ -148,7 +148,8 @@ def test_pgd_at_099_r_never_flips_a_certified_frame(trained) -> None:
 
 def test_margin_losses_train_lipschitz_networks() -> None:
     data = _images(32, 2)
-    for arch, loss in (("lip-sll-tiny", "mcr"), ("lip-aol-tiny", "mscr"), ("lip-aol-tiny", "ce")):
+    for arch, loss in (("lip-sll-tiny", "mcr"), ("lip-sll-tiny", "offset_ce"), ("lip-aol-tiny", "mscr"),
+                       ("lip-aol-tiny", "ce")):
         config = _config(arch=arch, loss=loss, noise_sigma=0.05 if loss == "mscr" else 0.0, epochs=5)
         result = fit(create_model(arch, input_size=SIZE, seed=0), data, None, config=config, progress=False)
         losses = [h["train_loss"] for h in result.history]
@@ -160,6 +161,8 @@ def test_mscr_needs_noise_and_moment_rules() -> None:
     assert {"mcr", "mscr"} <= set(LOSSES)
     with pytest.raises(ValueError, match="noise_sigma > 0"):
         TrainConfig(loss="mscr")
+    with pytest.raises(ValueError, match=r"TrainConfig\.offset_temperature"):
+        TrainConfig(loss="offset_ce", offset_temperature=0.0)
     TrainConfig(loss="mcr")  # the Lipschitz margin needs no noise
     model = create_model("lip-sll-tiny", input_size=SIZE, seed=0)
     with pytest.raises(TypeError, match="SLLConv2d"):

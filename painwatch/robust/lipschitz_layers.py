@@ -374,9 +374,9 @@ class PlainSLL(nn.Module):
 
     def lipschitz_upper_bound(self, input_shape: Sequence[int]) -> float:
         shape = check_input_shape(input_shape)
-        expected = (self.weight.shape[1],) if self.weight.dim() == 2 else None
-        if (expected is not None and shape != expected) or (expected is None and (
-                len(shape) != 3 or shape[0] != self.weight.shape[1])):
+        features = self.weight.shape[1]
+        fits = shape == (features,) if self.weight.dim() == 2 else len(shape) == 3 and shape[0] == features
+        if not fits:
             raise ValueError(f"PlainSLL with weight {tuple(self.weight.shape)} cannot take samples {shape}")
         return sdp_residual_bound(self.weight, self.scale, shape)
 

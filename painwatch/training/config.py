@@ -16,7 +16,7 @@ from typing import Any
 from painwatch.settings import setting
 from painwatch.validation import check_bool, check_choice, check_integer, check_number
 
-LOSSES = ("ce", "mc_margin", "ce+mc_margin", "mcr", "mscr")
+LOSSES = ("ce", "mc_margin", "ce+mc_margin", "offset_ce", "mcr", "mscr")
 NOISE_LOSSES = ("mc_margin", "ce+mc_margin", "mscr")
 """The losses that maximise a margin under the training noise: they need ``noise_sigma > 0``."""
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -32,10 +32,11 @@ class TrainConfig:
 
     ``margin`` (d) and ``num_draws`` (k) parametrise the Monte Carlo expected-margin loss
     (docs/design.md, "Training"); ``margin_weight`` scales it when added to cross-entropy. ``margin`` is
-    also the target of the MCR loss ``relu(d - M_f)`` and of the MSCR loss ``relu(d - SM)`` (smoothed
-    margin by moment propagation at input variance ``noise_sigma^2``; AOL and BCOP Lipschitz networks
-    only) [RC, Ch. 3]; with a Lipschitz network of bound L they aim at a certified radius of
-    ``d / (sqrt(2) L)``. ``patience``
+    also the offset of the offset cross-entropy ``tau CE((f - d onehot_y) / tau)`` [Prach22] (``tau`` =
+    ``offset_temperature``) and the target of the MCR loss ``relu(d - M_f)`` and of the MSCR loss
+    ``relu(d - SM)`` (smoothed margin by moment propagation at input variance ``noise_sigma^2``; AOL and
+    BCOP Lipschitz networks only) [RC, Ch. 3]; with a Lipschitz network of bound L they aim at a
+    certified radius of ``d / (sqrt(2) L)``. ``patience``
     (epochs without improvement of ``monitor`` on the validation individuals) stops early; ``None``
     trains every epoch. ``head_epochs`` and ``head_l2`` are used by the linear head on cached features
     only (:func:`painwatch.training.head.fit_head`).
@@ -102,11 +103,15 @@ class TrainConfig:
     loss: str = setting(
         "ce", choices=LOSSES,
         help="cross-entropy, the Monte Carlo expected-margin loss (needs --noise-sigma > 0), their sum, "
+        "the offset cross-entropy tau CE((logits - d onehot) / tau) (offset_ce, for Lipschitz networks), "
         "the margin certified radius loss relu(d - margin) (mcr), or its smoothed version by moment "
         "propagation (mscr: needs --noise-sigma > 0 and a lip-aol or lip-bcop network)",
     )
     margin: float = setting(
-        1.0, help="target margin d of the expected-margin, mcr and mscr losses, in logit units"
+        1.0, help="target margin d of the expected-margin, offset_ce, mcr and mscr losses, in logit units"
+    )
+    offset_temperature: float = setting(
+        0.25, metavar="TAU", help="temperature tau of --loss offset_ce (smaller: closer to a hinge at d)"
     )
     num_draws: int = setting(
         4, metavar="K", help="noise draws k per frame and step of the expected-margin loss"
@@ -150,6 +155,7 @@ class TrainConfig:
         check_number(self.lr, name("lr"), minimum=0.0, exclusive_minimum=True)
         for field_name in ("weight_decay", "warmup_epochs", "noise_sigma", "margin_weight", "head_l2"):
             check_number(getattr(self, field_name), name(field_name), minimum=0.0)
+        check_number(self.offset_temperature, name("offset_temperature"), minimum=0.0, exclusive_minimum=True)
         check_number(self.margin, name("margin"))
         check_number(self.label_smoothing, name("label_smoothing"), minimum=0.0, maximum=1.0,
                      exclusive_maximum=True)

@@ -8,7 +8,8 @@ pixel in [0, 1] pixel space, not clipped: the certificates assume unclipped nois
 expected-margin loss ``relu(d - mean_k M_f(x + xi_k))`` over ``k`` draws
 (:func:`painwatch.robust.mc_expected_margin_loss`), alone (``"mc_margin"``) or added to cross-entropy
 (``"ce+mc_margin"``); docs/design.md, "Training". For the Lipschitz networks, the margin certified
-radius loss ``relu(d - M_f(x))`` (``"mcr"``, on the noisy frames when ``noise_sigma > 0``) and the
+radius loss ``relu(d - M_f(x))`` (``"mcr"``, on the noisy frames when ``noise_sigma > 0``), the offset
+cross-entropy ``tau CE((f - d onehot_y) / tau)`` [Prach22] (``"offset_ce"``, likewise) and the
 margin smoothed certified radius loss ``relu(d - SM(x))`` (``"mscr"``, SM by Gaussian moment
 propagation at input variance ``noise_sigma^2``) [RC, Ch. 3].
 """
@@ -32,6 +33,7 @@ from painwatch.robust import (
     MarginSmoothedCertifiedRadiusLoss,
     mc_expected_margin_loss,
     mcr_loss,
+    offset_cross_entropy_loss,
     propagate_moments,
     register_moment_rule,
 )
@@ -184,8 +186,12 @@ def _loss(
         noisy = images + config.noise_sigma * noise
     logits = None
     total = images.new_zeros(())
-    if config.loss in ("mcr", "mscr"):
-        if config.loss == "mcr":
+    if config.loss in ("offset_ce", "mcr", "mscr"):
+        if config.loss == "offset_ce":
+            logits = model(noisy)
+            per_sample = offset_cross_entropy_loss(logits.float(), labels, offset=config.margin,
+                                                   temperature=config.offset_temperature, reduction="none")
+        elif config.loss == "mcr":
             logits = model(noisy)
             per_sample = mcr_loss(logits.float(), labels, margin=config.margin, reduction="none")
         else:
