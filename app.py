@@ -40,6 +40,13 @@ def load_predictor(bundle: str, fingerprint: str, method: str | None, sigma: flo
     return Predictor.load(bundle, method=method, sigma=sigma, alpha=alpha, n=n, seed=SEED)
 
 
+@st.cache_resource(show_spinner=False, max_entries=4)
+def offered_methods(bundle: str, fingerprint: str) -> list[str]:
+    """The certification methods this bundle's network can be certified with (the only ones offered)."""
+    del fingerprint  # part of the cache key only
+    return support.usable_methods(Path(bundle))
+
+
 @st.cache_resource
 def model_lock() -> threading.Lock:
     """One lock for every model call of every browser session.
@@ -72,10 +79,10 @@ def sidebar_bundle() -> Path:
     default_path, source = support.bundle_path_from_args(sys.argv[1:], os.environ)
     st.sidebar.header("Model")
     typed = st.sidebar.text_input(
-        "Model bundle folder",
+        "Model folder",
         value=str(default_path),
-        help="A folder with model.json and weights.safetensors. "
-        f"Default from {source}; `make app` builds the demo bundle in data/demo-bundle.",
+        help="The folder of the model this page answers with (it holds model.json and "
+        f"weights.safetensors); chosen by {source}. Ask whoever set up painwatch before changing it.",
     )
     return Path(typed.strip() or str(default_path)).expanduser()
 
@@ -83,11 +90,13 @@ def sidebar_bundle() -> Path:
 SETTING_KEYS = ("method", "sigma", "alpha", "n")
 
 
-def sidebar_settings(bundle: Path, certification: Any) -> dict[str, Any]:
+def sidebar_settings(bundle: Path, metadata: Any) -> dict[str, Any]:
     """Certification settings within the bundle's bounds; applied together with one button.
 
-    Another bundle has other defaults and bounds: its settings start from its own ``model.json``.
+    Another bundle has other defaults and bounds: its settings start from its own ``model.json``. Only the
+    methods this bundle's network can be certified with are offered.
     """
+    certification = metadata.certification
     if st.session_state.get("settings_bundle") != str(bundle):
         for key in SETTING_KEYS:
             st.session_state.pop(key, None)
@@ -99,20 +108,19 @@ def sidebar_settings(bundle: Path, certification: Any) -> dict[str, Any]:
 
     st.sidebar.header("Certification")
     with st.sidebar.form("settings"):
-        methods = list(support.BASE_METHODS)
+        methods = offered_methods(str(bundle), support.bundle_fingerprint(bundle))
+        if certification.method not in methods:
+            methods = [certification.method, *methods]
         method = st.selectbox(
             "Method", methods, index=methods.index(certification.method), key="method",
-            help="randomized_smoothing: Cohen et al.'s vote counts under noise (any network; new bundles' "
-            "default). soft_smoothing: expected softmax scores under noise, sharpened with the bundle's "
-            "score temperature. smoothed_margin: expected-margin bound (small noise). "
-            "lipschitz: exact worst case from one pass, no noise (the default of Lipschitz networks, "
-            "lip-*; other networks cannot use it).",
+            help="How the answer's robustness is established: "
+            + "; ".join(f"{name}: {support.method_in_words(name)}" for name in methods) + ".",
         )
         sigma = st.slider(
-            "Noise level σ (L2, pixels 0–1)", min_value=sigma_lo, max_value=sigma_hi,
+            "Noise level σ per pixel (pixels 0–1)", min_value=sigma_lo, max_value=sigma_hi,
             value=min(max(float(certification.sigma), sigma_lo), sigma_hi), step=0.01, key="sigma",
-            help="Gaussian noise used to smooth the model. Larger σ can certify larger radii but blurs "
-            "the model's view of the face.",
+            help="Random noise added to every pixel to smooth the model (0.06 is about 15 grey levels of "
+            "255). Larger σ can certify larger radii but blurs the model's view of the face.",
         )
         alpha_choices = _log_choices(alpha_lo, alpha_hi, float(certification.alpha))
         alpha = st.select_slider(
@@ -134,7 +142,7 @@ def sidebar_settings(bundle: Path, certification: Any) -> dict[str, Any]:
         )
         st.form_submit_button("Apply settings", key="apply")
     with st.sidebar.expander("What the radius means", expanded=True):
-        st.markdown(support.RADIUS_NOTE)
+        st.markdown(support.radius_note(metadata.input_shape, float(sigma)))
     return {"method": method, "sigma": float(sigma), "alpha": float(alpha), "n": int(n), "fps": float(fps)}
 
 
@@ -152,7 +160,10 @@ def _sample_choices(lo: int, hi: int, current: int) -> list[int]:
 
 
 def show_model_card(predictor: Any) -> None:
-    """The gate verdicts (one per gate file the model was checked against) and the model card."""
+    """The gate verdicts (one per gate file the model was checked against), whether the model was trained
+    on synthetic frames, and the model card."""
+    if predictor.metadata.synthetic:
+        st.warning(f"**{support.SYNTHETIC_WARNING}**", icon=":material/science:")
     if not predictor.gates:
         st.warning(
             "**Certification gate: not run.** This model has not been checked against the deployment "
@@ -217,10 +228,10 @@ def show_summary(batch: Batch) -> None:
     cols[0].metric("Pain frames", "–" if share is None else f"{share:.0%}",
                    help="Share of pain among frames with an answer (abstentions left out).")
     cols[1].metric("Pain / no pain", f"{summary.pain} / {summary.no_pain}")
-    cols[2].metric("Abstained", summary.abstained,
-                   help="Frames where the model would not commit to an answer.")
-    cols[3].metric("Certified", f"{summary.certified} of {summary.frames}",
-                   help="Frames with a certified radius above 0.")
+    cols[2].metric("Refused", summary.abstained,
+                   help="Frames the model would not answer; the table says why for each.")
+    cols[3].metric("Robust to small pixel changes", f"{summary.certified} of {summary.frames}",
+                   help="Frames with a certified radius above 0. Robust is not the same as correct.")
     st.caption("Time: " + support.describe_cost(batch.results, batch.seconds))
     course = support.time_course(batch.frames, batch.results)
     if not course.empty:
@@ -304,9 +315,9 @@ def _class_style(value: str) -> str:
 
 
 def _status_style(value: str) -> str:
-    if value == "certified":
+    if value == support.STATUS_ROBUST:
         return "color: #1d5e32"
-    if value == "abstained":
+    if value.startswith(support.STATUS_REFUSED):
         return "color: #555555; font-style: italic"
     return "color: #9a5b00"
 
@@ -363,7 +374,8 @@ def main() -> None:
     st.markdown(
         "Pain check for **Japanese macaque** face frames. Upload frames or short clips; for each frame "
         "you get the predicted class (**pain** / **no_pain**), the model's confidence, and a "
-        "**certified radius**: how much image noise the answer provably survives."
+        "**certified radius**: how much image noise the answer provably survives. "
+        + support.ROBUST_IS_NOT_CORRECT
     )
     bundle = sidebar_bundle()
     problem = support.bundle_problem(bundle)
@@ -371,29 +383,29 @@ def main() -> None:
         st.error(problem, icon=":material/inventory_2:")
         return
     try:
-        certification = support.read_bundle_metadata(bundle).certification
+        metadata = support.read_bundle_metadata(bundle)
     except support.BundleError as error:
-        st.error(f"The model bundle cannot be used: {error}", icon=":material/inventory_2:")
+        st.error(f"The model cannot be used: {error}", icon=":material/inventory_2:")
         return
-    settings = sidebar_settings(bundle, certification)
+    settings = sidebar_settings(bundle, metadata)
     card_slot = st.container()
 
     # The uploader is drawn on every run, before anything can fail, so that uploads survive a
     # setting the model refuses.
+    # Every file reaches the page (no type filter in the browser), so that a file of the wrong type is
+    # named in the error box below with the types accepted; the uploader's own limit is the clip limit.
     files = st.file_uploader(
         "Frames (jpg, png, bmp, tiff) or short clips (mp4, avi, mov)",
-        type=list(support.IMAGE_SUFFIXES + support.CLIP_SUFFIXES),
         accept_multiple_files=True,
         key="uploads",
-        help=f"Up to {support.MAX_IMAGE_BYTES // support.MEGABYTE} MB per frame and "
-        f"{support.MAX_CLIP_BYTES // support.MEGABYTE} MB per clip. The model was trained on faces "
-        "cropped from frames: frames cropped to the face give the answers its accuracy figures are about.",
+        max_upload_size=support.MAX_CLIP_BYTES // support.MEGABYTE,
+        help=support.UPLOAD_HELP,
     )
     try:
         predictor = load_predictor(str(bundle), support.bundle_fingerprint(bundle), settings["method"],
                                    settings["sigma"], settings["alpha"], settings["n"])
     except support.BundleError as error:
-        card_slot.error(f"The model bundle cannot be used: {error}", icon=":material/inventory_2:")
+        card_slot.error(f"The model cannot be used: {error}", icon=":material/inventory_2:")
         return
     except SettingsError as error:
         card_slot.error(f"These certification settings cannot be used: {error}", icon=":material/tune:")

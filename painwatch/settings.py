@@ -26,6 +26,7 @@ def setting(
     positional: bool = False,
     required: bool = False,
     separator: str | None = None,
+    const: Any = None,
     cli: bool = True,
     default_factory: Any = dataclasses.MISSING,
 ) -> Any:
@@ -37,8 +38,9 @@ def setting(
     for None ("off"). ``group`` lets a command take some groups only (e.g. ``head``); options with the
     same ``exclusive`` name exclude each other. ``positional`` fields are positional arguments,
     ``required`` ones required options. A tuple field takes one or more values, or one value split at
-    ``separator`` (e.g. ``","`` for ``--individuals a,b,c``). ``cli=False`` fields have no option (they
-    change speed only, or are set by the program).
+    ``separator`` (e.g. ``","`` for ``--individuals a,b,c``). ``const``: the option may also be given
+    without a value, which then means ``const`` (``--ray`` alone: ``"local"``). ``cli=False`` fields
+    have no option (they change speed only, or are set by the program).
     """
     return dataclasses.field(
         default=default,
@@ -55,6 +57,7 @@ def setting(
             "positional": positional,
             "required": required,
             "separator": separator,
+            "const": const,
             "cli": cli,
         },
     )

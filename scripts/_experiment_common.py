@@ -1,23 +1,12 @@
-"""Shared machinery of the thesis experiments (scripts/mnist_experiment.py, scripts/cifar10_experiment.py).
+"""Shared machinery of the [RC] experiments (scripts/mnist_experiment.py, scripts/cifar10_experiment.py).
 
-Training of a Lipschitz network with one of the margin losses of :mod:`painwatch.robust.losses`, then an
-evaluation of the trained network with every certificate of :mod:`painwatch.robust`:
-
-- clean accuracy of the bare network;
-- Lipschitz-margin certified accuracy curve (``L`` from :func:`lipschitz_upper_bound`, sound);
-- smoothed-margin certified accuracy curve (``SM_low / (sqrt(2) L)``, certifies the expected-logit
-  classifier ``h``);
-- randomized smoothing certified accuracy curve (Cohen et al., certifies the vote classifier ``g``);
-- accuracy of the bare network under Gaussian noise;
-- the PGD-L2 check (:func:`painwatch.robust.attacks.attack_certificates`) that no certified point is
-  broken at ``0.99 r``: exact for the Lipschitz certificates (the bare network), statistical for the
-  smoothed ones (a Monte Carlo surrogate is attacked, the smoothed prediction re-estimated with fresh
-  samples).
-
-"Certified accuracy at radius r" is the fraction of evaluated test points whose certificate predicts the
-true label (no abstention) with a radius ``>= r``; it is non-increasing in ``r`` by construction. Radii
-and noise levels are L2 norms in [0, 1] pixel units. Every random draw comes from a seeded
-``torch.Generator``; results are written atomically (temp file in the same folder, then ``os.replace``).
+Training of a Lipschitz network with one of the margin losses of :mod:`painwatch.robust.losses`, the
+choice of the held-out points to evaluate (:func:`choose_evaluation_points`: all of them by default,
+or a stratified, seeded subset) and the report: per-loss JSON, ``table.md``, ``summary.json`` and
+plots. What is measured on those points is :mod:`_experiment_evaluation`: clean accuracy, the three
+certified-accuracy curves with their 95 % Clopper-Pearson intervals [CP34], accuracy under noise and
+the PGD check, all on the same points. Radii and noise levels are L2 norms in [0, 1] pixel units.
+Results are written atomically (temp file in the same folder, then ``os.replace``).
 """
 
 from __future__ import annotations
@@ -30,20 +19,17 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from _experiment_evaluation import EvalSettings, evaluate_model, stratified_order, value_at
 from torch import nn
 
 from painwatch.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from painwatch.robust import attacks, evaluation, losses, smoothing
-from painwatch.robust.certificate import Certificate
-from painwatch.robust.layers import export_plain
-from painwatch.robust.lipschitz import lipschitz_upper_bound
-from painwatch.robust.margin import lipschitz_certify_batch, smoothed_margin_certify
+from painwatch.robust import losses
 
 # Loss name -> the hyper-parameters make_loss receives (filled from the command line).
 LOSS_CHOICES: tuple[str, ...] = ("sce", "sc-sce", "mh", "mcr", "mscr", "zhen")
@@ -100,10 +86,24 @@ def stratified_split(labels: np.ndarray, num_test: int, seed: int) -> tuple[np.n
     return train, test
 
 
+def choose_evaluation_points(
+    images: torch.Tensor, labels: torch.Tensor, num_test: int | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The held-out points that every figure of a results table is measured on.
+
+    ``num_test`` of them (all for ``None``), stratified by class and seeded, in the order of
+    :func:`stratified_order` (every prefix is stratified too). Returns ``(images, labels, indices)``,
+    the indices into the held-out split, so that the results can name the points they are about.
+    """
+    points = stratified_order(labels.cpu().numpy(), num_test, seed)
+    index = torch.from_numpy(points).to(labels.device)
+    return images[index], labels[index], points
+
+
 # --------------------------------------------------------------------------------------------- training
 @dataclass
 class TrainSettings:
-    """Optimisation settings (the thesis: Adam, lr 0.01, cosine schedule, batch 128)."""
+    """Optimisation settings ([RC]: Adam, lr 0.01, cosine schedule, batch 128)."""
 
     epochs: int
     batch_size: int = 128
@@ -174,348 +174,86 @@ def train_model(
     return {"loss_per_epoch": history, "train_seconds": time.perf_counter() - start}
 
 
-# --------------------------------------------------------------------------------------------- evaluation
-@dataclass
-class EvalSettings:
-    """What the evaluation computes and with how many samples."""
-
-    num_test: int = 200
-    radii: Sequence[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(41)])
-    sm_sigma: float = 0.25
-    sm_n0: int = 100
-    sm_n: int = 1000
-    rs_sigma: float = 0.25
-    rs_n0: int = 100
-    rs_n: int = 2000
-    alpha: float = 0.001
-    noise_sigmas: Sequence[float] = (0.1, 0.25, 0.5, 1.0)
-    noise_draws: int = 20
-    pgd_steps: int = 50
-    pgd_restarts: int = 1
-    pgd_smoothed_points: int = 20
-    pgd_surrogate_draws: int = 32
-    pgd_classifier_draws: int = 1000
-    batch_size: int = 1000
-    seed: int = 0
-
-
-def certified_accuracy_curve(
-    predictions: np.ndarray, radii: np.ndarray, labels: np.ndarray, grid: Sequence[float]
-) -> list[float]:
-    """Fraction of points with ``prediction == label`` (abstentions never count) and ``radius >= r``."""
-    correct = (np.asarray(predictions) == np.asarray(labels)) & (np.asarray(predictions) >= 0)
-    return evaluation.certified_accuracy_curve(correct, radii, grid).tolist()
-
-
-def value_at(grid: Sequence[float], curve: Sequence[float], radius: float) -> float:
-    """Certified accuracy at ``radius`` from a curve over ``grid`` (``radius`` must be on the grid)."""
-    for r, value in zip(grid, curve, strict=True):
-        if math.isclose(r, radius, abs_tol=1e-9):
-            return value
-    raise ValueError(f"radius {radius} is not on the evaluation grid")
-
-
-def _records(certs: Sequence[Certificate]) -> tuple[np.ndarray, np.ndarray]:
-    return (
-        np.array([c.prediction for c in certs], dtype=np.int64),
-        np.array([c.radius for c in certs], dtype=np.float64),
-    )
-
-
-def randomized_smoothing_certificates(
-    model: nn.Module,
-    images: torch.Tensor,
-    num_classes: int,
-    sigma: float,
-    n0: int,
-    n: int,
-    alpha: float,
-    batch_size: int,
-    generator: torch.Generator,
-) -> list[Certificate]:
-    smoothed = smoothing.SmoothedClassifier(model, num_classes, sigma)
-    return [smoothed.certify(x, n0=n0, n=n, alpha=alpha, batch_size=batch_size, generator=generator)
-            for x in images]
-
-
-def noise_accuracy(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    sigmas: Sequence[float],
-    draws: int,
-    generator: torch.Generator,
-) -> dict[str, float]:
-    """Accuracy of the bare network on ``x + N(0, sigma^2 I)`` (unclipped), averaged over ``draws``."""
-    device = images.device
-    result: dict[str, float] = {}
-    with torch.no_grad():
-        for sigma in sigmas:
-            correct = 0
-            for _ in range(draws):
-                noise = torch.randn(images.shape, generator=generator, device=generator.device).to(device)
-                correct += int((model(images + sigma * noise).argmax(dim=1) == labels).sum())
-            result[f"{sigma:g}"] = correct / (draws * images.shape[0])
-    return result
-
-
-def _attack_summary(report: attacks.CertificateAttackReport, seconds: float) -> dict[str, Any]:
-    return {
-        "num_attacked": report.num_attacked,
-        "num_flipped": report.num_flipped,
-        "flipped_indices": list(report.flipped),
-        "num_changed_at_clean": report.num_changed_at_clean,
-        "fraction_of_radius": report.fraction,
-        "max_budget_used": report.max_budget_used,
-        "seconds": seconds,
-    }
-
-
-def evaluate_model(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    settings: EvalSettings,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Every certificate and check of the module docstring for a trained ``model``.
-
-    ``images`` ``(N, C, H, W)`` in [0, 1] and ``labels`` are the held-out test split (on the model's
-    device). Clean accuracy uses all of them; certificates, noise accuracy and attacks use the first
-    ``settings.num_test``. The network is exported to plain layers first (same function, no Björck
-    cost); ``L`` is the sound bound of that plain network.
-    """
-    plain = export_plain(model).eval()
-    input_shape = tuple(images.shape[1:])
-    lipschitz_constant = lipschitz_upper_bound(plain, input_shape)
-    grid = list(settings.radii)
-    timings: dict[str, float] = {}
-    result: dict[str, Any] = {"lipschitz_constant": lipschitz_constant, "radii": grid}
-
-    with torch.no_grad():
-        result["clean_accuracy"] = float((plain(images).argmax(dim=1) == labels).float().mean())
-    result["num_test_clean"] = int(images.shape[0])
-    count = min(settings.num_test, images.shape[0])
-    x, y = images[:count], labels[:count]
-    y_np = y.cpu().numpy()
-    result["num_test_certified"] = count
-
-    start = time.perf_counter()
-    lipschitz = lipschitz_certify_batch(plain, x, lipschitz_constant)
-    timings["lipschitz"] = time.perf_counter() - start
-    lip_pred, lip_radius = _records(lipschitz)
-    result["lipschitz"] = {
-        "curve": certified_accuracy_curve(lip_pred, lip_radius, y_np, grid),
-        "forward_passes_per_point": 1,
-        "predictions": lip_pred.tolist(),
-        "certified_radii": lip_radius.tolist(),
-    }
-    log(
-        f"  Lipschitz margin: L = {lipschitz_constant:.6f}, certified acc @0.5 = "
-        f"{value_at(grid, result['lipschitz']['curve'], 0.5):.3f}"
-    )
-
-    start = time.perf_counter()
-    sm_gen = torch.Generator().manual_seed(settings.seed + 101)
-    smoothed_margin = [
-        smoothed_margin_certify(
-            plain,
-            xi,
-            sigma=settings.sm_sigma,
-            lipschitz_constant=lipschitz_constant,
-            n0=settings.sm_n0,
-            n=settings.sm_n,
-            alpha=settings.alpha,
-            batch_size=settings.batch_size,
-            generator=sm_gen,
-        )
-        for xi in x
-    ]
-    timings["smoothed_margin"] = time.perf_counter() - start
-    sm_pred, sm_radius = _records(smoothed_margin)
-    result["smoothed_margin"] = {
-        "sigma": settings.sm_sigma,
-        "n0": settings.sm_n0,
-        "n": settings.sm_n,
-        "alpha": settings.alpha,
-        "curve": certified_accuracy_curve(sm_pred, sm_radius, y_np, grid),
-        "abstentions": int((sm_pred < 0).sum()),
-        "forward_passes_per_point": settings.sm_n0 + settings.sm_n,
-        "predictions": sm_pred.tolist(),
-        "certified_radii": sm_radius.tolist(),
-    }
-    log(
-        f"  smoothed margin (sigma {settings.sm_sigma}, n {settings.sm_n}): certified acc @0.5 = "
-        f"{value_at(grid, result['smoothed_margin']['curve'], 0.5):.3f} "
-        f"({timings['smoothed_margin']:.0f} s)"
-    )
-
-    start = time.perf_counter()
-    rs_gen = torch.Generator().manual_seed(settings.seed + 202)
-    randomized = randomized_smoothing_certificates(
-        plain,
-        x,
-        num_classes,
-        settings.rs_sigma,
-        settings.rs_n0,
-        settings.rs_n,
-        settings.alpha,
-        settings.batch_size,
-        rs_gen,
-    )
-    timings["randomized_smoothing"] = time.perf_counter() - start
-    rs_pred, rs_radius = _records(randomized)
-    result["randomized_smoothing"] = {
-        "sigma": settings.rs_sigma,
-        "n0": settings.rs_n0,
-        "n": settings.rs_n,
-        "alpha": settings.alpha,
-        "curve": certified_accuracy_curve(rs_pred, rs_radius, y_np, grid),
-        "abstentions": int((rs_pred < 0).sum()),
-        "max_certifiable_radius": settings.rs_sigma * _norm_ppf(settings.alpha ** (1.0 / settings.rs_n)),
-        "forward_passes_per_point": settings.rs_n0 + settings.rs_n,
-        "predictions": rs_pred.tolist(),
-        "certified_radii": rs_radius.tolist(),
-    }
-    result["labels"] = y_np.tolist()
-    log(
-        f"  randomized smoothing (sigma {settings.rs_sigma}, n {settings.rs_n}): certified acc @0.5 = "
-        f"{value_at(grid, result['randomized_smoothing']['curve'], 0.5):.3f} "
-        f"({timings['randomized_smoothing']:.0f} s)"
-    )
-
-    start = time.perf_counter()
-    result["noise_accuracy"] = noise_accuracy(
-        plain,
-        x,
-        y,
-        settings.noise_sigmas,
-        settings.noise_draws,
-        torch.Generator().manual_seed(settings.seed + 303),
-    )
-    timings["noise_accuracy"] = time.perf_counter() - start
-
-    result["pgd_check"] = _pgd_checks(
-        plain, x, lipschitz, smoothed_margin, randomized, num_classes, settings, log, timings
-    )
-    result["seconds"] = timings
-    return result
-
-
-def _norm_ppf(probability: float) -> float:
-    from scipy.stats import norm
-
-    return float(norm.ppf(probability))
-
-
-def _pgd_checks(
-    plain: nn.Module,
-    x: torch.Tensor,
-    lipschitz: list,
-    smoothed_margin: list,
-    randomized: list,
-    num_classes: int,
-    settings: EvalSettings,
-    log: Callable[[str], None],
-    timings: dict[str, float],
-) -> dict[str, Any]:
-    """PGD at 0.99 r against every Lipschitz certificate, and against the first smoothed ones."""
-    checks: dict[str, Any] = {}
-    start = time.perf_counter()
-    report = attacks.attack_certificates(
-        plain,
-        attacks.network_classifier(plain),
-        x,
-        lipschitz,
-        steps=settings.pgd_steps,
-        restarts=settings.pgd_restarts,
-        generator=torch.Generator().manual_seed(settings.seed + 404),
-    )
-    checks["lipschitz"] = _attack_summary(report, time.perf_counter() - start)
-    log(f"  PGD check, Lipschitz: {report.num_flipped} of {report.num_attacked} certified points broken")
-
-    input_shape = tuple(x.shape[1:])
-    budget = min(settings.pgd_smoothed_points, x.shape[0])
-    for name, certs, kind, sigma in (
-        ("smoothed_margin", smoothed_margin, "logits", settings.sm_sigma),
-        ("randomized_smoothing", randomized, "counts", settings.rs_sigma),
-    ):
-        start = time.perf_counter()
-        generator = torch.Generator().manual_seed(settings.seed + 505)
-        surrogate = attacks.MonteCarloSurrogate(
-            plain, sigma=sigma, input_shape=input_shape, num_draws=settings.pgd_surrogate_draws, kind=kind,
-            generator=generator,
-        )
-        classify = attacks.monte_carlo_smoothed_classifier(
-            plain, sigma=sigma, kind=kind, num=settings.pgd_classifier_draws, batch_size=settings.batch_size,
-            generator=generator, num_classes=num_classes,
-        )
-        report = attacks.attack_certificates(
-            surrogate,
-            classify,
-            x[:budget],
-            certs[:budget],
-            steps=settings.pgd_steps,
-            restarts=settings.pgd_restarts,
-            generator=generator,
-        )
-        checks[name] = _attack_summary(report, time.perf_counter() - start)
-        checks[name]["statistical"] = True
-        checks[name]["classifier_draws"] = settings.pgd_classifier_draws
-        log(
-            f"  PGD check, {name}: {report.num_flipped} of {report.num_attacked} certified points flipped "
-            f"({report.num_changed_at_clean} already at the clean point)"
-        )
-    timings["pgd_check"] = sum(check["seconds"] for check in checks.values())
-    return checks
-
-
 # --------------------------------------------------------------------------------------------- reporting
 TABLE_RADII = (0.25, 0.5, 1.0)
 
 
+METHOD_LABELS = (
+    ("lipschitz", "Lipschitz"),
+    ("smoothed_margin", "smoothed margin"),
+    ("randomized_smoothing", "rand. smoothing"),
+)
+
+
+def percent_with_interval(value: float, interval: Sequence[float]) -> str:
+    """``90.7 (88.7-92.4)``: a proportion and its interval, in per cent with one decimal."""
+    low, high = interval
+    return f"{100 * value:.1f} ({100 * low:.1f}-{100 * high:.1f})"
+
+
+def evaluated_points_description(results: dict[str, dict[str, Any]]) -> str:
+    """Which held-out points the results were measured on, in words; raises if the losses differ."""
+    evaluations = [result["evaluation"] for result in results.values()]
+    first = evaluations[0]
+    for name, evaluation in zip(results, evaluations, strict=True):
+        if evaluation["labels"] != first["labels"] or evaluation["num_points"] != first["num_points"]:
+            raise ValueError(
+                f"loss {name!r} was evaluated on other points than {next(iter(results))!r}: a table must "
+                "compare the same points (rerun without --resume)"
+            )
+    config = next(iter(results.values()))["config"]
+    count, total = first["num_points"], config.get("num_test_total", first["num_points"])
+    if count == total:
+        return f"all {count} held-out points"
+    return f"{count} of the {total} held-out points (stratified by class, seed {config['eval']['seed']})"
+
+
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    """One row per loss: clean accuracy, certified accuracies, noise accuracy and the PGD check."""
-    header = (
-        "| loss | clean acc | Lipschitz cert. r=0.25 / 0.5 / 1.0 | smoothed-margin cert. r=0.25 / 0.5 / 1.0 "
-        "| rand. smoothing cert. r=0.25 / 0.5 / 1.0 | acc. under noise sigma=0.25 / 0.5 "
-        "| PGD broken (Lip / SM / RS) |"
-    )
-    lines = [header, "|" + "---|" * 7]
+    """One row per loss, every figure on the same points: clean accuracy, certified accuracies (each with
+    its 95 % Clopper-Pearson interval [CP34]), accuracy under noise and the PGD check."""
+    columns = [
+        "loss",
+        "clean acc",
+        *(f"{label} r={r}" for _, label in METHOD_LABELS for r in TABLE_RADII),
+        "acc. under noise sigma=0.25 / 0.5",
+        "PGD broken (Lip / SM / RS)",
+    ]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, result in results.items():
         evaluation = result["evaluation"]
         grid = evaluation["radii"]
-
-        def cells(method: str, evaluation: dict[str, Any] = evaluation, grid: list = grid) -> str:
-            return " / ".join(
-                f"{100 * value_at(grid, evaluation[method]['curve'], r):.1f}" for r in TABLE_RADII
-            )
-
+        cells = [name.upper(), percent_with_interval(evaluation["clean_accuracy"],
+                                                     evaluation["clean_accuracy_interval"])]
+        for method, _ in METHOD_LABELS:
+            cells += [
+                percent_with_interval(value_at(grid, evaluation[method]["curve"], r),
+                                      value_at(grid, evaluation[method]["curve_interval"], r))
+                for r in TABLE_RADII
+            ]
         noise = evaluation["noise_accuracy"]
+        cells.append(" / ".join(f"{100 * noise[key]:.1f}" for key in ("0.25", "0.5") if key in noise))
         pgd = evaluation["pgd_check"]
-        broken = " / ".join(
-            f"{pgd[m]['num_flipped']}/{pgd[m]['num_attacked']}"
-            for m in ("lipschitz", "smoothed_margin", "randomized_smoothing")
+        cells.append(
+            " / ".join(f"{pgd[m]['num_flipped']}/{pgd[m]['num_attacked']}" for m, _ in METHOD_LABELS)
         )
-        noise_cells = " / ".join(f"{100 * noise[key]:.1f}" for key in ("0.25", "0.5") if key in noise)
-        lines.append(
-            f"| {name.upper()} | {100 * evaluation['clean_accuracy']:.1f} | {cells('lipschitz')} | "
-            f"{cells('smoothed_margin')} | {cells('randomized_smoothing')} | {noise_cells} | {broken} |"
-        )
+        lines.append("| " + " | ".join(cells) + " |")
     caps = {
         f"{result['evaluation']['randomized_smoothing']['max_certifiable_radius']:.3f}"
         for result in results.values()
     }
-    first = next(iter(results.values()))["evaluation"]
-    sm, rs = first["smoothed_margin"], first["randomized_smoothing"]
+    first = next(iter(results.values()))
+    sm, rs = first["evaluation"]["smoothed_margin"], first["evaluation"]["randomized_smoothing"]
+    smoothed_attacked = min(first["config"]["eval"]["pgd_smoothed_points"], first["evaluation"]["num_points"])
     lines += [
         "",
-        f"Certified accuracy in % of the first {first['num_test_certified']} held-out points "
-        f"(clean accuracy: all {first['num_test_clean']}); radii are L2 in [0, 1] pixel units. "
-        f"Smoothed margin: sigma {sm['sigma']}, n = {sm['n']}; randomized smoothing: sigma {rs['sigma']}, "
-        f"n = {rs['n']}, which caps its radius at {' / '.join(sorted(caps))}. PGD broken: certified points "
-        "whose certified classifier changed under PGD-L2 at 0.99 r / points attacked.",
+        f"Every figure is in % of the same points, {evaluated_points_description(results)}; in brackets the "
+        "two-sided "
+        "95 % Clopper-Pearson interval over the points. Certified accuracy counts abstentions as wrong; "
+        f"radii are L2 in [0, 1] pixel units. Smoothed margin: sigma {sm['sigma']}, n = {sm['n']}; "
+        f"randomized smoothing: sigma {rs['sigma']}, n = {rs['n']}, which caps its radius at "
+        f"{' / '.join(sorted(caps))}. PGD broken: certified points whose certified classifier changed under "
+        "PGD-L2 at 0.99 r / points attacked (Lipschitz: every certified point; smoothing: the certified ones "
+        f"among the first {smoothed_attacked} evaluated points, a stratified prefix).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -585,16 +323,27 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
     add("--lr", type=float, default=0.01, help="Adam learning rate (cosine schedule)")
     add("--bjorck-iters", type=int, default=20)
     add("--margin", type=float, default=1.0, help="target margin d of MH, MCR, MSCR and Zhen")
-    add("--input-variance", type=float, default=0.1, help="sigma_x^2 of SC-SCE and MSCR (thesis: 0.1)")
+    add("--input-variance", type=float, default=0.1, help="sigma_x^2 of SC-SCE and MSCR ([RC]: 0.1)")
     add("--zhen-sigma", type=float, default=0.25, help="sigma of Zhen's loss")
-    add("--num-test", type=int, default=200, help="held-out points certified per loss")
+    add(
+        "--num-test",
+        type=int,
+        default=None,
+        help="held-out points evaluated, clean and certified alike (stratified by class, seeded; "
+        "default: all)",
+    )
     add("--sigma", type=float, default=0.25, help="noise of both smoothing certificates")
     add("--n", type=int, default=2000, help="randomized smoothing samples per point")
     add("--n0", type=int, default=100, help="selection samples of both smoothing certificates")
     add("--sm-n", type=int, default=1000, help="smoothed-margin samples per point")
     add("--alpha", type=float, default=0.001)
     add("--pgd-steps", type=int, default=50)
-    add("--pgd-smoothed-points", type=int, default=20, help="certified points attacked per smoothing method")
+    add(
+        "--pgd-smoothed-points",
+        type=int,
+        default=20,
+        help="the first N evaluated points (a stratified prefix) whose smoothing certificates PGD attacks",
+    )
     add("--pgd-classifier-draws", type=int, default=1000, help="fresh samples per smoothed prediction")
     add("--batch-eval", type=int, default=1000, help="noisy images per forward pass")
     add("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -609,7 +358,6 @@ def check_common_arguments(args: argparse.Namespace) -> list[str]:
     positive = (
         "epochs",
         "batch_size",
-        "num_test",
         "n",
         "n0",
         "sm_n",
@@ -620,6 +368,8 @@ def check_common_arguments(args: argparse.Namespace) -> list[str]:
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_test is not None and args.num_test < 1:
+        raise ValueError(f"--num-test must be >= 1, got {args.num_test}")
     if args.bjorck_iters < 0 or args.pgd_smoothed_points < 0:
         raise ValueError("--bjorck-iters and --pgd-smoothed-points must be >= 0")
     for name in ("sigma", "lr", "zhen_sigma"):
@@ -673,6 +423,7 @@ def largest_orthogonality_residual(model: nn.Module) -> float:
 
 def run_losses(
     names: Sequence[str],
+    *,
     make_model: Callable[[str], nn.Module],
     train_data: tuple[torch.Tensor, torch.Tensor],
     test_data: tuple[torch.Tensor, torch.Tensor],
@@ -683,6 +434,9 @@ def run_losses(
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, nn.Module]]:
     """Train and evaluate one network per loss; write ``<out>/<loss>.json`` after each.
+
+    ``test_data`` are the points to evaluate (:func:`choose_evaluation_points`): every figure of a loss
+    is measured on all of them.
 
     With ``args.resume`` a loss whose JSON holds the same ``config`` is not recomputed (its network is
     then not returned). Returns ``(results, trained networks)`` keyed by loss name.
@@ -706,7 +460,9 @@ def run_losses(
         history = train_model(model, loss_fn, *train_data, train_settings, device, log)
         residual = largest_orthogonality_residual(model)
         log(f"[{name}] evaluating (largest orthogonality residual {residual:.2e})")
-        evaluation = evaluate_model(model, *test_data, num_classes, eval_settings, log)
+        evaluation = evaluate_model(
+            model, *test_data, num_classes=num_classes, settings=eval_settings, log=log
+        )
         results[name] = {
             "loss": name,
             "loss_module": repr(loss_fn),
@@ -721,8 +477,30 @@ def run_losses(
     return results, trained
 
 
+def headline_figures(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The table's figures of one loss with their intervals, all on ``evaluation['num_points']`` points."""
+    grid = evaluation["radii"]
+    return {
+        "num_points": evaluation["num_points"],
+        "clean_accuracy": evaluation["clean_accuracy"],
+        "clean_accuracy_interval": evaluation["clean_accuracy_interval"],
+        "certified_accuracy": {
+            method: {
+                f"{r}": {
+                    "value": value_at(grid, evaluation[method]["curve"], r),
+                    "interval": value_at(grid, evaluation[method]["curve_interval"], r),
+                }
+                for r in TABLE_RADII
+            }
+            for method, _ in METHOD_LABELS
+        },
+        "pgd_broken": {m: c["num_flipped"] for m, c in evaluation["pgd_check"].items()},
+    }
+
+
 def write_report(
     results: dict[str, dict[str, Any]],
+    *,
     args: argparse.Namespace,
     argv: Sequence[str] | None,
     script: str,
@@ -750,13 +528,8 @@ def write_report(
         "machine": machine_description(device),
         "table": table,
         "plots": plots,
-        "results": {
-            name: {
-                "clean_accuracy": r["evaluation"]["clean_accuracy"],
-                "pgd_broken": {m: c["num_flipped"] for m, c in r["evaluation"]["pgd_check"].items()},
-            }
-            for name, r in results.items()
-        },
+        "evaluated_points": evaluated_points_description(results),
+        "results": {name: headline_figures(r["evaluation"]) for name, r in results.items()},
     }
     summary.update(extra_summary or {})
     atomic_write_json(out / "summary.json", summary)

@@ -2,10 +2,12 @@
 
 Trains a small network on scikit-learn's 8x8 digits (pixels in [0, 1], input (1, 8, 8)) for a few
 seconds, then certifies the same test images with every method of ``painwatch.robust`` and prints,
-per method: forward passes and wall time per certificate, how many images were certified (and correctly),
-the mean certified radius, and the ratios of passes and time to Cohen et al.'s reference
-``n = 100 000``. Each method certifies its own classifier (the bare network for ``lipschitz``, the
-expected-logit classifier for ``smoothed_margin``, argmax of the expected softmax for
+per method: forward passes and wall time per certificate, how many images were certified (and correctly,
+with the 95 % Clopper-Pearson interval [CP34] of that certified accuracy over the images), the mean
+certified radius, and the ratios of passes and time to Cohen et al.'s reference ``n = 100 000``. The
+clean accuracy it prints is on the same images; ``--points N`` picks them from the held-out digits,
+stratified by class and seeded. Each method certifies its own classifier (the bare network for
+``lipschitz``, the expected-logit classifier for ``smoothed_margin``, argmax of the expected softmax for
 ``soft_smoothing``, the vote for ``randomized_smoothing``), so the radii answer different questions.
 
     python scripts/bench_certify.py                       # defaults: about a minute on one CPU core
@@ -26,10 +28,14 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _experiment_evaluation import accuracy_with_interval, stratified_order
+
 from painwatch.io import atomic_write_json
 from painwatch.robust import (
     Certificate,
     SmoothedClassifier,
+    evaluation,
     lipschitz_certify,
     smoothed_margin_certify,
     soft_smoothing_certify,
@@ -52,6 +58,7 @@ class Row:
     seconds: float
     certified: int
     certified_correct: int
+    certified_accuracy_interval: tuple[float, float]
     mean_radius: float
     median_certified_radius: float
 
@@ -116,12 +123,15 @@ def run_method(name: str, certify: Callable[[torch.Tensor, int], Certificate], i
     seconds = (time.perf_counter() - start) / len(images)
     radii = np.array([c.radius for c in certificates])
     certified = [c for c in certificates if not c.abstained]
-    correct = sum(c.prediction == int(y) for c, y in zip(certificates, labels, strict=True)
-                  if not c.abstained)
+    correct = np.array([not c.abstained and c.prediction == int(y)
+                        for c, y in zip(certificates, labels, strict=True)])
+    # Certified with the true label at any radius >= 0: the certified accuracy at r = 0.
+    interval = evaluation.certified_accuracy_interval(correct, radii, 0.0)
     return Row(
         method=name, n0=n0, n=n,
         forward_passes=float(np.mean([c.forward_passes for c in certificates])),
-        seconds=seconds, certified=len(certified), certified_correct=correct,
+        seconds=seconds, certified=len(certified), certified_correct=int(correct.sum()),
+        certified_accuracy_interval=interval,
         mean_radius=float(radii.mean()),
         median_certified_radius=float(np.median([c.radius for c in certified])) if certified else 0.0,
     )
@@ -129,12 +139,16 @@ def run_method(name: str, certify: Callable[[torch.Tensor, int], Certificate], i
 
 def format_table(rows: list[Row], reference: Row, points: int) -> str:
     header = (f"{'method':<28} {'n0':>5} {'n':>7} {'passes/cert':>11} {'ms/cert':>9} {'certified':>9} "
-              f"{'correct':>7} {'mean r':>7} {'median r':>8} {'passes vs ref':>13} {'time vs ref':>11}")
+              f"{'correct':>7} {'cert. acc. % (95% CI)':>21} {'mean r':>7} {'median r':>8} "
+              f"{'passes vs ref':>13} {'time vs ref':>11}")
     lines = [header, "-" * len(header)]
     for row in rows:
+        low, high = row.certified_accuracy_interval
+        accuracy = f"{100 * row.certified_correct / points:.1f} ({100 * low:.1f}-{100 * high:.1f})"
         lines.append(
             f"{row.method:<28} {row.n0:>5} {row.n:>7} {row.forward_passes:>11.0f} {1000 * row.seconds:>9.2f} "
-            f"{row.certified:>4}/{points:<4} {row.certified_correct:>7} {row.mean_radius:>7.3f} "
+            f"{row.certified:>4}/{points:<4} {row.certified_correct:>7} {accuracy:>21} "
+            f"{row.mean_radius:>7.3f} "
             f"{row.median_certified_radius:>8.3f} {row.forward_passes / reference.forward_passes:>13.2e} "
             f"{row.seconds / reference.seconds:>11.2e}"
         )
@@ -182,14 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     model = train(build_model(args.model, args.seed), images[train_index], labels[train_index], args.epochs,
                   args.sigma, args.seed)
+    # The clean accuracy and every certificate are on the same held-out digits, stratified by class.
+    picked = stratified_order(labels[test_index].numpy(), args.points, args.seed)
+    chosen = test_index[torch.from_numpy(picked)]
+    x, y = images[chosen], labels[chosen]
     with torch.no_grad():
-        accuracy = float((model(images[test_index]).argmax(1) == labels[test_index]).float().mean())
+        accuracy, accuracy_interval = accuracy_with_interval((model(x).argmax(1) == y).numpy())
     lipschitz = lipschitz_upper_bound(model, INPUT_SHAPE)
-    print(f"model: {args.model}, trained in {time.perf_counter() - start:.1f} s, clean test accuracy "
-          f"{accuracy:.3f}, Lipschitz upper bound {lipschitz:.6g}, sigma {args.sigma}, alpha {args.alpha}, "
-          f"{torch.get_num_threads()} thread(s)")
-
-    x, y = images[test_index[:args.points]], labels[test_index[:args.points]]
+    print(f"model: {args.model}, trained in {time.perf_counter() - start:.1f} s, clean accuracy on the "
+          f"{args.points} test digits certified below {accuracy:.3f} (95% CI {accuracy_interval[0]:.3f}-"
+          f"{accuracy_interval[1]:.3f}), Lipschitz upper bound {lipschitz:.6g}, sigma {args.sigma}, "
+          f"alpha {args.alpha}, {torch.get_num_threads()} thread(s)")
     smoothed = SmoothedClassifier(model, 10, args.sigma)
 
     def seeded(index: int) -> torch.Generator:
@@ -213,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     reference = rows[-1]
     print(f"\n{args.points} test digits; ratios are to Cohen et al. with n = {args.cohen_n}:\n")
     print(format_table(rows, reference, args.points))
-    print("\nradii are L2 in [0, 1] pixel units (input 1x8x8); 'correct' = certified with the true label")
+    print("\nradii are L2 in [0, 1] pixel units (input 1x8x8); 'correct' = certified with the true label; "
+          "cert. acc. = correct / points with its two-sided 95% Clopper-Pearson interval")
     if args.json is not None:
         atomic_write_json(args.json, {
-            "model": args.model, "accuracy": accuracy, "lipschitz_upper_bound": lipschitz,
+            "model": args.model, "accuracy": accuracy, "accuracy_interval": accuracy_interval,
+            "test_indices": chosen.tolist(), "lipschitz_upper_bound": lipschitz,
             "sigma": args.sigma, "alpha": args.alpha, "points": args.points,
             "threads": torch.get_num_threads(),
             "rows": [row.__dict__ for row in rows],

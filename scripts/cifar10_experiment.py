@@ -1,4 +1,4 @@
-"""The thesis's CIFAR-10 experiment (Ch. 3): margin losses on an orthogonal (BCOP) conv net.
+"""The CIFAR-10 experiment of [RC, Ch. 3]: margin losses on an orthogonal (BCOP) conv net.
 
 Network (no bias, every layer 1-Lipschitz by construction)::
 
@@ -7,12 +7,13 @@ Network (no bias, every layer 1-Lipschitz by construction)::
     OrthogonalLinear(c4 * 8 * 8, w) -> ReLU -> OrthogonalLinear(w, w) -> ReLU ->
     OrthogonalLinear(w, w) -> ReLU -> OrthogonalLinear(w, 10)
 
-with ``(c1, c2, c3, c4) = (8, 8, 16, 16)`` and ``w = 512`` in the thesis ("4 BCOP conv layers + 3x512
+with ``(c1, c2, c3, c4) = (8, 8, 16, 16)`` and ``w = 512`` in [RC] ("4 BCOP conv layers + 3x512
 dense"; the three dense layers of 512 are read as hidden layers, as in the MNIST "3x512" MLP). Stride 2
 is BCOP's invertible downsampling (pixel unshuffle) followed by a stride-1 orthogonal convolution.
 Training and evaluation are those of :mod:`_experiment_common` (Adam lr 0.01, cosine, batch 128; clean,
 Lipschitz-margin, smoothed-margin and randomized-smoothing certified accuracy, accuracy under noise,
-PGD check).
+PGD check), every figure of a table on the same test points: all 10 000 by default, or ``--num-test N``
+of them, stratified by class and seeded, with the 95 % Clopper-Pearson interval of each accuracy.
 
 Data (``--data``, required; nothing is downloaded):
 
@@ -127,7 +128,7 @@ def cifar_bcop_net(
     bjorck_iters: int = 20,
     seed: int = 0,
 ) -> nn.Sequential:
-    """The thesis's orthogonal conv net for 32x32 RGB inputs (see the module docstring); seeded init."""
+    """[RC]'s orthogonal conv net for 32x32 RGB inputs (see the module docstring); seeded init."""
     if len(channels) != 4 or min(channels) < 1 or dense_width < 1:
         raise ValueError(
             f"need four positive channel counts and dense_width >= 1, got {channels}, {dense_width}"
@@ -162,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", type=Path, required=True, help="torchvision-format CIFAR-10 folder or .npz")
     parser.add_argument("--num-train", type=int, default=None, help="use the first N training images")
-    parser.add_argument("--channels", default="8,8,16,16", help="the four conv widths (thesis: 8,8,16,16)")
-    parser.add_argument("--dense-width", type=int, default=512, help="hidden dense width (thesis: 512)")
+    parser.add_argument("--channels", default="8,8,16,16", help="the four conv widths ([RC]: 8,8,16,16)")
+    parser.add_argument("--dense-width", type=int, default=512, help="hidden dense width ([RC]: 512)")
     common.add_common_arguments(parser, default_out="results/cifar10")
     return parser
 
@@ -190,12 +191,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x_train, y_train = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
     if args.num_train is not None:
         x_train, y_train = x_train[: args.num_train], y_train[: args.num_train]
-    # A fixed, seeded order of the test set so that --num-test takes a class-mixed subset.
-    order = torch.randperm(len(data["y_test"]), generator=torch.Generator().manual_seed(args.seed))
-    x_test = torch.from_numpy(data["x_test"])[order].to(device)
-    y_test = torch.from_numpy(data["y_test"])[order].to(device)
+    x_test = torch.from_numpy(data["x_test"]).to(device)
+    y_test = torch.from_numpy(data["y_test"]).to(device)
+    x_eval, y_eval, points = common.choose_evaluation_points(x_test, y_test, args.num_test, args.seed)
     description = f"CIFAR-10 from {args.data}"
-    log(f"data: {description}; train {len(x_train)}, test {len(x_test)}; device {device}")
+    log(
+        f"data: {description}; train {len(x_train)}, test {len(x_test)}, {len(points)} of them evaluated; "
+        f"device {device}"
+    )
 
     train_settings, eval_settings = common.settings_from_arguments(args)
     config = common.settings_dict(
@@ -210,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         zhen_sigma=args.zhen_sigma,
         num_train=len(x_train),
         num_test_total=len(x_test),
+        evaluation_points=points.tolist(),
     )
 
     def make_model(name: str) -> nn.Module:
@@ -218,17 +222,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
     results, _ = common.run_losses(
-        names, make_model, (x_train, y_train), (x_test, y_test), NUM_CLASSES, args, config, device, log
+        names, make_model=make_model, train_data=(x_train, y_train), test_data=(x_eval, y_eval),
+        num_classes=NUM_CLASSES, args=args, config=config, device=device, log=log,
     )
     return common.write_report(
         results,
-        args,
-        argv,
-        "scripts/cifar10_experiment.py",
-        "CIFAR-10: margin losses on an orthogonal (BCOP) conv net",
-        config,
-        device,
-        started,
+        args=args,
+        argv=argv,
+        script="scripts/cifar10_experiment.py",
+        title="CIFAR-10: margin losses on an orthogonal (BCOP) conv net",
+        config=config,
+        device=device,
+        started=started,
         log=log,
     )
 

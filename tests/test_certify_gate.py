@@ -12,7 +12,7 @@ from painwatch.data import load_records, make_demo_dataset
 from painwatch.evaluation.certify import select_frames
 from painwatch.evaluation.gate import DEFAULT_GATE, UsageError, evaluate_gate, load_gate
 from painwatch.evaluation.settings import DemoSettings
-from painwatch.models import create_model, read_metadata, save_bundle
+from painwatch.models import read_metadata
 from painwatch.robust import certified_accuracy_at
 
 TRAINED_ON = ["syn-m01", "syn-m02"]
@@ -26,23 +26,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def bundle(tmp_path: Path) -> Path:
-    folder = tmp_path / "bundle"
-    model = create_model("test_resnet", num_classes=2, input_size=32, seed=0)
-    save_bundle(
-        folder,
-        model,
-        {
-            "training": {
-                "individuals": TRAINED_ON,
-                "num_frames": 8,
-                "loss": "ce",
-                "noise_sigma": 0.25,
-                "epochs": 1,
-            }
-        },
-    )
-    return folder
+def bundle(tmp_path: Path, bundle_factory) -> Path:
+    training = {"individuals": TRAINED_ON, "num_frames": 8, "loss": "ce", "noise_sigma": 0.25, "epochs": 1}
+    return bundle_factory(tmp_path / "bundle", training=training)
 
 
 def _gate(tmp_path: Path, text: str, name: str = "gate.toml") -> Path:

@@ -1,4 +1,4 @@
-"""End-to-end runs of the thesis experiment scripts on tiny settings (real code paths, real files)."""
+"""End-to-end runs of the [RC] experiment scripts on tiny settings (real code paths, real files)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.stats import binomtest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import _experiment_common as common  # noqa: E402
+import _experiment_evaluation as measure  # noqa: E402
+import bench_certify  # noqa: E402
 import cifar10_experiment  # noqa: E402
 import mnist_experiment  # noqa: E402
 
@@ -24,15 +27,46 @@ METHODS = ("lipschitz", "smoothed_margin", "randomized_smoothing")
 
 # Small enough for seconds on a shared CPU, large enough that every stage has work to do.
 TINY_EVAL = [
-    "--num-test", "8", "--n0", "10", "--sm-n", "60", "--n", "120", "--pgd-steps", "3",
+    "--n0", "10", "--sm-n", "60", "--n", "120", "--pgd-steps", "3",
     "--pgd-smoothed-points", "3", "--pgd-classifier-draws", "60", "--batch-eval", "256", "--threads", "1",
     "--device", "cpu",
 ]  # fmt: skip
 
 
-def check_results(out: Path, losses: list[str]) -> dict:
+def clopper_pearson(successes: int, trials: int) -> list[float]:
+    interval = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="exact")
+    return [interval.low, interval.high]
+
+
+def check_one_set_of_points(evaluation: dict, test_labels: np.ndarray, points: list[int]) -> None:
+    """Clean accuracy and every certified accuracy are on the same points, with Clopper-Pearson intervals."""
+    count = evaluation["num_points"]
+    assert count == len(points) == len(set(points))
+    labels = np.asarray(evaluation["labels"])
+    assert labels.tolist() == test_labels[points].tolist()
+    clean = np.asarray(evaluation["clean_predictions"])
+    assert len(clean) == count
+    assert evaluation["clean_accuracy"] == pytest.approx(np.mean(clean == labels))
+    clean_correct = int((clean == labels).sum())
+    assert evaluation["clean_accuracy_interval"] == pytest.approx(clopper_pearson(clean_correct, count))
+    # The Lipschitz certificate is the bare network's answer: point for point the clean prediction,
+    # which it could not be if it had been computed on other points.
+    assert evaluation["lipschitz"]["predictions"] == clean.tolist()
+    for method in METHODS:
+        predictions = np.asarray(evaluation[method]["predictions"])
+        radii = np.asarray(evaluation[method]["certified_radii"])
+        assert len(predictions) == len(radii) == count
+        curve, intervals = evaluation[method]["curve"], evaluation[method]["curve_interval"]
+        for r, value, interval in zip(evaluation["radii"], curve, intervals, strict=True):
+            successes = int(((predictions == labels) & (radii >= r)).sum())
+            assert value == pytest.approx(successes / count)
+            assert interval == pytest.approx(clopper_pearson(successes, count))
+
+
+def check_results(out: Path, losses: list[str], test_labels: np.ndarray, pixels: int) -> dict:
     """Shared checks on an experiment folder; returns summary.json."""
     summary = json.loads((out / "summary.json").read_text())
+    points = summary["config"]["evaluation_points"]
     assert summary["losses"] == losses
     assert {"command", "config", "seconds", "cpu_seconds", "machine", "table", "plots"} <= set(summary)
     for name in losses:
@@ -56,8 +90,21 @@ def check_results(out: Path, losses: list[str]) -> dict:
             assert curve[0] <= 1.0
         pgd = evaluation["pgd_check"]
         assert pgd["lipschitz"]["num_attacked"] > 0
-        # The attack stays inside 0.99 r (up to float32 rounding of the projection, ~1e-6 relative).
-        assert pgd["lipschitz"]["max_budget_used"] <= 0.99 * (1 + 1e-4)
+        # The attack stays inside 0.99 r, up to the float32 rounding of the adversarial pixels (about
+        # 2^-24 each, so sqrt(pixels) 2^-24 in L2), which is large relative to a tiny radius.
+        attacked = [r for r in evaluation["lipschitz"]["certified_radii"] if r > 0]
+        rounding = np.sqrt(pixels) * 2.0**-23 / min(attacked)
+        assert pgd["lipschitz"]["max_budget_used"] <= 0.99 * (1 + 1e-4) + rounding
+        check_one_set_of_points(evaluation, test_labels, points)
+        headline = summary["results"][name]
+        assert headline["num_points"] == len(points)
+        assert headline["clean_accuracy"] == evaluation["clean_accuracy"]
+        for method in METHODS:
+            for radius in ("0.25", "0.5", "1.0"):
+                figure = headline["certified_accuracy"][method][radius]
+                index = evaluation["radii"].index(float(radius))
+                assert figure["value"] == evaluation[method]["curve"][index]
+                assert figure["interval"] == evaluation[method]["curve_interval"][index]
         for method in METHODS:
             assert pgd[method]["num_flipped"] == 0, f"{name}: PGD broke a {method} certificate: {pgd[method]}"
         assert len(result["training"]["loss_per_epoch"]) == summary["config"]["train"]["epochs"]
@@ -73,10 +120,14 @@ def test_mnist_experiment_end_to_end_on_the_bundled_digits(tmp_path: Path) -> No
     out = tmp_path / "mnist"
     argv = [
         "--losses", "mscr,mcr", "--epochs", "1", "--width", "64", "--holdout", "200", "--benchmark-n", "300",
-        "--benchmark-num-test", "4", "--out", str(out), *TINY_EVAL,
+        "--benchmark-num-test", "4", "--num-test", "8", "--out", str(out), *TINY_EVAL,
     ]  # fmt: skip
     summary = mnist_experiment.main(argv)
-    check_results(out, ["mscr", "mcr"])
+    test_labels = mnist_experiment.load_bundled_mnist(200, seed=0)["y_test"]
+    check_results(out, ["mscr", "mcr"], test_labels, pixels=28 * 28)
+    # --num-test 8 of ten classes: eight different digits, named in the table's note.
+    assert len(set(test_labels[summary["config"]["evaluation_points"]])) == 8
+    assert "the same points, 8 of the 200 held-out points (stratified by class, seed 0);" in summary["table"]
     for name in ("mscr", "mcr"):  # real digits: even one epoch learns something certifiable
         evaluation = json.loads((out / f"{name}.json").read_text())["evaluation"]
         assert evaluation["clean_accuracy"] > 0.5
@@ -85,11 +136,19 @@ def test_mnist_experiment_end_to_end_on_the_bundled_digits(tmp_path: Path) -> No
     bench = json.loads((out / "benchmark.json").read_text())
     assert bench["forward_pass_ratio"] == pytest.approx((10 + 300) / (10 + 60))
     assert bench["radii"] == [0.25, 0.5, 0.924]
-    assert bench["radii"] == [0.25, 0.5, 0.924]
+    # The benchmark's points are the first four of the table's (a prefix of the stratified order).
+    mscr = json.loads((out / "mscr.json").read_text())["evaluation"]
+    assert bench["num_points"] == 4 and bench["labels"] == mscr["labels"][:4]
     for method in ("smoothed_margin", "randomized_smoothing"):
         accuracies = bench[method]["certified_accuracy"]
         assert all(0.0 <= b <= a <= 1.0 for a, b in itertools.pairwise(accuracies))
+        predictions = np.asarray(bench[method]["predictions"])
+        radii = np.asarray(bench[method]["certified_radii"])
+        for r, interval in zip(bench["radii"], bench[method]["certified_accuracy_interval"], strict=True):
+            successes = int(((predictions == np.asarray(bench["labels"])) & (radii >= r)).sum())
+            assert interval == pytest.approx(clopper_pearson(successes, 4))
     assert "Forward-pass ratio" in (out / "table.md").read_text()
+    assert "the first 4 of the table's points (a stratified prefix)" in (out / "table.md").read_text()
 
     # --resume reuses results computed with the same settings instead of training again.
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name != "summary.json"}
@@ -99,6 +158,91 @@ def test_mnist_experiment_end_to_end_on_the_bundled_digits(tmp_path: Path) -> No
     mnist_experiment.main([*argv, "--resume", "--benchmark-n", "200"])
     assert json.loads((out / "benchmark.json").read_text())["randomized_smoothing"]["n"] == 200
     assert (out / "mscr.json").stat().st_mtime_ns == mtimes["mscr.json"]
+
+
+def test_mnist_summary_certifies_exactly_the_points_of_its_clean_accuracy(tmp_path: Path) -> None:
+    """By default every held-out digit is evaluated, for the clean and every certified accuracy alike."""
+    out = tmp_path / "mnist"
+    argv = [
+        "--losses", "mscr", "--epochs", "1", "--width", "32", "--holdout", "100", "--benchmark-n", "200",
+        "--benchmark-num-test", "1000", "--pgd-steps", "2", "--out", str(out), *TINY_EVAL,
+    ]  # fmt: skip
+    summary = mnist_experiment.main(argv)
+    test_labels = mnist_experiment.load_bundled_mnist(100, seed=0)["y_test"]
+    assert sorted(summary["config"]["evaluation_points"]) == list(range(100))
+    check_results(out, ["mscr"], test_labels, pixels=28 * 28)
+    assert summary["results"]["mscr"]["num_points"] == 100
+    assert "Every figure is in % of the same points, all 100 held-out points;" in summary["table"]
+    # The benchmark asked for more points than there are: it takes all of the table's.
+    bench = summary["benchmark"]
+    assert bench["num_points"] == 100 and "the same 100 points as the table" in (out / "table.md").read_text()
+    # The table cell is the JSON's figure and its interval: "value (low-high)" in per cent.
+    evaluation = json.loads((out / "mscr.json").read_text())["evaluation"]
+    index = evaluation["radii"].index(0.5)
+    value = evaluation["lipschitz"]["curve"][index]
+    low, high = evaluation["lipschitz"]["curve_interval"][index]
+    assert f"| {100 * value:.1f} ({100 * low:.1f}-{100 * high:.1f}) |" in summary["table"]
+
+
+def test_mixed_evaluation_sets_are_refused() -> None:
+    def result(labels: list[int]) -> dict:
+        return {"config": {"num_test_total": 10, "eval": {"seed": 0}},
+                "evaluation": {"labels": labels, "num_points": len(labels)}}
+
+    assert common.evaluated_points_description({"a": result([1, 2]), "b": result([1, 2])}) == (
+        "2 of the 10 held-out points (stratified by class, seed 0)"
+    )
+    with pytest.raises(ValueError, match="'b' was evaluated on other points than 'a'"):
+        common.evaluated_points_description({"a": result([1, 2]), "b": result([2, 1])})
+
+
+def test_stratified_order_balances_every_prefix_and_is_seeded() -> None:
+    labels = np.repeat(np.arange(10), [30, 30, 30, 30, 30, 30, 30, 30, 30, 5])
+    order = measure.stratified_order(labels, None, seed=1)
+    assert sorted(order.tolist()) == list(range(len(labels)))
+    for k in (1, 7, 10, 23, 50):  # while no class has run out, counts differ by at most one
+        counts = np.bincount(labels[order[:k]], minlength=10)
+        assert counts.max() - counts.min() <= 1, (k, counts)
+    counts = np.bincount(labels[order[:100]], minlength=10)  # class 9 has only five
+    assert counts[9] == 5 and counts[:9].max() - counts[:9].min() <= 1
+    assert (measure.stratified_order(labels, 40, seed=1) == order[:40]).all()
+    assert not (measure.stratified_order(labels, 40, seed=2) == order[:40]).all()
+    with pytest.raises(ValueError, match="--num-test must be between 1 and the 275 held-out points, got 276"):
+        measure.stratified_order(labels, 276, seed=0)
+
+
+def test_intervals_are_clopper_pearson() -> None:
+    correct = np.array([True] * 7 + [False] * 3)
+    accuracy, interval = measure.accuracy_with_interval(correct)
+    assert accuracy == 0.7
+    assert interval == pytest.approx(clopper_pearson(7, 10))
+    assert interval == pytest.approx([0.3475, 0.9333], abs=1e-4)  # the exact 95 % interval of 7 / 10
+    predictions = np.array([1, 1, 1, -1, 0])
+    radii = np.array([0.6, 0.2, 0.9, 0.0, 0.8])
+    labels = np.array([1, 1, 0, 1, 0])
+    curve, intervals = measure.certified_accuracy_with_intervals(predictions, radii, labels, [0.0, 0.5])
+    assert curve == [0.6, 0.4]
+    assert intervals == [pytest.approx(clopper_pearson(3, 5)), pytest.approx(clopper_pearson(2, 5))]
+
+
+def test_bench_certify_reports_accuracy_on_the_certified_digits(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--points", "10", "--n", "50", "--cohen-n", "100", "--n0", "10", "--epochs", "2",
+            "--json", str(out)]
+    assert bench_certify.main(argv) == 0
+    result = json.loads(out.read_text())
+    indices = result["test_indices"]
+    assert len(indices) == len(set(indices)) == 10
+    from sklearn.datasets import load_digits
+
+    assert sorted(load_digits().target[indices].tolist()) == list(range(10))  # one digit of each class
+    # Lipschitz certificates never abstain: their answer is the clean prediction on the same digits.
+    lipschitz = next(row for row in result["rows"] if row["method"] == "lipschitz")
+    assert lipschitz["certified"] == 10
+    assert lipschitz["certified_correct"] == round(10 * result["accuracy"])
+    for row in result["rows"]:
+        expected = clopper_pearson(row["certified_correct"], 10)
+        assert row["certified_accuracy_interval"] == pytest.approx(expected)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -171,8 +315,8 @@ def test_cifar10_experiment_end_to_end_on_a_stand_in(tmp_path: Path) -> None:
         "--data", str(data), "--losses", "mscr,sce", "--epochs", "1", "--channels", "2,2,4,4",
         "--dense-width", "16", "--batch-size", "16", "--out", str(out), *TINY_EVAL,
     ]  # fmt: skip
-    summary = cifar10_experiment.main(argv)
-    check_results(out, ["mscr", "sce"])
+    summary = cifar10_experiment.main([*argv, "--num-test", "8"])
+    check_results(out, ["mscr", "sce"], np.arange(16) % 10, pixels=3 * 32 * 32)
     assert summary["config"]["channels"] == [2, 2, 4, 4] and summary["config"]["num_train"] == 48
 
 
@@ -222,4 +366,5 @@ def test_certified_accuracy_curve_counts_abstentions_as_wrong() -> None:
     predictions = np.array([1, 2, -1, 0])
     radii = np.array([0.3, 0.6, 0.0, 1.0])
     labels = np.array([1, 2, 2, 1])
-    assert common.certified_accuracy_curve(predictions, radii, labels, [0.0, 0.5, 0.7]) == [0.5, 0.25, 0.0]
+    curve, _ = measure.certified_accuracy_with_intervals(predictions, radii, labels, [0.0, 0.5, 0.7])
+    assert curve == [0.5, 0.25, 0.0]

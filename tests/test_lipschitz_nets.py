@@ -235,7 +235,7 @@ def test_the_page_says_what_a_one_pass_certificate_costs_and_guarantees(bundle: 
     expected = "0.00 s for 1 frame(s): 0.004 s per frame (1 network evaluation each)."
     assert describe_cost([result], 0.004) == expected
     text = describe_radius(0.05, 0.1, method="lipschitz", alpha=0.0)
-    assert "no random sampling" in text and "single pass" in text and "0.05" in text
+    assert "no sampling" in text and "one pass" in text and "0.05" in text
     assert describe_cost([], 0.0) == "No frame was analysed."
 
 

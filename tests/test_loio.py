@@ -436,6 +436,7 @@ TRAINING_ARGV = {
     "--validate-clean": ["--validate-clean"],
     "--loss": ["--loss", "ce+mc_margin"],
     "--margin": ["--margin", "2.5"],
+    "--offset-temperature": ["--offset-temperature", "0.5"],
     "--num-draws": ["--num-draws", "2"],
     "--margin-weight": ["--margin-weight", "0.5"],
     "--label-smoothing": ["--label-smoothing", "0.1"],
@@ -473,7 +474,8 @@ def test_train_and_loio_expose_the_same_training_options() -> None:
     own = {
         "train": {"-h", "--help", "--out", "--val-fraction", "--individuals", "--quiet"},
         "loio": {"-h", "--help", "--out", "--resume", "--cache-features", "--inner-val-individuals"}
-        | {"--inner-val-fraction", "--bootstrap-reps", "--max-folds", "--quiet"},
+        | {"--inner-val-fraction", "--bootstrap-reps", "--max-folds", "--quiet"}
+        | {"--ray", "--fold-cpus", "--fold-gpus", "--retries"},  # where the folds run (DistributedSettings)
     }
     for command, expected in own.items():
         parser = _command_parser(command)

@@ -42,7 +42,7 @@ def _centre(images: list[np.ndarray]) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle(tmp_path_factory: pytest.TempPathFactory, bundle_factory) -> Path:
     """A tiny ResNet whose head separates dark (no_pain) from bright (pain) frames.
 
     The head is the class-mean difference of the backbone's features (no training loop needed), so
@@ -57,10 +57,9 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         scale = 3.0 / float(direction @ (bright.mean(0) - middle))
         model.head.weight.copy_(torch.stack([-direction, direction]) * scale)
         model.head.bias.copy_(torch.stack([middle @ direction, -(middle @ direction)]) * scale)
-    folder = tmp_path_factory.mktemp("bundle") / "tiny"
-    save_bundle(folder, model, {"training": {"individuals": ["m01", "m02"], "noise_sigma": 0.25,
-                                             "num_frames": 32, "loss": "ce", "epochs": 0}})
-    return folder
+    return bundle_factory(tmp_path_factory.mktemp("bundle") / "tiny", model=model,
+                          training={"individuals": ["m01", "m02"], "noise_sigma": 0.25, "num_frames": 32,
+                                    "loss": "ce", "epochs": 0})
 
 
 @pytest.mark.parametrize("method", [None, "soft_smoothing"])

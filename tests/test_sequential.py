@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.stats import binom, norm
+from conftest import allowed_failures
+from scipy.stats import norm
 
 from painwatch.robust.bounds import BettingLowerBound, best_attainable_lower_bound, clopper_pearson_lower
 from painwatch.robust.certificate import ABSTAIN
@@ -35,11 +36,6 @@ class LinearPair(torch.nn.Module):
         return float(np.sum(weights * values) / math.sqrt(2 * math.pi))
 
 
-def _allowed_violations(trials: int, alpha: float) -> int:
-    """The largest number of failures a correct level-alpha procedure exceeds with probability < 1e-3."""
-    return int(binom.ppf(1 - 1e-3, trials, alpha))
-
-
 def test_lower_bound_is_time_uniform() -> None:
     # Checked after every batch of a doubling schedule: a bound that were only valid at a fixed n
     # (e.g. a normal approximation) fails far more often than alpha when looked at repeatedly.
@@ -55,7 +51,7 @@ def test_lower_bound_is_time_uniform() -> None:
             batch = min(2 * batch, 512)
         violations += crossed
         finals.append(bound.lower)
-    assert violations <= _allowed_violations(trials, alpha)
+    assert violations <= allowed_failures(trials, alpha)
     # ...and it is not vacuous: close to the fixed-n Clopper-Pearson bound at the end.
     assert np.mean(finals) > clopper_pearson_lower(int(mean * 1500), 1500, alpha) - 0.03
 
@@ -100,7 +96,7 @@ def test_soft_certificate_holds_with_probability_one_minus_alpha() -> None:
         too_large += certificate.radius > true_radius
         radii.append(certificate.radius)
         assert certificate.bound <= 1.0 and result.forward_passes == 16 + certificate.n
-    assert too_large <= _allowed_violations(trials, alpha)
+    assert too_large <= allowed_failures(trials, alpha)
     assert np.mean(radii) > 0.8 * true_radius
 
 
@@ -116,7 +112,7 @@ def test_sharpened_scores_hold_and_certify_more() -> None:
                                     score_temperature=0.2, generator=torch.Generator().manual_seed(seed))
         too_large += result.certificate.radius > sharp_radius
         radii.append(result.certificate.radius)
-    assert too_large <= _allowed_violations(trials, alpha)
+    assert too_large <= allowed_failures(trials, alpha)
     assert np.mean(radii) > plain_radius
     with pytest.raises(ValueError, match="score_temperature"):
         sequential_certify(model, x, sigma=sigma, score_temperature=0.0)
@@ -169,7 +165,7 @@ def test_fixed_bound_holds_and_stops_early_only_to_abstain() -> None:
                            generator=torch.Generator().manual_seed(seed)).certificate.radius > true_radius
         for seed in range(trials)
     )
-    assert too_large <= _allowed_violations(trials, alpha)
+    assert too_large <= allowed_failures(trials, alpha)
     coin, x = _pair_and_image(centre=0.0)  # p_A = 1/2: nothing can be certified
     futile = sequential_certify(coin, x, sigma=0.25, alpha=0.001, max_n=100_000, min_radius=0.01,
                                 scores="hard", bound="fixed", generator=torch.Generator().manual_seed(0))

@@ -15,8 +15,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import allowed_failures
 from numpy.polynomial.hermite_e import hermegauss
-from scipy.stats import binom, binomtest, norm
+from scipy.stats import binomtest, norm
 from torch import nn
 
 from painwatch.robust import (
@@ -67,11 +68,6 @@ def exact_soft_score(distance: float, sigma: float, scale: float) -> float:
     nodes, weights = hermegauss(80)
     values = 1.0 / (1.0 + np.exp(-2.0 * scale * (distance + sigma * nodes)))
     return float(np.sum(weights * values) / math.sqrt(2.0 * math.pi))
-
-
-def tolerance(trials: int, alpha: float) -> float:
-    """Largest failure count compatible with a failure probability <= alpha (one-sided, level 0.001)."""
-    return float(binom.ppf(0.999, trials, alpha))
 
 
 X = torch.full(SHAPE, 0.5)
@@ -160,7 +156,7 @@ def test_cohen_radius_exceeds_the_true_radius_at_most_alpha_often() -> None:
     certificates = [smoothed.certify(X, n0=10, n=100, alpha=alpha, batch_size=110,
                                      generator=torch.Generator().manual_seed(seed)) for seed in range(trials)]
     too_large = sum(c.radius > true_radius for c in certificates)
-    assert too_large <= tolerance(trials, alpha)
+    assert too_large <= allowed_failures(trials, alpha)
     certified = [c for c in certificates if not c.abstained]
     assert len(certified) > trials / 2 and all(c.prediction == 0 for c in certified)
     assert all(c.forward_passes == 110 and c.method == "randomized_smoothing" for c in certificates)
@@ -183,8 +179,8 @@ def test_cohen_abstains_on_the_boundary() -> None:
                          generator=torch.Generator().manual_seed(seed)) == ABSTAIN
         for seed in range(trials)
     )
-    assert certify_abstained >= trials - tolerance(trials, alpha)
-    assert predict_abstained >= trials - tolerance(trials, alpha)
+    assert certify_abstained >= trials - allowed_failures(trials, alpha)
+    assert predict_abstained >= trials - allowed_failures(trials, alpha)
 
 
 class Buckets(nn.Module):
@@ -208,14 +204,14 @@ def test_cohen_abstains_when_pa_is_below_one_half_but_predict_finds_the_pluralit
     certificates = [smoothed.certify(X, n0=50, n=200, alpha=alpha, batch_size=250,
                                     generator=torch.Generator().manual_seed(s))
                     for s in range(trials)]
-    assert sum(c.abstained for c in certificates) >= trials - tolerance(trials, alpha)
+    assert sum(c.abstained for c in certificates) >= trials - allowed_failures(trials, alpha)
     counts = smoothed.class_counts(X, num=20000, batch_size=5000, generator=torch.Generator().manual_seed(0))
     assert counts.sum() == 20000 and counts / 20000 == pytest.approx([0.4, 0.3, 0.3], abs=0.015)
     predictions = [smoothed.predict(X, n=2000, alpha=alpha, batch_size=2000,
                                     generator=torch.Generator().manual_seed(s))
                    for s in range(20)]
     # PREDICT returns a class other than g(x) = 0 with probability <= alpha; it may abstain.
-    assert sum(p not in (0, ABSTAIN) for p in predictions) <= tolerance(20, alpha)
+    assert sum(p not in (0, ABSTAIN) for p in predictions) <= allowed_failures(20, alpha)
     assert predictions.count(0) >= 15
 
 
@@ -251,7 +247,7 @@ def test_concentration_bounds_cover_the_mean() -> None:
             lower, upper = mean_confidence_bounds(rng.beta(a, b, size=(n, 1)), delta, method)
             lower_fail += lower[0] > mean
             upper_fail += upper[0] < mean
-        assert lower_fail <= tolerance(trials, delta) and upper_fail <= tolerance(trials, delta)
+        assert lower_fail <= allowed_failures(trials, delta) and upper_fail <= allowed_failures(trials, delta)
     low_variance = np.full((1000, 1), 0.99)
     assert empirical_bernstein_radius(np.zeros(1), 1000, 0.01)[0] < hoeffding_radius(1000, 0.01)
     lower, _ = mean_confidence_bounds(low_variance, 0.01, "best")
@@ -272,8 +268,8 @@ def test_soft_radius_exceeds_the_exact_one_at_most_alpha_often(concentration: st
                                generator=torch.Generator().manual_seed(seed), concentration=concentration)
         for seed in range(trials)
     ]
-    assert sum(c.bound > exact for c in certificates) <= tolerance(trials, alpha)
-    assert sum(c.radius > exact_radius for c in certificates) <= tolerance(trials, alpha)
+    assert sum(c.bound > exact for c in certificates) <= allowed_failures(trials, alpha)
+    assert sum(c.radius > exact_radius for c in certificates) <= allowed_failures(trials, alpha)
     certified = [c for c in certificates if not c.abstained]
     assert len(certified) > trials / 2 and all(c.prediction == 0 for c in certified)
     # Two classes: runner-up bound 1 - G_c_low, so r = sigma * PhiInv(G_c_low).
@@ -303,7 +299,7 @@ def test_soft_smoothing_abstains_on_the_boundary_and_is_reproducible() -> None:
     abstained = sum(soft_smoothing_certify(model, X, sigma=0.3, n0=10, n=100, alpha=alpha, batch_size=128,
                                            generator=torch.Generator().manual_seed(s)).abstained
                     for s in range(trials))
-    assert abstained >= trials - tolerance(trials, alpha)
+    assert abstained >= trials - allowed_failures(trials, alpha)
     model.place(X, 0.3)
     first, again = (soft_smoothing_certify(model, X, sigma=0.3, n0=10, n=200, alpha=0.01, batch_size=64,
                                            generator=torch.Generator().manual_seed(3))

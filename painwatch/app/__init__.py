@@ -12,7 +12,9 @@ from painwatch.app.bundles import (
     bundle_fingerprint,
     bundle_path_from_args,
     bundle_problem,
+    method_in_words,
     read_bundle_metadata,
+    usable_methods,
 )
 from painwatch.app.downloads import (
     CSV_COLUMNS_FIXED,
@@ -24,16 +26,22 @@ from painwatch.app.downloads import (
     results_json,
 )
 from painwatch.app.page import (
-    RADIUS_NOTE,
+    ROBUST_IS_NOT_CORRECT,
+    STATUS_NOT_ROBUST,
+    STATUS_REFUSED,
+    STATUS_ROBUST,
     TABLE_COLUMNS,
     THUMBNAIL_SIDE,
     Summary,
     describe_cost,
     describe_radius,
     gate_lines,
+    grey_levels_per_unit_radius,
     is_abstention,
     overlay_saliency,
+    radius_note,
     results_table,
+    status_of,
     summarize,
     tensor_to_image,
     thumbnail_with_crop,
@@ -48,6 +56,7 @@ from painwatch.app.uploads import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
     MEGABYTE,
+    UPLOAD_HELP,
     FileProblem,
     Frame,
     Upload,
@@ -57,7 +66,7 @@ from painwatch.app.uploads import (
     suffix_of,
     uploads_digest,
 )
-from painwatch.inference import ABSTAIN_LABEL
+from painwatch.inference import ABSTAIN_LABEL, SYNTHETIC_WARNING
 from painwatch.robust import BASE_METHODS
 
 __all__ = [
@@ -75,9 +84,14 @@ __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_IMAGE_PIXELS",
     "MEGABYTE",
-    "RADIUS_NOTE",
+    "ROBUST_IS_NOT_CORRECT",
+    "STATUS_NOT_ROBUST",
+    "STATUS_REFUSED",
+    "STATUS_ROBUST",
+    "SYNTHETIC_WARNING",
     "TABLE_COLUMNS",
     "THUMBNAIL_SIDE",
+    "UPLOAD_HELP",
     "BundleError",
     "FileProblem",
     "Frame",
@@ -95,16 +109,21 @@ __all__ = [
     "describe_radius",
     "download_name",
     "gate_lines",
+    "grey_levels_per_unit_radius",
     "is_abstention",
+    "method_in_words",
     "overlay_saliency",
+    "radius_note",
     "read_bundle_metadata",
     "results_csv",
     "results_json",
     "results_table",
+    "status_of",
     "suffix_of",
     "summarize",
     "tensor_to_image",
     "thumbnail_with_crop",
     "time_course",
     "uploads_digest",
+    "usable_methods",
 ]

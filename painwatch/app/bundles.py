@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from painwatch.models import BundleError, BundleMetadata, read_metadata
+from painwatch.inference import usable_methods as _usable_methods
+from painwatch.models import BundleError, BundleMetadata, load_bundle, read_metadata
+from painwatch.robust import method_spec
 
 DEFAULT_BUNDLE = Path("data/demo-bundle")
 """Bundle used when neither ``--bundle`` nor ``PAINWATCH_BUNDLE`` is given (built by ``make app``)."""
@@ -46,10 +48,8 @@ def bundle_problem(path: Path) -> str | None:
     A bundle is a folder holding ``model.json`` and ``weights.safetensors``.
     """
     how_to_build = (
-        "Build the demo bundle with `make app` (it also starts this page), or "
-        "`painwatch demo-data data/demo && painwatch demo-bundle --data data/demo --out data/demo-bundle`, "
-        "or give your own bundle: `streamlit run app.py -- --bundle PATH`, the environment variable "
-        f"`{BUNDLE_ENV}=PATH`, or the field in the sidebar."
+        "Ask whoever set up painwatch to install a model (the installation builds a demo model), or type "
+        "the folder of another model in the sidebar."
     )
     if not path.exists():
         return f"No model bundle at `{path}`. {how_to_build}"
@@ -76,5 +76,18 @@ def read_bundle_metadata(path: Path) -> BundleMetadata:
     return read_metadata(path)
 
 
+def usable_methods(path: Path) -> list[str]:
+    """The certification methods the network of the bundle at ``path`` can be certified with."""
+    bundle = load_bundle(path)
+    return _usable_methods(bundle.model, bundle.metadata)
+
+
+def method_in_words(name: str) -> str:
+    """What a certification method certifies, in words (from the method registry)."""
+    spec = method_spec(name)
+    kind = "exact, one pass" if spec.deterministic else "from random noise draws"
+    return f"{spec.certifies} ({kind})"
+
+
 __all__ = ["BUNDLE_ENV", "DEFAULT_BUNDLE", "BundleError", "bundle_fingerprint", "bundle_path_from_args",
-           "bundle_problem", "read_bundle_metadata"]
+           "bundle_problem", "method_in_words", "read_bundle_metadata", "usable_methods"]

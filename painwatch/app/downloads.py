@@ -12,7 +12,11 @@ from typing import Any
 
 from painwatch import __version__
 from painwatch.app.uploads import FileProblem, Frame, check_aligned
+from painwatch.inference.rows import CSV_COLUMNS_FIXED, CSV_COLUMNS_TAIL, csv_columns, csv_value, result_row
 from painwatch.io import to_json_text
+
+__all__ = ["CSV_COLUMNS_FIXED", "CSV_COLUMNS_TAIL", "Provenance", "csv_columns", "download_name",
+           "results_csv", "results_json"]
 
 
 @dataclass(frozen=True)
@@ -65,54 +69,10 @@ class Provenance:
         }
 
 
-CSV_COLUMNS_FIXED: tuple[str, ...] = (
-    "frame", "file", "time_s", "label", "class_index", "confidence",
-)
-CSV_COLUMNS_TAIL: tuple[str, ...] = (
-    "abstain_reason", "radius_l2", "radius_rms", "radius_grey_levels", "method", "sigma", "alpha", "n",
-    "n_budget", "forward_passes", "noise_seed", "seed", "bundle_weights_sha256", "painwatch_version",
-)
-"""After the per-class probabilities: why a frame was refused (in words), the certificate, the settings
-(``n`` = estimation draws used for this frame, ``n_budget`` = the most allowed), the frame's noise seed
-(give it back to re-check the certificate), the predictor's fixed seed (empty in deployment, where every
-frame's seed is unpredictable) and the bundle's weights hash."""
-
-
-def csv_columns(classes: Sequence[str]) -> list[str]:
-    """Header of the CSV download: fixed columns, one ``prob_<class>`` per class, then provenance."""
-    return [*CSV_COLUMNS_FIXED, *(f"prob_{name}" for name in classes), *CSV_COLUMNS_TAIL]
-
-
 def _row(frame: Frame, result: Any, provenance: Provenance) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "frame": frame.name,
-        "file": frame.source,
-        "time_s": frame.time_s,
-        "label": str(result.label),
-        "class_index": int(result.class_index),
-        "confidence": float(result.confidence),
-    }
-    for name in provenance.classes:
-        row[f"prob_{name}"] = float(result.probabilities[name])
-    row.update(
-        {
-            "abstain_reason": result.abstain_reason,
-            "radius_l2": float(result.radius),
-            "radius_rms": float(result.radius_rms),
-            "radius_grey_levels": float(result.radius_grey_levels),
-            "method": str(result.method),
-            "sigma": float(result.sigma),
-            "alpha": float(result.alpha),
-            "n": int(result.n),
-            "n_budget": provenance.budget,
-            "forward_passes": int(result.forward_passes),
-            "noise_seed": result.noise_seed,
-            "seed": provenance.seed,
-            "bundle_weights_sha256": provenance.weights_sha256,
-            "painwatch_version": __version__,
-        }
-    )
-    return row
+    return result_row(result, frame=frame.name, file=frame.source, time_s=frame.time_s,
+                      classes=provenance.classes, budget=provenance.budget, seed=provenance.seed,
+                      weights_sha256=provenance.weights_sha256)
 
 
 def results_csv(frames: Sequence[Frame], results: Sequence[Any], provenance: Provenance) -> bytes:
@@ -123,17 +83,13 @@ def results_csv(frames: Sequence[Frame], results: Sequence[Any], provenance: Pro
     """
     check_aligned(frames, results)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=csv_columns(provenance.classes), lineterminator="\n")
+    columns = csv_columns(provenance.classes)
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for frame, result in zip(frames, results, strict=True):
         row = _row(frame, result, provenance)
-        writer.writerow({key: ("" if value is None else _csv_value(value)) for key, value in row.items()})
+        writer.writerow({key: csv_value(row[key]) for key in columns})
     return buffer.getvalue().encode("utf-8")
-
-
-def _csv_value(value: Any) -> Any:
-    # repr keeps every digit of a float (str would too on 3.x, but be explicit).
-    return repr(value) if isinstance(value, float) else value
 
 
 def results_json(

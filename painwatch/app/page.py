@@ -21,6 +21,7 @@ from painwatch.app.uploads import Frame, check_aligned
 from painwatch.data import centre_square
 from painwatch.inference import ABSTAIN_LABEL
 from painwatch.models import GateVerdict
+from painwatch.robust import method_spec
 
 
 def is_abstention(result: Any) -> bool:
@@ -35,25 +36,38 @@ TABLE_COLUMNS: tuple[str, ...] = (
 """Columns of the on-page results table, in order."""
 
 
+STATUS_ROBUST = "robust to small pixel changes"
+"""A frame with a radius above 0: no pixel change smaller than the radius can change the answer."""
+STATUS_NOT_ROBUST = "no guarantee (radius 0)"
+STATUS_REFUSED = "refused"
+
+ROBUST_IS_NOT_CORRECT = (
+    "*Robust* means that no change of the pixels smaller than the radius can change the answer. It does "
+    "not mean the answer is correct: how often the model is right is in the model card."
+)
+
+
+def status_of(result: Any) -> str:
+    """The table's status of one answer, in words: robust up to its radius, no guarantee, or refused
+    (with the reason)."""
+    if is_abstention(result):
+        reason = getattr(result, "abstain_reason", None)
+        return f"{STATUS_REFUSED}: {reason}" if reason else STATUS_REFUSED
+    return STATUS_ROBUST if float(result.radius) > 0 else STATUS_NOT_ROBUST
+
+
 def results_table(frames: Sequence[Frame], results: Sequence[Any]) -> Any:
     """The on-page results table (a pandas DataFrame), one row per frame, in upload order.
 
     ``class`` is the predicted class name or "abstain"; ``confidence`` is the calibrated probability
     of the predicted class (empty for abstentions); radii are exactly the Predictor's values
-    (``radius`` and ``radius_grey_levels``); ``status`` says "certified", "not certified
-    (radius 0)" or "abstained".
+    (``radius`` and ``radius_grey_levels``); ``status`` is :func:`status_of` the answer.
     """
-
     check_aligned(frames, results)
     rows = []
     for frame, result in zip(frames, results, strict=True):
         abstained = is_abstention(result)
-        if abstained:
-            status = "abstained"
-        elif float(result.radius) > 0:
-            status = "certified"
-        else:
-            status = "not certified (radius 0)"
+        status = status_of(result)
         rows.append(
             {
                 "frame": frame.name,
@@ -130,15 +144,15 @@ def describe_radius(radius: float, grey_levels: float, *, method: str, alpha: fl
         f"(pixels counted from 0 to 1); spread evenly over the image that is about {grey_levels:.2g} "
         "grey levels (of 255) per pixel."
     )
-    if method == "lipschitz":
-        return sentence + (
-            " This guarantee is exact: it holds for the network itself, with no random sampling and no "
-            "chance of being wrong, and it took a single pass of the network."
+    if method_spec(method).deterministic:
+        sentence += (" This bound is exact for the network itself (one pass, no sampling, no error "
+                     "probability).")
+    else:
+        sentence += (
+            f" It holds for the noise-averaged model and was established from random samples, so it can be "
+            f"wrong with probability at most {alpha:g}."
         )
-    return sentence + (
-        f" It holds for the noise-averaged model and was established from random samples, so it can be "
-        f"wrong with probability at most {alpha:g}."
-    )
+    return sentence + " Robust is not the same as correct."
 
 
 def describe_cost(results: Sequence[Any], seconds: float) -> str:
@@ -155,14 +169,26 @@ def describe_cost(results: Sequence[Any], seconds: float) -> str:
     return f"{seconds:.2f} s for {len(results)} frame(s): {per_frame:.3g} s per frame ({count})."
 
 
-RADIUS_NOTE = (
-    "**What the radius means.** For each frame the model gives a *certified radius* r: the answer "
-    "cannot change for any change of the pixels whose total size (L2 norm, pixels from 0 to 1) is below "
-    "r. Spread evenly over all pixels that is about *g* grey levels of 255 per pixel (the "
-    "'grey levels' column). Larger is sturdier. A radius of 0 means no guarantee; 'abstain' means "
-    "the model would not commit to an answer for that frame. The radius says nothing about whether "
-    "the answer is medically right: that is what the model card's accuracy is for."
-)
+def grey_levels_per_unit_radius(input_shape: Sequence[int]) -> float:
+    """Grey levels (of 255) per pixel that an L2 radius of 1, spread evenly over all pixels, amounts to
+    at a model input of ``input_shape`` ``(C, H, W)``: ``255 / sqrt(C * H * W)``."""
+    return 255.0 / float(np.sqrt(np.prod([int(d) for d in input_shape])))
+
+
+def radius_note(input_shape: Sequence[int], sigma: float) -> str:
+    """What the radius and the noise level mean, with this model's numbers (Markdown)."""
+    per_unit = grey_levels_per_unit_radius(input_shape)
+    example = 0.1
+    return (
+        "**What the radius means.** For each frame the model gives a *certified radius* r: the answer "
+        "cannot change for any change of the pixels whose total size (L2 norm, pixels from 0 to 1) is below "
+        f"r. Spread evenly over all pixels, a radius of {example:g} is about {example * per_unit:.2g} grey "
+        f"levels of 255 per pixel for this model (its input is {' x '.join(map(str, input_shape))}); the "
+        "'grey levels' column gives it for every frame. Larger is sturdier. A radius of 0 means no "
+        "guarantee; 'refused' means the model would not commit to an answer for that frame, and says "
+        f"why.\n\n**The noise level σ = {sigma:g}** is per pixel: about {255 * sigma:.0f} grey levels of "
+        "random noise on every pixel, which the certificate averages over.\n\n" + ROBUST_IS_NOT_CORRECT
+    )
 
 
 def overlay_saliency(image: np.ndarray, saliency: np.ndarray, opacity: float = 0.45) -> np.ndarray:

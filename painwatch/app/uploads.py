@@ -36,6 +36,15 @@ MAX_IMAGE_PIXELS = 50_000_000
 MAX_ASPECT_RATIO = 20.0
 """Frames whose longer side is more than this many times the shorter one are refused: they cannot
 hold a face, and scaling their short side to the model's input would need enormous memory."""
+UPLOAD_HELP = (
+    f"Frames up to {MAX_IMAGE_BYTES // MEGABYTE} MB and {MAX_IMAGE_PIXELS // 1_000_000} megapixels, clips "
+    f"up to {MAX_CLIP_BYTES // MEGABYTE} MB; files that are larger or of another type are listed with the "
+    "reason. "
+    "The model was trained on faces cropped from frames: frames cropped to the face give the answers its "
+    "accuracy figures are about."
+)
+"""The uploader's help: the limits the page really applies."""
+
 MAX_FRAMES_PER_CLIP = 300
 """At most this many frames are taken from one clip; the page says so when a clip is cut."""
 

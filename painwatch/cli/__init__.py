@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "painwatch.cli.train",
     "painwatch.cli.loio",
     "painwatch.cli.certify",
+    "painwatch.cli.predict",
     "painwatch.cli.demo",
 )
 """Modules that contribute sub-commands, in the order they appear in ``--help``."""
@@ -42,6 +43,8 @@ EXIT_CODES: tuple[tuple[str, int], ...] = (
     ("OSError", EXIT_USAGE),
     ("LoioError", EXIT_USAGE),
     ("ModelWeightsError", EXIT_USAGE),
+    ("ClusterError", EXIT_USAGE),
+    ("WorkerLostError", EXIT_FAILED),
 )
 
 

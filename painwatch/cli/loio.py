@@ -7,6 +7,7 @@ import argparse
 from painwatch.cli.options import HELP_FORMATTER, add_options, config_from_args
 from painwatch.cli.train import add_training_options
 from painwatch.evaluation.settings import LoioSettings
+from painwatch.inference.bulk_settings import DistributedSettings
 from painwatch.training.config import TrainConfig
 
 
@@ -20,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Leave-one-individual-out evaluation on DATA (folder DATA/<individual>/<label>/* or a manifest "
             "CSV): one fold per individual, an inner validation split by individual for early stopping "
             "and temperature scaling. Writes predictions.csv, metrics.json and report.md/.html with PNGs "
-            "into RUN. Resumable with --resume. Each fold trains with the training options below, the "
-            "same as `painwatch train`'s."
+            "into RUN. Resumable with --resume. With --ray the folds run as Ray tasks. Each fold trains "
+            "with the training options below, the same as `painwatch train`'s."
         ),
     )
     parser.add_argument(
@@ -32,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_options(parser, LoioSettings)
     add_training_options(parser, head=True)
+    add_options(parser.add_argument_group("Ray (each fold a Ray task; results as on one machine)"),
+                DistributedSettings, groups=("", "folds"))
     parser.set_defaults(func=_loio)
 
 
@@ -44,7 +47,8 @@ def settings_from_args(args: argparse.Namespace) -> LoioSettings:
 def _loio(args: argparse.Namespace) -> int:
     from painwatch.evaluation.loio import run_loio
 
-    outcome = run_loio(settings_from_args(args), resume=bool(args.resume))
+    outcome = run_loio(settings_from_args(args), resume=bool(args.resume),
+                       cluster=config_from_args(DistributedSettings, args))
     if outcome.complete:
         for name in ("html", "metrics", "predictions"):
             label = "report" if name == "html" else name

@@ -4,7 +4,8 @@ A field made with :func:`painwatch.settings.setting` becomes one argparse argume
 field's ``flag``), its default from the field, its type from the annotation, its ``choices`` and
 ``metavar``. Booleans are switches (``negated_by`` turns off a field that defaults to True);
 ``zero_means_none`` fields take 0 for None; tuple fields take one or more values (or one value split
-at the field's ``separator``). :func:`config_from_args` reads the parsed values back.
+at the field's ``separator``); a field with a ``const`` may be given without its value.
+:func:`config_from_args` reads the parsed values back.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def add_options(
             kwargs["type"] = kind
         if meta["zero_means_none"] and default is None:
             kwargs["default"] = kwargs["type"](0)
+        if meta.get("const") is not None:
+            kwargs.update(nargs="?", const=meta["const"])
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]
         if meta["metavar"]:

@@ -32,11 +32,12 @@ _EXPORTS: dict[str, str] = {
     "sample_video": "painwatch.data.video",
     "sample_times": "painwatch.data.video",
     "read_video_frame": "painwatch.data.video",
+    "read_video_frames": "painwatch.data.video",
     "video_info": "painwatch.data.video",
     "VideoInfo": "painwatch.data.video",
     # records
     "FrameRecord": "painwatch.data.records",
-    "load_records": "painwatch.data.records",
+    "load_records": "painwatch.data.sources",
     "load_frame": "painwatch.data.records",
     "parse_label": "painwatch.data.records",
     "records_from_video": "painwatch.data.records",
@@ -106,6 +107,7 @@ __all__ = [
     "probe_image",
     "read_image",
     "read_video_frame",
+    "read_video_frames",
     "records_digest",
     "records_from_video",
     "render_face",
@@ -152,10 +154,10 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         MANIFEST_NAME,
         FrameRecord,
         load_frame,
-        load_records,
         parse_label,
         records_from_video,
     )
+    from painwatch.data.sources import load_records
     from painwatch.data.splits import Fold, fold_seed, held_out_individuals, loio_folds, split_by_individual
     from painwatch.data.synthetic import (
         DEMO_FRAMES_PER_CLASS,
@@ -165,4 +167,11 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     )
     from painwatch.data.transforms import DEFAULT_SIZE, ImageTransform, eval_transform, train_transform
     from painwatch.data.validation import ValidationReport, validate_source
-    from painwatch.data.video import VideoInfo, read_video_frame, sample_times, sample_video, video_info
+    from painwatch.data.video import (
+        VideoInfo,
+        read_video_frame,
+        read_video_frames,
+        sample_times,
+        sample_video,
+        video_info,
+    )

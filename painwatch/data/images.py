@@ -143,7 +143,8 @@ def _open_decoded(
         except UnidentifiedImageError as error:
             raise ImageReadError(label, "not an image (format not recognised)") from error
         except Image.DecompressionBombError as error:
-            raise ImageReadError(label, f"image is too large to decode safely ({error})") from error
+            raise ImageReadError(label, f"image is too large to open safely (more than {max_pixels} pixels "
+                                 "are accepted)") from error
         except (OSError, ValueError, SyntaxError) as error:
             raise ImageReadError(label, f"not a readable image ({error})") from error
         width, height = image.size
@@ -153,14 +154,15 @@ def _open_decoded(
             raise ImageReadError(
                 label,
                 f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels} "
-                "(possible decompression bomb; raise max_pixels if the file is genuine)",
+                "pixels accepted (a picture this large is refused so that it cannot exhaust the memory)",
             )
         if reduced and image.format == "JPEG":
             image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
         try:
             image.load()
         except Image.DecompressionBombError as error:
-            raise ImageReadError(label, f"image is too large to decode safely ({error})") from error
+            raise ImageReadError(label, f"image is too large to open safely (more than {max_pixels} pixels "
+                                 "are accepted)") from error
         except (OSError, ValueError, SyntaxError) as error:
             reason = str(error) or type(error).__name__
             if "truncated" in reason:

@@ -12,7 +12,7 @@ Two layouts are accepted (``data/README.md``):
    as :func:`~painwatch.data.images.read_image` returns it), ``x1`` and ``y1`` exclusive. Other
    columns are allowed and ignored (the report lists them).
 
-:func:`load_records` refuses a source with any problem that
+:func:`painwatch.data.sources.load_records` refuses a source with any problem that
 :func:`~painwatch.data.validation.validate_source` finds (every problem at once, never a frame dropped
 silently); hashes of records are in :mod:`painwatch.data.hashing`.
 """
@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from painwatch import CLASS_NAMES
-from painwatch.data.errors import DataValidationError
 from painwatch.data.images import Box, Detector, check_box, crop_face, read_image
 from painwatch.data.video import read_video_frame, sample_times
 
@@ -175,30 +173,3 @@ def records_from_video(
         )
         for t in times
     ]
-
-
-def load_records(
-    source: str | os.PathLike | Sequence[FrameRecord],
-    *,
-    check_images: bool = True,
-    require_both_classes: bool = True,
-) -> list[FrameRecord]:
-    """The records of a data folder or manifest CSV, after :func:`validate_source`.
-
-    A list of :class:`FrameRecord` is returned as is (a copy), so callers may pass either.
-
-    Raises:
-        DataValidationError: when validation finds any problem; its message lists every problem with
-            file and row, and ``error.report`` holds the full report.
-    """
-    # Validation builds FrameRecords with parse_label, so it imports this module: import it here, late.
-    from painwatch.data.validation import validate_source
-
-    if isinstance(source, (list, tuple)):
-        if not all(isinstance(r, FrameRecord) for r in source):
-            raise TypeError("a sequence source must hold FrameRecord objects only")
-        return list(source)
-    report = validate_source(source, check_images=check_images, require_both_classes=require_both_classes)
-    if not report.ok:
-        raise DataValidationError(report.source, report.problems, report)
-    return report.records

@@ -11,7 +11,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,3 +289,55 @@ def read_video_frame(
     if chosen is None:
         raise ImageReadError(label, f"no frame could be decoded at or before t = {time_s} s")
     return _bgr_to_rgb(chosen)
+
+
+def read_video_frames(
+    path: str | os.PathLike,
+    times: Sequence[float],
+    *,
+    source_fps: float | None = None,
+) -> dict[float, np.ndarray]:
+    """The frames shown at each of ``times`` (seconds), decoded in one sequential pass.
+
+    Each frame is what :func:`read_video_frame` gives for that time (the last frame starting at or
+    before it), as an ``(H, W, 3)`` uint8 RGB array, keyed by the time as given. A time past the end of
+    the clip has no entry, so a caller can name it; the pass stops after the last time asked for.
+
+    Raises:
+        ValueError: for a time that is negative or not finite.
+        ImageReadError: naming the file, when it cannot be opened or holds no decodable frame.
+    """
+    wanted = sorted({float(t) for t in times})
+    for time_s in wanted:
+        if not (math.isfinite(time_s) and time_s >= 0):
+            raise ValueError(f"time_s must be a finite number of seconds >= 0, got {time_s!r}")
+    found: dict[float, np.ndarray] = {}
+    with _video_path(path, None) as (video_file, label):
+        capture = _open(video_file, label)
+        try:
+            chosen: np.ndarray | None = None
+            chosen_rgb: np.ndarray | None = None
+            last_time = frame_period = None
+            position = 0
+            for frame_time, frame in _decoded_frames(capture, label, source_fps):
+                if last_time is not None:
+                    frame_period = frame_time - last_time
+                while position < len(wanted) and frame_time > wanted[position] + 5e-7:
+                    if chosen is not None:
+                        chosen_rgb = _bgr_to_rgb(chosen) if chosen_rgb is None else chosen_rgb
+                        found[wanted[position]] = chosen_rgb
+                    position += 1
+                if position == len(wanted):
+                    break
+                chosen, chosen_rgb, last_time = frame, None, frame_time
+            else:
+                if chosen is None:
+                    raise ImageReadError(label, "no frame could be decoded from the video")
+                # Ran off the end: the last frame is shown until its period is over.
+                for time_s in wanted[position:]:
+                    if frame_period is None or time_s < last_time + frame_period:
+                        chosen_rgb = _bgr_to_rgb(chosen) if chosen_rgb is None else chosen_rgb
+                        found[time_s] = chosen_rgb
+        finally:
+            capture.release()
+    return found

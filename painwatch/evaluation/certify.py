@@ -29,12 +29,14 @@ Overlap between the data's individuals and the bundle's training individuals is 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,21 +49,22 @@ from tqdm.auto import tqdm
 from painwatch.calibration import calibrated_probabilities
 from painwatch.data import FrameRecord, dataset_hash, is_synthetic, load_frame, load_records
 from painwatch.evaluation.certify_report import write_report
+from painwatch.evaluation.distributed import measure_on_cluster
 from painwatch.evaluation.gate import DEFAULT_GATE, Gate, UsageError, evaluate_gate, load_gate
 from painwatch.evaluation.metrics import bootstrap_group_statistics, evaluate
 from painwatch.evaluation.settings import CertifySettings
 from painwatch.inference import (
     Predictor,
     PredictorSettings,
-    SettingsError,
     model_card_dict,
     random_noise_seed,
     resolve_settings,
     sound_lipschitz_constant,
+    usable_methods,
 )
+from painwatch.inference.bulk_settings import DistributedSettings
 from painwatch.models import Bundle, GateVerdict, load_bundle, record_gate_verdict
 from painwatch.robust import (
-    BASE_METHODS,
     certified_accuracy_curve,
     clopper_pearson_lower,
     method_spec,
@@ -124,6 +127,13 @@ def select_frames(records: Sequence[FrameRecord], max_frames: int | None, seed: 
     return [records[i] for i in sorted(chosen)]
 
 
+def frame_study_seed(seed: int, position: int) -> int:
+    """The seed of the noise study and the corruptions of the frame at ``position``: a 63-bit hash of
+    ``(seed, position)``, so a frame's draws do not depend on the frames measured before it."""
+    digest = hashlib.sha256(f"painwatch-certify-study:{int(seed)}:{int(position)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def _deployed_summary(totals: np.ndarray) -> dict[str, np.ndarray]:
     recall_pain = totals[..., 3] / totals[..., 2]
     recall_no_pain = totals[..., 6] / totals[..., 7]
@@ -153,19 +163,9 @@ def deployed_metrics(
 
 
 def applicable_methods(bundle: Bundle, main_method: str) -> list[str]:
-    """The main method, then every base method whose needs this network meets (a method that needs a
-    Lipschitz constant only when a sound bound can be computed)."""
-    methods = [main_method]
-    for method in BASE_METHODS:
-        if method in methods:
-            continue
-        if method_spec(method).needs_lipschitz_constant:
-            try:
-                _lipschitz_constant(bundle, method)
-            except SettingsError:
-                continue
-        methods.append(method)
-    return methods
+    """The main method, then every other base method this network can be certified with
+    (:func:`painwatch.inference.usable_methods`)."""
+    return [main_method, *(m for m in usable_methods(bundle.model, bundle.metadata) if m != main_method)]
 
 
 def _lipschitz_constant(bundle: Bundle, method: str) -> float | None:
@@ -207,23 +207,28 @@ def measure(
     noise_draws: int,
     seed: int,
     progress: bool = True,
+    start: int = 0,
 ) -> Measurements:
     """Certify every frame with every predictor and measure the network under noise and corruptions.
 
-    Every draw is seeded: ``seed`` for the noise study and the corruptions, each predictor's seed policy
-    for the certificates (its ``seed``, or unpredictable per-frame seeds from the operating system when
-    it has none; every frame's noise seed is recorded), so fixed seeds give the same measurements.
+    Every draw is seeded: ``seed`` and the frame's position (``start + i`` for ``records[i]``) for the
+    noise study and the corruptions, each predictor's seed policy for the certificates (its ``seed``,
+    or unpredictable per-frame seeds from the operating system when it has none; every frame's noise
+    seed is recorded), so fixed seeds give the same measurements, whether the frames are measured in
+    one go or in shards that start at their position
+    (:func:`painwatch.evaluation.distributed.measure_on_cluster`).
     """
     main = predictors[main_method]
     model, device = main.model, main.device
-    corruptions = corruption_transforms(seed)
-    noise_generator = torch.Generator().manual_seed(seed)
     result = Measurements(records=list(records), sigmas=list(sigmas), noise_draws=noise_draws,
                           per_method={name: [] for name in predictors},
                           noise_correct=np.zeros((len(records), len(sigmas)), dtype=np.int64),
                           corruption_correct=np.zeros((len(records), len(CORRUPTIONS)), dtype=bool))
     for index, record in enumerate(tqdm(records, desc="certifying", unit="frame", disable=not progress,
                                         file=sys.stderr)):
+        study_seed = frame_study_seed(seed, start + index)
+        corruptions = corruption_transforms(study_seed)
+        noise_generator = torch.Generator().manual_seed(study_seed)
         image = load_frame(record)
         x = main.preprocess(image, str(record.path))
         with torch.no_grad():
@@ -388,14 +393,27 @@ def _predictors(
     return predictors
 
 
+def shard_predictors(
+    bundle_path: Path, *, device: str, main: PredictorSettings, methods: Sequence[str], seed: int | None
+) -> dict[str, Predictor]:
+    """The predictors of a certification, built where they run (a Ray actor: on its GPU, if any)."""
+    bundle = load_bundle(bundle_path, device=str(resolve_device(device)))
+    return _predictors(bundle, main, methods, seed)
+
+
 def run_certification(
-    settings: CertifySettings, *, warn: Callable[[str], None] | None = None
+    settings: CertifySettings,
+    *,
+    warn: Callable[[str], None] | None = None,
+    cluster: DistributedSettings | None = None,
 ) -> CertificationRun:
     """Measure a bundle on held-out data, write the report into ``settings.out`` and the verdict of the
     gate file into the bundle (verdicts of other gate files are kept).
 
     Raises :class:`UsageError` (or ``BundleError`` / ``DataValidationError`` / ``SettingsError``, all
-    ``ValueError``) for bad inputs, before any long computation starts.
+    ``ValueError``) for bad inputs, before any long computation starts. With ``cluster`` on Ray the
+    frames are shared by Ray actors that each load the bundle once, with the same per-frame results for
+    the same seeds.
     """
     started = time.monotonic()
     warn = warn or (lambda message: print(message, file=sys.stderr))
@@ -412,8 +430,15 @@ def run_certification(
     methods = [main.method] if settings.main_method_only else applicable_methods(bundle, main.method)
     predictors = _predictors(bundle, main, methods, settings.seed)
     sigmas = sorted({float(s) for s in settings.noise_sigmas} | {float(main.sigma)})
-    measurements = measure(predictors, chosen, main_method=main.method, sigmas=sigmas,
-                           noise_draws=settings.noise_draws, seed=analysis_seed, progress=settings.progress)
+    options = {"main_method": main.method, "sigmas": sigmas, "noise_draws": settings.noise_draws,
+               "seed": analysis_seed}
+    if cluster is not None and cluster.enabled:
+        make = partial(shard_predictors, settings.bundle, device=settings.device, main=main, methods=methods,
+                       seed=settings.seed)
+        measurements = measure_on_cluster(measure, make, chosen, cluster=cluster, progress=settings.progress,
+                                          log=warn, **options)
+    else:
+        measurements = measure(predictors, chosen, progress=settings.progress, **options)
     summary = summarise(measurements, predictors, main_method=main.method,
                         bootstrap_reps=settings.bootstrap_reps, seed=analysis_seed)
     measured = summary.pop("measured")

@@ -43,9 +43,11 @@ from painwatch.calibration import fit_temperature, negative_log_likelihood
 from painwatch.data import FrameRecord, dataset_hash, load_records
 from painwatch.data.hashing import records_digest
 from painwatch.data.splits import Fold, fold_seed, loio_folds
+from painwatch.evaluation.distributed import fold_results
 from painwatch.evaluation.lipschitz_folds import fold_lipschitz_certificates
 from painwatch.evaluation.outputs import write_outputs
 from painwatch.evaluation.settings import LoioSettings, saved_settings_as_checked
+from painwatch.inference.bulk_settings import DistributedSettings
 from painwatch.io import atomic_write_bytes, atomic_write_json
 from painwatch.models import is_lipschitz_architecture, save_bundle
 from painwatch.runtime import resolve_device, seed_everything
@@ -379,12 +381,15 @@ def run_loio(
     resume: bool = False,
     on_fold_done: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = _log,
+    cluster: DistributedSettings | None = None,
 ) -> LoioOutcome:
     """Run (or continue) a LOIO evaluation; write every output into ``settings.out``.
 
     ``on_fold_done`` is called with each fold's result right after its ``result.json`` is written
     (tests use it to simulate a crash). With ``settings.max_folds`` at most that many unfinished
-    folds run in this call; the metrics and the report are written once every fold is done.
+    folds run in this call; the metrics and the report are written once every fold is done. With
+    ``cluster`` on Ray, every fold is a Ray task (:func:`painwatch.evaluation.distributed.fold_results`)
+    and the run ends with the predictions and metrics of a local run.
 
     Raises:
         painwatch.data.DataValidationError: the data have problems (every one is listed).
@@ -455,12 +460,15 @@ def run_loio(
         disable=not settings.progress,
         dynamic_ncols=True,
     )
+    # Here one fold after the other; on Ray every fold at once, the results as they finish.
+    now = pending[: settings.max_folds or len(pending)]
+    finished = fold_results(run_fold, records, now, settings=settings, run_dir=run_dir, device=device,
+                            features=features, cluster=cluster, log=log)
     try:
-        for fold in pending:
-            if settings.max_folds is not None and run_now >= settings.max_folds:
-                break
-            bar.set_postfix(individual=fold.test_individual)
-            result = run_fold(settings, records, fold, run_dir=run_dir, device=device, features=features)
+        for result in finished:
+            fold = next(f for f in pending if f.index == result["fold"])
+            if not (fold_dir(run_dir, fold.index) / RESULT_FILE).is_file():  # written on a worker's own disk
+                atomic_write_json(fold_dir(run_dir, fold.index) / RESULT_FILE, result)
             results[fold.index] = result
             run_now += 1
             bar.update(1)
@@ -472,6 +480,7 @@ def run_loio(
             if on_fold_done is not None:
                 on_fold_done(result)
     finally:
+        finished.close()  # stops Ray's remaining folds at once when a fold (or the caller) fails
         bar.close()
 
     outcome = LoioOutcome(run_dir, len(folds), len(results), run_now, len(results) == len(folds))

@@ -1,30 +1,37 @@
 """Answers for frames: the :class:`Predictor` (class, calibrated confidence, certified radius), its
-settings, Grad-CAM saliency and the model card. The page (``app.py``) and the command line use only this.
+settings, Grad-CAM saliency and the model card; bulk prediction over folders, manifests and clips, on
+one machine or a Ray cluster. The page (``app.py``) and the command line use only this.
+
+The public names below are loaded on first use (PEP 562), so that the command line, which reads the
+settings of bulk runs (:mod:`painwatch.inference.bulk_settings`) to build its options, does not pay for
+importing torch; the ``TYPE_CHECKING`` block below names every module they come from.
 """
 
-from painwatch.inference.model_card import (
-    INTENDED_USE,
-    KNOWN_LIMITS,
-    SYNTHETIC_WARNING,
-    model_card_dict,
-    model_card_markdown,
-)
-from painwatch.inference.predict import (
-    ABSTAIN_LABEL,
-    ABSTAIN_REASONS,
-    FrameResult,
-    Predictor,
-    frame_seed,
-    random_noise_seed,
-)
-from painwatch.inference.saliency import gradcam
-from painwatch.inference.settings import (
-    PredictorSettings,
-    SettingsError,
-    resolve_settings,
-    sequential_variant,
-    sound_lipschitz_constant,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS: dict[str, str] = {
+    "INTENDED_USE": "painwatch.inference.model_card",
+    "KNOWN_LIMITS": "painwatch.inference.model_card",
+    "SYNTHETIC_WARNING": "painwatch.inference.model_card",
+    "model_card_dict": "painwatch.inference.model_card",
+    "model_card_markdown": "painwatch.inference.model_card",
+    "ABSTAIN_LABEL": "painwatch.inference.predict",
+    "ABSTAIN_REASONS": "painwatch.inference.predict",
+    "FrameResult": "painwatch.inference.predict",
+    "Predictor": "painwatch.inference.predict",
+    "frame_seed": "painwatch.inference.predict",
+    "random_noise_seed": "painwatch.inference.predict",
+    "gradcam": "painwatch.inference.saliency",
+    "PredictorSettings": "painwatch.inference.settings",
+    "SettingsError": "painwatch.inference.settings",
+    "resolve_settings": "painwatch.inference.settings",
+    "sequential_variant": "painwatch.inference.settings",
+    "sound_lipschitz_constant": "painwatch.inference.settings",
+    "usable_methods": "painwatch.inference.settings",
+}
 
 __all__ = [
     "ABSTAIN_LABEL",
@@ -44,4 +51,45 @@ __all__ = [
     "resolve_settings",
     "sequential_variant",
     "sound_lipschitz_constant",
+    "usable_methods",
 ]
+
+
+def __getattr__(name: str):
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'painwatch.inference' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static checkers and IDEs see the real names
+    from painwatch.inference.model_card import (
+        INTENDED_USE,
+        KNOWN_LIMITS,
+        SYNTHETIC_WARNING,
+        model_card_dict,
+        model_card_markdown,
+    )
+    from painwatch.inference.predict import (
+        ABSTAIN_LABEL,
+        ABSTAIN_REASONS,
+        FrameResult,
+        Predictor,
+        frame_seed,
+        random_noise_seed,
+    )
+    from painwatch.inference.saliency import gradcam
+    from painwatch.inference.settings import (
+        PredictorSettings,
+        SettingsError,
+        resolve_settings,
+        sequential_variant,
+        sound_lipschitz_constant,
+        usable_methods,
+    )

@@ -254,7 +254,7 @@ class Predictor:
         if not spec.needs_noise:
             return f"{spec.certifies} (worst-case Lipschitz margin)"
         details = f"sigma={s.sigma:g} per pixel, L2 in [0, 1] pixels"
-        if s.method == "soft_smoothing" and s.score_temperature != 1.0:
+        if spec.uses_score_temperature and s.score_temperature != 1.0:
             details += f", scores softmax(logits / {s.score_temperature:g})"
         return f"smoothed classifier: {spec.certifies} ({details})"
 

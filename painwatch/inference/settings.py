@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from painwatch.models import CertificationDefaults
+from painwatch.models import BundleMetadata, CertificationDefaults
 from painwatch.robust import (
     BASE_METHODS,
     METHODS,
@@ -165,8 +165,24 @@ def sound_lipschitz_constant(
     try:
         return float(lipschitz_upper_bound(model, input_shape))
     except (UnsupportedLayerError, TypeError, ValueError) as error:
+        others = [name for name in BASE_METHODS if not method_spec(name).needs_lipschitz_constant]
         raise SettingsError(
             f"method={method!r} needs a sound Lipschitz bound of the network, which painwatch cannot "
-            f"compute for architecture {architecture!r} ({error}); use soft_smoothing or "
-            f"randomized_smoothing"
+            f"compute for architecture {architecture!r} ({error}); use {' or '.join(others)}"
         ) from error
+
+
+def usable_methods(model: torch.nn.Module, metadata: BundleMetadata) -> list[str]:
+    """The base methods this bundle's network can be certified with, in :data:`BASE_METHODS` order:
+    every method whose needs are met (one that needs a Lipschitz constant only when a sound bound of
+    this network can be computed)."""
+    usable = []
+    for method in BASE_METHODS:
+        if method_spec(method).needs_lipschitz_constant:
+            try:
+                sound_lipschitz_constant(model, metadata.input_shape, method=method,
+                                         architecture=metadata.architecture)
+            except SettingsError:
+                continue
+        usable.append(method)
+    return usable

@@ -45,6 +45,10 @@ votes. On frames the network is sure of, T = 1 scores sit below 1 and certify ab
 that votes or sharpened scores do from the same 1 000 draws (``scripts/bench_certify_clinical.py``).
 Where the noisy logit margins are small, even T = 0.1 scores stay well below 1 and votes certify more."""
 
+DEFAULT_METHOD = "randomized_smoothing"
+"""The certificate of a new bundle: randomized smoothing [Cohen19] with the fixed-budget bound (see
+:func:`default_certification`)."""
+
 DEFAULT_GATE_FILE = "default.toml"
 """The name under which a format-1 verdict that does not say its gate file is kept."""
 
@@ -149,10 +153,10 @@ def default_certification_method(architecture: str) -> str:
     """The certificate a new bundle of ``architecture`` answers with: ``"lipschitz"`` for the Lipschitz
     networks (the bare network, deterministic, one forward pass [Tsuzuku18]), ``"randomized_smoothing"``
     for every other network (whose Lipschitz bound painwatch cannot compute)."""
-    return "lipschitz" if is_lipschitz_architecture(architecture) else "randomized_smoothing"
+    return "lipschitz" if is_lipschitz_architecture(architecture) else DEFAULT_METHOD
 
 
-def default_certification(sigma: float | None = None, method: str = "randomized_smoothing") -> dict[str, Any]:
+def default_certification(sigma: float | None = None, method: str = DEFAULT_METHOD) -> dict[str, Any]:
     """Certification defaults for a new bundle, as ``model.json`` stores them (``method``: see
     :func:`default_certification_method`; the noise settings are kept for a user who switches to a
     smoothing method).

@@ -217,6 +217,7 @@ class MethodSpec:
         stops_early_to_abstain: with ``stop_early=True`` the runner stops sampling as soon as abstaining
             is decided, and otherwise certifies from the whole budget with the fixed-n bound (the
             ``"fixed"`` bound of :data:`SEQUENTIAL_BOUNDS`).
+        uses_score_temperature: the certified scores are ``softmax(f / score_temperature)``.
     """
 
     name: str
@@ -228,6 +229,7 @@ class MethodSpec:
     base: str
     runner: Runner
     stops_early_to_abstain: bool = False
+    uses_score_temperature: bool = False
 
     def __post_init__(self) -> None:
         for field_name in ("name", "certifies", "base"):

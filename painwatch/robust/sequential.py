@@ -325,6 +325,7 @@ _SEQUENTIAL_SPECS: dict[str, MethodSpec] = {
         deterministic=False,
         sequential=True,
         base="soft_smoothing",
+        uses_score_temperature=True,
         runner=_sequential_runner("soft"),
     )),
 }

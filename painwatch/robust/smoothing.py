@@ -291,5 +291,6 @@ _SOFT_SMOOTHING = register_method(MethodSpec(
     deterministic=False,
     sequential=False,
     base="soft_smoothing",
+    uses_score_temperature=True,
     runner=_run_soft_smoothing,
 ))

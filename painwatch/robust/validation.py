@@ -24,6 +24,7 @@ __all__ = [
     "check_generator",
     "check_image",
     "check_input_shape",
+    "check_labels",
     "check_lipschitz_constant",
     "check_logits",
     "check_model",
