@@ -169,6 +169,9 @@ def show_model_card(predictor: Any) -> None:
             "**Certification gate: not run.** This model has not been checked against the deployment "
             "thresholds. Use its answers for research only.", icon=":material/warning:"
         )
+    if predictor.in_distribution_note is not None:
+        st.warning(support.NO_CHECK_WARNING.format(note=predictor.in_distribution_note),
+                   icon=":material/warning:")
     for verdict in predictor.gates.values():
         headline, failed = support.gate_lines(verdict)
         if verdict.passed:
@@ -229,7 +232,8 @@ def show_summary(batch: Batch) -> None:
                    help="Share of pain among frames with an answer (abstentions left out).")
     cols[1].metric("Pain / no pain", f"{summary.pain} / {summary.no_pain}")
     cols[2].metric("Refused", summary.abstained,
-                   help="Frames the model would not answer; the table says why for each.")
+                   help="Frames the model would not answer; the table says why for each. Of them "
+                   f"{summary.refused} do not look like the macaque face crops it was trained on.")
     cols[3].metric("Robust to small pixel changes", f"{summary.certified} of {summary.frames}",
                    help="Frames with a certified radius above 0. Robust is not the same as correct.")
     st.caption("Time: " + support.describe_cost(batch.results, batch.seconds))
@@ -317,6 +321,8 @@ def _class_style(value: str) -> str:
 def _status_style(value: str) -> str:
     if value == support.STATUS_ROBUST:
         return "color: #1d5e32"
+    if value == support.ABSTAIN_STATUS["not_like_training_frames"]:
+        return "color: #8a1c1c; font-style: italic"
     if value.startswith(support.STATUS_REFUSED):
         return "color: #555555; font-style: italic"
     return "color: #9a5b00"
@@ -339,8 +345,13 @@ def show_frame(batch: Batch, predictor: Any) -> None:
                "(Grad-CAM; red = most influence)")
     with numbers:
         if support.is_abstention(result):
-            st.markdown("### Abstained")
-            st.caption("The model would not commit to an answer for this frame.")
+            refused = result.abstain_code == "not_like_training_frames"
+            st.markdown("### Refused" if refused else "### Abstained")
+            st.caption(f"Why: {result.abstain_reason or 'the model would not commit to an answer'}.")
+            if refused:
+                st.caption(f"In-distribution score {result.in_distribution_score:.3g}, above the threshold "
+                           f"{result.in_distribution_threshold:.3g} set on the training individuals' frames; "
+                           "no answer was certified for it.")
         else:
             st.markdown(f"### {result.label}\nconfidence {result.confidence:.0%}")
         for name, probability in result.probabilities.items():

@@ -475,6 +475,70 @@ def test_page_answers_a_lipschitz_bundle_in_one_pass_and_says_so(monkeypatch, tm
     assert "Method lipschitz: 1 network evaluation, no noise" in captions
 
 
+# --------------------------------------------------------------------------- the in-distribution check
+
+
+@pytest.fixture(scope="module")
+def checked_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle's network with an in-distribution check fitted on structured frames."""
+    from painwatch.data import eval_transform
+    from painwatch.models import (
+        InDistributionSpec,
+        create_model,
+        default_certification,
+        descriptor_pass,
+        fit_in_distribution,
+        save_bundle,
+    )
+    from painwatch.models.in_distribution import default_layers
+
+    model = create_model("test_resnet", num_classes=2, input_size=32, seed=0).eval()
+    spec = InDistributionSpec(layers=default_layers(model))
+    transform = eval_transform(32)
+
+    def describe(seeds: range) -> dict:
+        frames = torch.stack([transform(_face_like(s % 9)) for s in seeds])
+        return descriptor_pass(model, frames, spec.layers)[1]
+
+    check = fit_in_distribution(describe(range(40)), [f"m{s % 4}" for s in range(40)],
+                                describe(range(40, 70)), spec=spec)
+    certification = default_certification(sigma=0.25)
+    certification.update({"n0": 16, "n": TINY_N, "alpha": 0.01, "batch_size": 50})
+    folder = tmp_path_factory.mktemp("checked") / "checked-bundle"
+    save_bundle(folder, model, {"certification": certification}, in_distribution=check)
+    return folder
+
+
+def test_page_says_why_a_picture_unlike_the_training_frames_is_refused(monkeypatch, checked_bundle) -> None:
+    at = _app(monkeypatch, checked_bundle)
+    assert not any("cannot tell when a picture is not a macaque face" in w.value for w in at.warning)
+    noise = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    at.file_uploader[0].upload("noise.png", _encode(noise, "PNG"), "image/png")
+    at.file_uploader[0].upload("frame_a.png", _encode(_face_like(1), "PNG"), "image/png")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[0].value
+    statuses = dict(zip(table["frame"], table["status"], strict=True))
+    assert statuses["noise.png"] == "refused: not like the training face crops"
+    assert statuses["frame_a.png"] != statuses["noise.png"]
+    # The frame view (first frame: the noise) says why in words, with the score and the threshold.
+    assert any(m.value == "### Refused" for m in at.markdown)
+    captions = " ".join(c.value for c in at.caption)
+    assert "does not look like the macaque face crops the model was trained on" in captions
+    assert "above the threshold" in captions
+    result = at.session_state["batch"].results[0]
+    rows = list(csv.DictReader(io.StringIO(support.results_csv(
+        at.session_state["batch"].frames, at.session_state["batch"].results,
+        at.session_state["batch"].provenance).decode())))
+    assert rows[0]["abstain_reason"] == result.abstain_reason
+    assert float(rows[0]["in_distribution_score"]) == result.in_distribution_score
+
+
+def test_page_warns_that_an_old_bundle_cannot_refuse_other_pictures(monkeypatch, tiny_bundle) -> None:
+    at = _app(monkeypatch, tiny_bundle)
+    warnings = " ".join(w.value for w in at.warning)
+    assert "This model cannot tell when a picture is not a macaque face" in warnings
+    assert "made before painwatch fitted an in-distribution check" in warnings
 def test_page_words_a_vet_can_act_on(monkeypatch, tmp_path, bundle_factory, good_uploads) -> None:
     training = {"individuals": ["syn-m01"], "synthetic_data": True, "noise_sigma": 0.25}
     synthetic = bundle_factory(tmp_path / "synthetic-bundle", training=training,

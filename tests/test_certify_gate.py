@@ -93,6 +93,10 @@ def test_passing_gate_exits_0_writes_report_and_verdict(
     )
     html = (out / "report.html").read_text()
     assert "Gate verdict: PASSED" in html and "certified_accuracy.png" in html
+    # This bundle carries no in-distribution check: the report says so instead of a refusal rate.
+    note = read_metadata(bundle).in_distribution_note
+    assert report["in_distribution"] == {"available": False, "note": note}
+    assert "No in-distribution check" in (out / "report.md").read_text()
     verdict = read_metadata(bundle).gates["gate.toml"]
     assert verdict.passed is True and verdict.held_out is True
     assert verdict.details["settings"]["method"] == "randomized_smoothing"
@@ -303,3 +307,47 @@ def test_demo_bundle_trains_certifies_and_records_the_verdict(
     assert (tmp_path / "demo-bundle-report" / "report.html").is_file()
     with pytest.raises(ValueError, match="--held-out must be between 1 and 2"):
         held_out_individuals(["a", "b", "c", "d"], 3, seed=0)
+
+
+def test_certify_measures_the_share_of_held_out_face_crops_refused(
+    demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+    import torch
+
+    from painwatch.data import eval_transform, load_frame
+    from painwatch.models import (
+        InDistributionSpec,
+        create_model,
+        descriptor_pass,
+        fit_in_distribution,
+        save_bundle,
+    )
+    from painwatch.models.in_distribution import default_layers
+
+    # A check fitted on the training individuals' crops: the held-out crops are refused at some rate,
+    # and a frame refused counts as an abstention of the deployed answers.
+    model = create_model("test_resnet", num_classes=2, input_size=32, seed=0).eval()
+    spec = InDistributionSpec(layers=default_layers(model))
+    trained = [r for r in load_records(demo) if r.individual in TRAINED_ON]
+    transform = eval_transform(32)
+    crops = torch.stack([transform(load_frame(r)) for r in trained])
+    # Mirror images stand in for more frames of the training individuals (a threshold needs 19).
+    _, fit = descriptor_pass(model, torch.cat([crops, crops.flip(3)]), spec.layers)
+    _, validation = descriptor_pass(model, torch.cat([crops, crops.flip(3), crops.flip(2)])[:20], spec.layers)
+    check = fit_in_distribution(fit, [r.individual for r in trained] * 2, validation, spec=spec)
+    folder = save_bundle(tmp_path / "checked", model, {"training": {"individuals": TRAINED_ON}},
+                         in_distribution=check)
+    gate = _gate(tmp_path, "max_ece = 1.0\nmax_abstention = 1.0\n")
+    out = tmp_path / "report"
+    argv = ["certify", str(folder), str(demo), "--out", str(out), "--gate", str(gate), "--main-method-only"]
+    assert main(argv + _held_out() + FAST) == 0, capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    summary = report["in_distribution"]
+    assert summary["available"] and summary["threshold"] == check.threshold and summary["frames"] == 8
+    refused = [frame["refused_not_like_training_frames"] for frame in report["frames"]]
+    assert summary["refused"] == sum(refused) and summary["share"] == pytest.approx(np.mean(refused))
+    assert [row["individual"] for row in summary["per_individual"]] == ["syn-m03", "syn-m04"]
+    assert report["deployed"]["abstention_rate"]["estimate"] >= summary["share"]
+    assert all(row["refused_share"] is not None for row in report["per_individual"])
+    assert "In-distribution check" in (out / "report.md").read_text()

@@ -26,10 +26,12 @@ from painwatch.models import (
     default_certification_method,
     load_bundle,
 )
+from painwatch.models.in_distribution import descriptor_pass
 from painwatch.models.lipschitz_nets import build_lipschitz_network
 from painwatch.robust import (
     Certificate,
     attack_certificates,
+    certify_logits,
     lipschitz_certify,
     lipschitz_certify_batch,
     lipschitz_lower_estimate,
@@ -266,3 +268,70 @@ def test_loio_with_a_lipschitz_network_reports_certified_accuracy_per_fold(tmp_p
     assert "Lipschitz L" in metrics["folds"][0]
     report = (out / "report.md").read_text()
     assert "Certified accuracy (Lipschitz margin, one forward pass per frame" in report
+
+
+# --- with an in-distribution check -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checked_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Lipschitz bundle whose inner-validation individual has enough frames (20) for a check."""
+    root = tmp_path_factory.mktemp("lip-checked")
+    data = _write_folder(root / "data", individuals=5, per_class=10)
+    out = root / "bundle"
+    code = main(["train", str(data), "--out", str(out), "--arch", "lip-sll-tiny", "--input-size", str(SIZE),
+                 "--epochs", "2", "--batch-size", "16", "--loss", "mcr", "--margin", "0.5", "--lr", "0.005",
+                 "--val-fraction", "0.2", "--device", "cpu", "--quiet", "--augment", "0"])
+    assert code == 0
+    return out
+
+
+def test_a_checked_lipschitz_bundle_scores_refuses_and_certifies_in_one_pass(checked_bundle: Path,
+                                                                            monkeypatch) -> None:
+    predictor = Predictor.load(checked_bundle)
+    check = predictor.in_distribution
+    assert check is not None  # the stages of the Lipschitz backbone give the descriptors
+    assert any(layer.startswith("stage") for layer in check.spec.descriptors)
+    frames = [(image.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+              for image in _images(6, 11).tensors[0]]
+    calls = []  # batches through the head: every pass of the network ends there
+    head = predictor.model.head
+    forward = head.forward
+    monkeypatch.setattr(head, "forward", lambda x: calls.append(len(x)) or forward(x))
+    results = predictor.predict(frames)
+    assert calls == [1] * len(frames)  # one pass a frame: the score and the certificate from it
+    for frame, result in zip(frames, results, strict=True):
+        x = predictor.preprocess(frame)
+        descriptors = descriptor_pass(predictor.model, x.unsqueeze(0), check.spec.descriptors)[1]
+        score = float(check.scores(descriptors)[0])
+        assert result.in_distribution_score == pytest.approx(score)
+        assert result.forward_passes == 1 and result.alpha == 0.0 and result.method == "lipschitz"
+        if result.abstain_code is None:
+            expected = lipschitz_certify(predictor.model, x, predictor.lipschitz_constant)
+            assert result.class_index == expected.prediction
+            assert result.radius == pytest.approx(expected.radius, rel=1e-6, abs=1e-9)
+    # A frame the check refuses is refused after that same pass, with no certificate.
+    monkeypatch.setattr(predictor, "refuses", lambda score: True)
+    calls.clear()
+    refused = predictor.predict(frames[:2])
+    assert calls == [1, 1]
+    assert [(r.abstain_code, r.radius, r.forward_passes) for r in refused] == [
+        ("not_like_training_frames", 0.0, 1)] * 2
+
+
+def test_certify_logits_gives_the_lipschitz_certificate_of_the_same_pass(trained) -> None:
+    x = _images(1, 5).tensors[0][0]
+    constant = lipschitz_upper_bound(trained, SHAPE)
+    with torch.no_grad():
+        logits = trained.eval()(x.unsqueeze(0))
+    outcome = certify_logits("lipschitz", logits[0], lipschitz_constant=constant)
+    assert outcome.certificate == lipschitz_certify(trained, x, constant)
+    assert outcome.certificate.forward_passes == 1
+    with pytest.raises(ValueError, match="cannot certify from clean logits alone; these can: lipschitz"):
+        certify_logits("randomized_smoothing", logits[0])
+    with pytest.raises(ValueError, match="needs lipschitz_constant"):
+        certify_logits("lipschitz", logits[0])
+    with pytest.raises(ValueError, match="logits of one image"):
+        certify_logits("lipschitz", torch.zeros(2, 2), lipschitz_constant=constant)
+    with pytest.raises(ValueError, match="finite"):
+        certify_logits("lipschitz", torch.tensor([0.0, float("nan")]), lipschitz_constant=constant)

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
 
 from painwatch import CLASS_NAMES
 from painwatch.cli import main
-from painwatch.data import fold_seed, loio_folds
+from painwatch.data import fold_seed, load_records, loio_folds
 from painwatch.evaluation.loio import LoioError, run_loio
+from painwatch.evaluation.loio_checks import DESCRIPTORS_FILE, cached_descriptors
 from painwatch.evaluation.report import Report, table_to_html, table_to_markdown
 from painwatch.evaluation.settings import LoioSettings
 from painwatch.io import atomic_write_json, atomic_write_text, to_json_text
@@ -600,3 +602,65 @@ def test_resume_refuses_a_changed_training_option(tiny_data: Path, tmp_path: Pat
     assert "margin: the run has 1.0, now 2.0" in capsys.readouterr().err
     assert main([*argv, "--resume", "--max-folds", "1"]) == 0
     assert len(list(out.glob("folds/*/result.json"))) == 2
+
+
+# ------------------------------------------------------------------------------ in-distribution check
+@pytest.fixture(scope="module")
+def roomy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 frames per individual: an inner-validation individual has enough frames for a threshold."""
+    root = tmp_path_factory.mktemp("roomy") / "frames"
+    return _write_tiny_dataset(root, individuals=4, frames_per_class=10)
+
+
+def _check_outputs(out: Path, metrics: dict) -> None:
+    summary = metrics["in_distribution"]
+    assert summary["available"] and summary["threshold"] is None  # each fold had its own
+    assert [row["individual"] for row in summary["per_individual"]] == [f"macaque_{i:02d}" for i in range(4)]
+    assert all(row["frames"] == 20 for row in summary["per_individual"])
+    with open(out / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    refused = [int(row["refused_not_like_training"]) for row in rows]
+    assert summary["refused"] == sum(refused) and summary["share"] == pytest.approx(np.mean(refused))
+    for fold in sorted(out.glob("folds/*/result.json")):
+        entry = json.loads(fold.read_text())["in_distribution"]
+        assert entry["available"] and entry["calibration_frames"] == 20 and entry["level"] == 0.05
+        assert entry["validation_refused"] <= 20 - 19  # the 20th smallest of 20: at most one refused
+        scores = np.asarray(entry["test_scores"])
+        assert entry["test_refused"] == (scores > entry["threshold"]).tolist()
+    assert "In-distribution check" in (out / "report.md").read_text()
+
+
+def test_each_cached_features_fold_fits_and_calibrates_its_own_check(roomy_data: Path,
+                                                                     tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    settings = _head_settings(roomy_data, out)
+    outcome = run_loio(settings, log=lambda _: None)
+    _check_outputs(out, outcome.metrics)
+    # The frozen backbone's descriptors are computed once per run and read back when they fit the run.
+    cache = out / DESCRIPTORS_FILE
+    written = cache.stat().st_mtime_ns
+    with safe_open(str(out / "features.safetensors"), framework="np") as handle:
+        keys = handle.metadata()
+    records = load_records(roomy_data)
+    _, first = cached_descriptors(settings.train, records, out, device="cpu", metadata=keys)
+    _, second = cached_descriptors(settings.train, records, out, device="cpu", metadata=keys)
+    assert cache.stat().st_mtime_ns == written
+    assert all(np.array_equal(first[k], second[k]) and len(first[k]) == 80 for k in first)
+
+
+def test_each_fine_tuned_fold_fits_and_calibrates_its_own_check(roomy_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    settings = _settings(roomy_data, out, **TINY, epochs=1, inner_val_individuals=1, bootstrap_reps=20,
+                         progress=False, device="cpu")
+    outcome = run_loio(settings, log=lambda _: None)
+    _check_outputs(out, outcome.metrics)
+    checkpoint = out / "folds" / "fold_00" / "model" / "in_distribution.safetensors"
+    assert checkpoint.is_file()  # the fold's model carries the check it was measured with
+
+
+def test_folds_with_too_few_validation_frames_have_no_check(fine_tuned_run) -> None:
+    out, _ = fine_tuned_run
+    summary = json.loads((out / "metrics.json").read_text())["in_distribution"]
+    assert summary["available"] is False and "no fold had an in-distribution check" in summary["note"]
+    entry = json.loads((out / "folds" / "fold_00" / "result.json").read_text())["in_distribution"]
+    assert "8 inner-validation frames are too few" in entry["note"]

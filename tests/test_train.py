@@ -321,6 +321,9 @@ def test_training_on_the_demo_set_is_marked_synthetic(tmp_path: Path) -> None:
     training = load_bundle(out).metadata.training
     assert training["synthetic_data"] is True and training["validation_individuals"] == []
     assert load_bundle(out).temperature == 1.0  # nothing held out to calibrate on
+    # Nor to set an in-distribution threshold on: no check, and the bundle says why.
+    assert load_bundle(out).in_distribution is None
+    assert "val_fraction 0" in load_bundle(out).metadata.in_distribution_note
 
 
 def test_painwatch_train_reports_bad_data(tmp_path: Path, capsys) -> None:
@@ -329,3 +332,22 @@ def test_painwatch_train_reports_bad_data(tmp_path: Path, capsys) -> None:
     code = main(["train", str(root), "--out", str(tmp_path / "b"), "--arch", ARCH, "--quiet"])
     assert code == 2
     assert "f0.png" in capsys.readouterr().err
+
+
+def test_train_bundle_fits_the_check_on_fit_individuals_and_calibrates_it_on_validation(
+    tmp_path: Path,
+) -> None:
+    from painwatch.training.bundle import train_bundle
+
+    records = load_records(_write_folder(tmp_path / "data", individuals=4, per_class=10))
+    messages: list[str] = []
+    made = train_bundle(records, _config(epochs=1), tmp_path / "bundle", val_fraction=0.25, progress=False,
+                        log=messages.append)
+    bundle = load_bundle(made.path)
+    check, described = bundle.in_distribution, bundle.metadata.in_distribution
+    validation = bundle.metadata.training["validation_individuals"]
+    assert check is not None and described is not None and len(validation) == 1
+    assert (described.calibration_frames, described.fit_frames) == (20, 60)
+    assert described.threshold == check.threshold == made.in_distribution.threshold
+    assert any("in-distribution check" in message and "of 20 validation frames" in message
+               for message in messages)

@@ -26,6 +26,8 @@ from painwatch.app.downloads import (
     results_json,
 )
 from painwatch.app.page import (
+    ABSTAIN_STATUS,
+    NO_CHECK_WARNING,
     ROBUST_IS_NOT_CORRECT,
     STATUS_NOT_ROBUST,
     STATUS_REFUSED,
@@ -71,6 +73,7 @@ from painwatch.robust import BASE_METHODS
 
 __all__ = [
     "ABSTAIN_LABEL",
+    "ABSTAIN_STATUS",
     "BASE_METHODS",
     "BUNDLE_ENV",
     "CLIP_SUFFIXES",
@@ -84,6 +87,7 @@ __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_IMAGE_PIXELS",
     "MEGABYTE",
+    "NO_CHECK_WARNING",
     "ROBUST_IS_NOT_CORRECT",
     "STATUS_NOT_ROBUST",
     "STATUS_REFUSED",

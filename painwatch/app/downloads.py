@@ -34,11 +34,13 @@ class Provenance:
     certification: Mapping[str, Any]
     seed: int | None
     gate_passed: bool | None
+    in_distribution: Mapping[str, Any] | None = None
 
     @classmethod
     def from_predictor(cls, predictor: Any) -> Provenance:
         """Provenance of a :class:`painwatch.inference.Predictor` (bundle identity, settings, seed, and
-        whether every gate verdict it holds passed; None when it was never certified)."""
+        whether every gate verdict it holds passed; None when it was never certified; the description
+        of its in-distribution check, or None)."""
         metadata = predictor.metadata
         verdicts = list(predictor.gates.values())
         return cls(
@@ -49,6 +51,8 @@ class Provenance:
             certification=dict(predictor.settings.to_dict()),
             seed=predictor.seed,
             gate_passed=all(v.passed for v in verdicts) if verdicts else None,
+            in_distribution=(metadata.in_distribution.to_dict()
+                             if getattr(predictor, "in_distribution", None) is not None else None),
         )
 
     @property
@@ -64,6 +68,7 @@ class Provenance:
                 "architecture": self.architecture,
                 "classes": list(self.classes),
                 "gate_passed": self.gate_passed,
+                "in_distribution": dict(self.in_distribution) if self.in_distribution else None,
             },
             "certification": {**dict(self.certification), "seed": self.seed},
         }

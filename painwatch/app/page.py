@@ -29,6 +29,21 @@ def is_abstention(result: Any) -> bool:
     return int(result.class_index) < 0
 
 
+ABSTAIN_STATUS: dict[str, str] = {
+    "unclear_under_noise": "refused: no clear answer under noise",
+    "not_like_training_frames": "refused: not like the training face crops",
+}
+"""The table's status of an abstention, by ``abstain_code`` (the reason in a few words; the frame view
+and the downloads give it in full)."""
+
+NO_CHECK_WARNING = (
+    "**This model cannot tell when a picture is not a macaque face.** It answers every picture, a cat, a "
+    "person or an empty frame included, as if it were a macaque face crop ({note}). Upload only face "
+    "crops of macaques."
+)
+"""What the page says about a bundle without an in-distribution check; ``{note}`` says why it has none."""
+
+
 TABLE_COLUMNS: tuple[str, ...] = (
     "frame", "file", "time (s)", "class", "confidence", "certified radius (L2)",
     "radius (grey levels)", "method", "status",
@@ -51,6 +66,9 @@ def status_of(result: Any) -> str:
     """The table's status of one answer, in words: robust up to its radius, no guarantee, or refused
     (with the reason)."""
     if is_abstention(result):
+        code = getattr(result, "abstain_code", None) or ""
+        if code in ABSTAIN_STATUS:
+            return ABSTAIN_STATUS[code]
         reason = getattr(result, "abstain_reason", None)
         return f"{STATUS_REFUSED}: {reason}" if reason else STATUS_REFUSED
     return STATUS_ROBUST if float(result.radius) > 0 else STATUS_NOT_ROBUST
@@ -67,7 +85,6 @@ def results_table(frames: Sequence[Frame], results: Sequence[Any]) -> Any:
     rows = []
     for frame, result in zip(frames, results, strict=True):
         abstained = is_abstention(result)
-        status = status_of(result)
         rows.append(
             {
                 "frame": frame.name,
@@ -78,7 +95,7 @@ def results_table(frames: Sequence[Frame], results: Sequence[Any]) -> Any:
                 "certified radius (L2)": float(result.radius),
                 "radius (grey levels)": float(result.radius_grey_levels),
                 "method": str(result.method),
-                "status": status,
+                "status": status_of(result),
             }
         )
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
@@ -89,13 +106,15 @@ def results_table(frames: Sequence[Frame], results: Sequence[Any]) -> Any:
 
 @dataclass(frozen=True)
 class Summary:
-    """Counts over a batch; ``pain_share`` is over frames with an answer (abstentions excluded)."""
+    """Counts over a batch; ``pain_share`` is over frames with an answer (abstentions excluded);
+    ``refused`` counts the abstentions on frames unlike the training frames."""
 
     frames: int
     pain: int
     no_pain: int
     abstained: int
     certified: int
+    refused: int = 0
 
     @property
     def decided(self) -> int:
@@ -108,11 +127,13 @@ class Summary:
 
 
 def summarize(results: Sequence[Any], pain_label: str = "pain") -> Summary:
-    """Count pain / no-pain / abstained / certified (radius > 0) frames."""
+    """Count pain / no-pain / abstained (of them refused as unlike the training frames) / certified
+    (radius > 0) frames."""
     abstained = sum(1 for r in results if is_abstention(r))
     pain = sum(1 for r in results if not is_abstention(r) and r.label == pain_label)
     certified = sum(1 for r in results if not is_abstention(r) and float(r.radius) > 0)
-    return Summary(len(results), pain, len(results) - abstained - pain, abstained, certified)
+    refused = sum(1 for r in results if getattr(r, "abstain_code", None) == "not_like_training_frames")
+    return Summary(len(results), pain, len(results) - abstained - pain, abstained, certified, refused)
 
 
 def time_course(frames: Sequence[Frame], results: Sequence[Any], pain_label: str = "pain") -> Any:

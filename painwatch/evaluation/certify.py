@@ -21,6 +21,8 @@ What is measured:
   on ``P_xi[f(x + delta + xi) = y]`` for every ``||delta|| <= eps``, the randomized-smoothing case
   ``Phi(PhiInv(p_low) - eps / sigma)`` [Cohen19; RC, Ch. 2] with ``p_low`` the Clopper-Pearson bound
   of the correct-class frequency under noise sigma;
+- the share of the held-out individuals' face crops the in-distribution check refuses (docs/design.md,
+  "The in-distribution check"); a refused frame is an abstention of the deployed answers;
 - a per-individual table and the model card.
 
 Overlap between the data's individuals and the bundle's training individuals is an error unless
@@ -46,12 +48,12 @@ import torch
 from scipy.stats import norm
 from tqdm.auto import tqdm
 
-from painwatch.calibration import calibrated_probabilities
 from painwatch.data import FrameRecord, dataset_hash, is_synthetic, load_frame, load_records
 from painwatch.evaluation.certify_report import write_report
 from painwatch.evaluation.distributed import measure_on_cluster
 from painwatch.evaluation.gate import DEFAULT_GATE, Gate, UsageError, evaluate_gate, load_gate
 from painwatch.evaluation.metrics import bootstrap_group_statistics, evaluate
+from painwatch.evaluation.refusals import missing_check_summary, refusal_summary
 from painwatch.evaluation.settings import CertifySettings
 from painwatch.inference import (
     Predictor,
@@ -188,6 +190,7 @@ class Measurements:
     corruption_correct: np.ndarray | None = None
     frames: list[dict[str, Any]] = field(default_factory=list)
     forward_passes: int = 0
+    refused: list[bool] = field(default_factory=list)
 
     @property
     def labels(self) -> np.ndarray:
@@ -231,12 +234,13 @@ def measure(
         noise_generator = torch.Generator().manual_seed(study_seed)
         image = load_frame(record)
         x = main.preprocess(image, str(record.path))
-        with torch.no_grad():
-            logits = model(x.unsqueeze(0).to(device)).detach().cpu().double().numpy()
-        result.clean_probabilities.append(calibrated_probabilities(logits, main.temperature)[0])
+        probabilities, score = main.clean_pass(x)  # with the in-distribution score, in one pass
+        result.clean_probabilities.append(probabilities)
+        result.refused.append(main.refuses(score))
         result.forward_passes += 1
         frame: dict[str, Any] = {"file": str(record.path), "individual": record.individual,
-                                 "label": main.classes[record.label]}
+                                 "label": main.classes[record.label], "in_distribution_score": score,
+                                 "refused_not_like_training_frames": result.refused[-1]}
         for name, predictor in predictors.items():
             noise_seed = predictor.noise_seed_for(x)
             certificate, _, spent, stop = predictor.certify_tensor(x, noise_seed=noise_seed)
@@ -313,6 +317,7 @@ def summarise(
     network = evaluate(y, np.asarray(measurements.clean_probabilities), groups,
                        class_names=list(main.classes), bootstrap_reps=bootstrap_reps, seed=seed)
     deployed_predictions = np.array([e["prediction"] for e in measurements.per_method[main_method]])
+    deployed_predictions[np.asarray(measurements.refused, dtype=bool)] = -1  # refused: an abstention
     deployed = deployed_metrics(y, deployed_predictions, groups, reps=bootstrap_reps, seed=seed)
     input_numel = math.prod(main.input_shape)
     per_individual = network["per_individual"]
@@ -322,6 +327,7 @@ def summarise(
         row["deployed_accuracy"] = float(np.mean(deployed_predictions[mask] == y[mask]))
         row["abstention_rate"] = float(np.mean(deployed_predictions[mask] < 0))
         row["median_radius"] = float(np.median(main_radii[mask]))
+        row["refused_share"] = float(np.mean(np.asarray(measurements.refused, dtype=bool)[mask]))
     ci = network["confidence_intervals"]["metrics"]
     measured = {
         **{key: deployed[key] for key in ("accuracy", "pain_recall", "pain_precision", "balanced_accuracy",
@@ -342,8 +348,17 @@ def summarise(
                         zip(CORRUPTIONS, measurements.corruption_correct.mean(axis=0), strict=True)},
         "surface": _robustness_surface(measurements, main.settings.alpha),
         "per_individual": per_individual,
+        "in_distribution": _refusals(main, measurements),
         "measured": measured,
     }
+
+
+def _refusals(main: Predictor, measurements: Measurements) -> dict[str, Any]:
+    check = main.in_distribution
+    if check is None:
+        return missing_check_summary(main.in_distribution_note or "none")
+    return refusal_summary(measurements.refused, measurements.groups, score=check.spec.name,
+                           threshold=check.threshold, level=check.spec.level)
 
 
 def _held_out_records(
@@ -389,7 +404,8 @@ def _predictors(
         settings = resolve_settings(bundle.metadata.certification, method=name, sigma=main.sigma,
                                     alpha=main.alpha, n=main.n, source=str(bundle.path / "model.json"))
         predictors[name] = Predictor(bundle.model, bundle.metadata, bundle.path, settings, seed=seed,
-                                     lipschitz_constant=_lipschitz_constant(bundle, name))
+                                     lipschitz_constant=_lipschitz_constant(bundle, name),
+                                     in_distribution=bundle.in_distribution)
     return predictors
 
 

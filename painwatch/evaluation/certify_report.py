@@ -10,6 +10,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 
+from painwatch.evaluation.refusals import add_refusal_section
 from painwatch.evaluation.report import (
     SYNTHETIC_NOTE,
     Report,
@@ -136,8 +137,8 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Pa
     main = report["settings"]["main"]
     doc.paragraph(
         f"The app answers with the classifier the certificate is about ({main['method']}, "
-        f"sigma {main['sigma']:g}, alpha {main['alpha']:g}, budget n {main['n']}). Abstentions count as "
-        f"errors, and as misses for pain recall."
+        f"sigma {main['sigma']:g}, alpha {main['alpha']:g}, budget n {main['n']}). Abstentions (frames the "
+        f"in-distribution check refuses among them) count as errors, and as misses for pain recall."
     )
     deployed = report["deployed"]
     doc.table(
@@ -150,6 +151,8 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Pa
             for key, entry in deployed.items()
         ]
     )
+    held = "held-out individuals'" if report["held_out"] else "individuals'"
+    add_refusal_section(doc, report.get("in_distribution"), what=f"the {held} face crops")
     doc.heading("Network on clean frames (calibrated)")
     ci = report["network"]["confidence_intervals"]["metrics"]
     rows = []
@@ -211,6 +214,7 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Pa
             "recall_pain",
             "recall_no_pain",
             "abstention_rate",
+            "refused_share",
             "median_radius",
         ],
     )

@@ -47,10 +47,11 @@ def _fold_task(
     run_dir: Path,
     device: str,
     features: np.ndarray | None,
+    descriptors: tuple[Any, dict[str, np.ndarray]] | None,
 ) -> dict[str, Any]:
     # The device is resolved on the worker: "auto" is the GPU Ray gave this task, if any.
     return run_fold(settings, records, fold, run_dir=run_dir, device=str(resolve_device(device)),
-                    features=features)
+                    features=features, descriptors=descriptors)
 
 
 def fold_results(
@@ -62,28 +63,32 @@ def fold_results(
     run_dir: Path,
     device: str,
     features: np.ndarray | None,
+    descriptors: tuple[Any, dict[str, np.ndarray]] | None = None,
     cluster: DistributedSettings | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """The result of ``run_fold(settings, records, fold, run_dir=..., device=..., features=...)`` for
-    every fold: here in fold order, or (``cluster.enabled``) as Ray tasks in the order they finish.
+    """The result of ``run_fold(settings, records, fold, run_dir=..., device=..., features=...,
+    descriptors=...)`` for every fold: here in fold order, or (``cluster.enabled``) as Ray tasks in the
+    order they finish.
 
     On Ray each fold is a task asking for ``cluster.fold_cpus`` CPUs and ``cluster.fold_gpus`` GPUs,
-    retried when its worker dies (:mod:`painwatch.inference.distributed`); the records and the cached
-    features go into Ray's object store once; the device is ``settings.train.device`` as the worker
-    sees it (``device``, resolved on this machine, is used only here). ``run_fold`` writes the fold's
-    checkpoint and ``result.json`` on the worker, so the run folder should be on storage every node
-    shares.
+    retried when its worker dies (:mod:`painwatch.inference.distributed`); the records, the cached
+    features and the in-distribution descriptors go into Ray's object store once; the device is
+    ``settings.train.device`` as the worker sees it (``device``, resolved on this machine, is used only
+    here). ``run_fold`` writes the fold's checkpoint and ``result.json`` on the worker, so the run folder
+    should be on storage every node shares.
     """
     if cluster is None or not cluster.enabled:
         for fold in folds:
-            yield run_fold(settings, records, fold, run_dir=run_dir, device=device, features=features)
+            yield run_fold(settings, records, fold, run_dir=run_dir, device=device, features=features,
+                           descriptors=descriptors)
         return
     yield from run_tasks(
         _fold_task,
         [{"fold": fold} for fold in folds],
         shared={"run_fold": run_fold, "settings": settings, "records": list(records), "run_dir": run_dir,
-                "device": settings.train.device, "features": features},
+                "device": settings.train.device, "features": features,
+                "descriptors": descriptors},
         cluster=cluster,
         num_cpus=cluster.fold_cpus,
         num_gpus=cluster.fold_gpus,

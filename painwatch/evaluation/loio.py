@@ -17,6 +17,9 @@ Guarantees:
   :mod:`painwatch.evaluation.lipschitz_folds`).
 - ``cache_features``: the backbone is frozen; features of all frames are computed once (eval
   transform) into ``RUN/features.safetensors`` and every fold trains only the linear head on them.
+- In-distribution check (:mod:`painwatch.evaluation.loio_checks`): each fold fits one on its training
+  individuals, sets its threshold on its inner-validation individuals and records which of the
+  left-out individual's frames it refuses (``result.json``'s ``in_distribution``).
 - Outputs in RUN (:mod:`painwatch.evaluation.outputs`): ``predictions.csv`` (one row per frame),
   ``metrics.json``, ``report.md`` + ``report.html`` + PNGs, ``config.json``, ``folds/fold_XX/``
   (checkpoint + ``result.json``). Everything is written atomically (temporary file + ``os.replace``).
@@ -45,6 +48,7 @@ from painwatch.data.hashing import records_digest
 from painwatch.data.splits import Fold, fold_seed, loio_folds
 from painwatch.evaluation.distributed import fold_results
 from painwatch.evaluation.lipschitz_folds import fold_lipschitz_certificates
+from painwatch.evaluation.loio_checks import cached_descriptors, cached_fold_check, finetuned_fold_check
 from painwatch.evaluation.outputs import write_outputs
 from painwatch.evaluation.settings import LoioSettings, saved_settings_as_checked
 from painwatch.inference.bulk_settings import DistributedSettings
@@ -234,8 +238,9 @@ def _train_fold_finetune(
     seed: int,
     device: str,
     directory: Path,
-) -> tuple[np.ndarray, np.ndarray, FitResult, str]:
-    """Fine-tune a whole model; returns (validation logits, test logits, FitResult, checkpoint name)."""
+) -> tuple[np.ndarray, np.ndarray, FitResult, str, dict[str, Any]]:
+    """Fine-tune a whole model; returns (validation logits, test logits, FitResult, checkpoint name, the
+    in-distribution check's result entry)."""
     config = settings.fold_config(seed, device)
     seed_everything(seed)
     model = new_model(config)
@@ -252,6 +257,7 @@ def _train_fold_finetune(
         # LOIO scores the network on clean frames, so its temperature is fitted on clean validation
         # logits too (fit validates a noise-trained model under its training noise, for early stopping).
         val_logits = predict_logits(model, val_records, **evaluate)
+    check, check_entry = finetuned_fold_check(model, records, fold, config=config, device=device)
     model.to("cpu")
     checkpoint = directory / "model"
     training = training_record(
@@ -262,8 +268,8 @@ def _train_fold_finetune(
         left_out_individual=fold.test_individual,
         purpose=f"LOIO fold {fold.index} (evaluation only)",
     )
-    save_bundle(checkpoint, model, {"training": training})
-    return _to_numpy(val_logits), _to_numpy(test_logits), result, checkpoint.name
+    save_bundle(checkpoint, model, {"training": training}, in_distribution=check)
+    return _to_numpy(val_logits), _to_numpy(test_logits), result, checkpoint.name, check_entry
 
 
 def _train_fold_head(
@@ -299,8 +305,12 @@ def run_fold(
     run_dir: Path,
     device: str,
     features: np.ndarray | None = None,
+    descriptors: tuple[Any, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Train, calibrate and evaluate one fold; write its checkpoint and ``result.json`` (last, atomically).
+
+    ``descriptors`` (the frozen backbone and its descriptors of every frame, with ``features``) give the
+    fold's in-distribution check on cached features.
 
     The temperature is fitted on the inner-validation individuals' logits; the test logits of the
     left-out individual are stored raw (float64 JSON round-trips exactly) with that temperature.
@@ -315,8 +325,11 @@ def run_fold(
         val_logits, test_logits, fit_result, checkpoint = _train_fold_head(
             settings, features, labels, fold, seed, directory
         )
+        check_entry = (cached_fold_check(descriptors[1], groups, fold, model=descriptors[0])
+                       if descriptors is not None
+                       else {"available": False, "note": "no descriptors of the frozen backbone"})
     else:
-        val_logits, test_logits, fit_result, checkpoint = _train_fold_finetune(
+        val_logits, test_logits, fit_result, checkpoint, check_entry = _train_fold_finetune(
             settings, records, fold, seed, device, directory
         )
     val_labels = labels[fold.validation]
@@ -347,6 +360,7 @@ def run_fold(
         "stopped_early": bool(fit_result.stopped_early),
         "history": fit_result.history,
         "checkpoint": checkpoint,
+        "in_distribution": check_entry,
     }
     if features is None and is_lipschitz_architecture(settings.train.arch):
         result["lipschitz"] = fold_lipschitz_certificates(directory / checkpoint, test_logits, test_labels)
@@ -439,7 +453,7 @@ def run_loio(
     if results:
         log(f"resuming: {len(results)} of {len(folds)} folds already done")
 
-    features = None
+    features = descriptors = None
     feature_seconds = 0.0
     pending = [fold for fold in folds if fold.index not in results]
     if settings.cache_features and pending:
@@ -450,6 +464,7 @@ def run_loio(
             f"features {features.shape} "
             + ("read from the cache" if from_cache else f"extracted once in {feature_seconds:.1f} s")
         )
+        descriptors = cached_descriptors(settings.train, records, run_dir, device=device, metadata=metadata)
     run_now = 0
     bar = tqdm(
         total=len(folds),
@@ -463,7 +478,7 @@ def run_loio(
     # Here one fold after the other; on Ray every fold at once, the results as they finish.
     now = pending[: settings.max_folds or len(pending)]
     finished = fold_results(run_fold, records, now, settings=settings, run_dir=run_dir, device=device,
-                            features=features, cluster=cluster, log=log)
+                            features=features, descriptors=descriptors, cluster=cluster, log=log)
     try:
         for result in finished:
             fold = next(f for f in pending if f.index == result["fold"])

@@ -20,7 +20,9 @@ from painwatch.calibration import calibrated_probabilities
 from painwatch.data import FrameRecord, is_synthetic
 from painwatch.data.splits import Fold
 from painwatch.evaluation.lipschitz_folds import pooled_certified_accuracy
+from painwatch.evaluation.loio_checks import frame_scores, loio_refusals
 from painwatch.evaluation.metrics import evaluate
+from painwatch.evaluation.refusals import add_refusal_section
 from painwatch.evaluation.report import PUBLISHED_REFERENCE, write_loio_report
 from painwatch.evaluation.settings import LoioSettings
 from painwatch.io import atomic_write_json, atomic_write_text
@@ -85,8 +87,9 @@ def write_outputs(
         + [f"logit_{name}" for name in CLASS_NAMES]
         + ["temperature"]
         + [f"prob_{name}" for name in CLASS_NAMES]
-        + ["predicted", "predicted_name", "correct"]
+        + ["predicted", "predicted_name", "correct", "in_distribution_score", "refused_not_like_training"]
     )
+    check_scores, check_refused = frame_scores(results, num_frames)
     for i, record in enumerate(records):
         writer.writerow(
             [
@@ -102,6 +105,8 @@ def write_outputs(
             + [repr(float(temperature_of[i]))]
             + [f"{float(p):.6f}" for p in probabilities[i]]
             + [int(predictions[i]), CLASS_NAMES[predictions[i]], int(predictions[i] == labels[i])]
+            + ["" if check_scores[i] is None else repr(float(check_scores[i])),
+               "" if check_refused[i] is None else int(check_refused[i])]
         )
     outputs: dict[str, Path] = {
         "predictions": atomic_write_text(run_dir / PREDICTIONS_FILE, buffer.getvalue())
@@ -120,6 +125,7 @@ def write_outputs(
                 "temperature": result["temperature"],
                 "val NLL before": result["validation"]["nll_before_scaling"],
                 "val NLL after": result["validation"]["nll_after_scaling"],
+                "refused (in-distribution)": _refused_share(result),
                 "best epoch": result["best_epoch"],
                 "epochs run": result["epochs_run"],
                 "seconds": result["seconds"],
@@ -142,6 +148,7 @@ def write_outputs(
         "device": device,
         "published_reference": PUBLISHED_REFERENCE,
         "evaluation": evaluation,
+        "in_distribution": loio_refusals(results, records),
         "folds": fold_rows,
     }
     certified = pooled_certified_accuracy(list(results.values()), labels)
@@ -207,8 +214,17 @@ def write_outputs(
             + ", ".join(f"{value:.1%} at L2 radius {radius}" for radius, value in certified.items())
             + " over all frames, each certified by the fold that left its individual out."
         )
-    outputs.update(write_loio_report(run_dir, evaluation, run_info, fold_rows=fold_rows, notes=notes))
+    refusals = metrics["in_distribution"]
+    section = [lambda report: add_refusal_section(report, refusals, what="the left-out individuals' frames")]
+    outputs.update(write_loio_report(run_dir, evaluation, run_info, fold_rows=fold_rows, notes=notes,
+                                     sections=section))
     return metrics, outputs
+
+
+def _refused_share(result: dict[str, Any]) -> float | None:
+    entry = result.get("in_distribution") or {}
+    flags = entry.get("test_refused") if entry.get("available") else None
+    return float(np.mean(flags)) if flags else None
 
 
 def _fold_certificate_columns(result: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import io
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -486,12 +486,14 @@ def write_loio_report(
     fold_rows: Sequence[Mapping[str, Any]] = (),
     stem: str = "report",
     notes: Sequence[str] = (),
+    sections: Sequence[Callable[[Report], None]] = (),
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and the PNGs of a LOIO run into ``run_dir``.
 
     ``evaluation`` is :func:`painwatch.metrics.evaluate`'s result; ``run_info`` holds the settings
     shown at the top (data, architecture, epochs, frames used, ...); ``fold_rows`` one row per fold;
-    ``notes`` are caveats shown highlighted at the top.
+    ``notes`` are caveats shown highlighted at the top; each of ``sections`` adds its blocks after the
+    per-individual results (e.g. the in-distribution check's refusals).
     Returns the written paths by name.
     """
     folder = Path(run_dir)
@@ -551,6 +553,8 @@ def write_loio_report(
         paths["per_individual_png"].name, "Accuracy and recall per class for each left-out individual."
     )
     report.table(per_individual)
+    for section in sections:
+        section(report)
     if fold_rows:
         report.heading("Folds")
         report.table(fold_rows)

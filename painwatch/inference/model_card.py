@@ -1,5 +1,6 @@
-"""The model card: what a bundle is for, what it was trained on, how its answers are certified, its
-gate verdicts and its limits, as a dict (for reports and downloads) and as Markdown (for the page)."""
+"""The model card: what a bundle is for, what it was trained on, how its answers are certified, how it
+refuses frames unlike its training frames, its gate verdicts and its limits, as a dict (for reports and
+downloads) and as Markdown (for the page)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ def model_card_dict(metadata: BundleMetadata, settings: PredictorSettings | None
         },
         "calibration": {"temperature": metadata.temperature},
         "certification": certification,
+        "in_distribution": (metadata.in_distribution.to_dict() if metadata.in_distribution is not None
+                            else {"note": metadata.in_distribution_note}),
         "gates": {name: verdict.to_dict() for name, verdict in metadata.gates.items()},
         "limits": limits,
     }
@@ -95,6 +98,14 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         _certification_line(cert),
         "",
     ]
+    check = card.get("in_distribution") or {}
+    if check.get("threshold") is not None:
+        layers = ", ".join(check.get("layers") or [])
+        lines += [f"**In-distribution check.** {check.get('score')} on {layers}; "
+                  f"frames scoring above {check['threshold']:.4g} are refused. {check.get('guarantee')}", ""]
+    else:
+        lines += [f"**In-distribution check.** None: {check.get('note') or 'not recorded'}. This model "
+                  "answers every picture, including pictures that are not macaque face crops.", ""]
     gates = card.get("gates") or {}
     if not gates:
         lines.append("**Certification gate.** Not run.")

@@ -33,6 +33,15 @@ Which classifier answers (``FrameResult.classifier`` says it in words):
 Abstention is an answer: ``label == "abstain"``, ``class_index == -1``, ``radius == 0.0``, with the
 reason in words (``abstain_reason``, from :data:`ABSTAIN_REASONS`).
 
+Frames unlike the training frames are refused (docs/design.md, "The in-distribution check"): when the
+bundle carries an in-distribution check, the frame's clean forward pass also gives the check's score
+(one pass); a frame scoring above the check's threshold is refused (``abstain_code
+"not_like_training_frames"``, radius 0) before any noise is drawn for it; a ``lipschitz`` certificate
+is read from that same pass (:func:`painwatch.robust.certify_logits`), so a Lipschitz network still
+answers, refuses and certifies in one forward pass. Every :class:`FrameResult`
+records the score and the threshold. A bundle without a check still answers;
+:attr:`Predictor.in_distribution_note` then says why it cannot refuse such frames.
+
 Noise that nobody can predict (docs/design.md, "Noise seeds"): in deployment (``seed=None``, the
 default) every frame's noise seed comes from the operating system's entropy (:mod:`secrets`), so
 whoever sends a frame cannot search offline for a frame whose draws give a wrong certificate. Every
@@ -47,7 +56,7 @@ import hashlib
 import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +69,8 @@ from painwatch.inference.model_card import model_card_dict, model_card_markdown
 from painwatch.inference.saliency import gradcam
 from painwatch.inference.settings import PredictorSettings, resolve_settings, sound_lipschitz_constant
 from painwatch.models import BundleMetadata, GateVerdict, load_bundle
-from painwatch.robust import certify, method_spec
+from painwatch.models.in_distribution import InDistributionStatistic, descriptor_pass
+from painwatch.robust import certify, certify_logits, method_spec
 
 __all__ = ["ABSTAIN_LABEL", "ABSTAIN_REASONS", "FrameResult", "Predictor", "frame_seed", "random_noise_seed"]
 
@@ -108,6 +118,9 @@ class FrameResult:
             ``predict(..., noise_seeds=[noise_seed])`` gives this result again.
         abstain_code: why the frame was refused, a key of :data:`ABSTAIN_REASONS` (None unless it was).
         abstain_reason: the same in words (None unless the frame was refused).
+        in_distribution_score: the in-distribution check's score of the frame (larger: less like the
+            training frames); None when the bundle has no check.
+        in_distribution_threshold: the check's threshold; the frame is refused when its score is above.
     """
 
     name: str
@@ -130,6 +143,8 @@ class FrameResult:
     noise_seed: int | None = None
     abstain_code: str | None = None
     abstain_reason: str | None = None
+    in_distribution_score: float | None = None
+    in_distribution_threshold: float | None = None
 
     @property
     def abstained(self) -> bool:
@@ -167,7 +182,8 @@ class Predictor:
 
     Use :meth:`load`. Attributes: ``model`` (eval mode), ``metadata`` (the bundle's checked
     ``model.json``), ``bundle_path``, ``settings`` (:class:`PredictorSettings`), ``classes``,
-    ``input_shape`` ``(C, H, W)``, ``temperature``, ``seed``.
+    ``input_shape`` ``(C, H, W)``, ``temperature``, ``seed``, ``in_distribution`` (the bundle's check,
+    or None).
     """
 
     def __init__(
@@ -179,6 +195,7 @@ class Predictor:
         *,
         seed: int | None = None,
         lipschitz_constant: float | None = None,
+        in_distribution: InDistributionStatistic | None = None,
     ) -> None:
         self.model = model.eval()
         self.metadata = metadata
@@ -190,6 +207,7 @@ class Predictor:
         self.temperature = float(metadata.temperature)
         self.transform = eval_transform(metadata.input_size)
         self.lipschitz_constant = lipschitz_constant
+        self.in_distribution = in_distribution
         self.device = next(model.parameters()).device
 
     # ------------------------------------------------------------------------------------- loading
@@ -232,7 +250,7 @@ class Predictor:
                 architecture=bundle.metadata.architecture,
             )
         return cls(bundle.model, bundle.metadata, bundle.path, settings, seed=seed,
-                   lipschitz_constant=lipschitz_constant)
+                   lipschitz_constant=lipschitz_constant, in_distribution=bundle.in_distribution)
 
     # ---------------------------------------------------------------------------------- properties
 
@@ -245,6 +263,13 @@ class Predictor:
     def gate(self) -> GateVerdict | None:
         """The most recent gate verdict (None when the bundle was never certified)."""
         return self.metadata.latest_gate
+
+    @property
+    def in_distribution_note(self) -> str | None:
+        """Why this predictor cannot refuse frames unlike the training frames (None when it can)."""
+        if self.in_distribution is not None:
+            return None
+        return self.metadata.in_distribution_note or "the bundle's in-distribution check was not loaded"
 
     @property
     def classifier_description(self) -> str:
@@ -285,16 +310,53 @@ class Predictor:
             logits = self.model(x.unsqueeze(0).to(self.device)).detach().to("cpu", torch.float64)
         return calibrated_probabilities(logits.numpy(), self.temperature)[0]
 
+    def clean_pass(self, x: torch.Tensor) -> tuple[np.ndarray, float | None]:
+        """One clean forward pass of a preprocessed frame ``(C, H, W)``: its temperature-calibrated
+        probabilities and its in-distribution score (None without a check)."""
+        _, probabilities, score = self._clean_pass(x)
+        return probabilities, score
+
+    def _clean_pass(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, float | None]:
+        """:meth:`clean_pass` with the raw logits ``(1, K)`` of that pass first."""
+        batch = x.unsqueeze(0).to(self.device)
+        if self.in_distribution is None:
+            with torch.no_grad():
+                logits = self.model(batch)
+            score = None
+        else:
+            logits, descriptors = descriptor_pass(self.model, batch, self.in_distribution.spec.descriptors)
+            score = float(self.in_distribution.scores(descriptors)[0])
+        logits = logits.detach().to("cpu", torch.float64)
+        return logits, calibrated_probabilities(logits.numpy(), self.temperature)[0], score
+
+    def refuses(self, score: float | None) -> bool:
+        """Whether a frame of in-distribution ``score`` is refused (never without a check)."""
+        check = self.in_distribution
+        return score is not None and check is not None and score > check.threshold
+
     def certify_tensor(
-        self, x: torch.Tensor, *, noise_seed: int | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        noise_seed: int | None = None,
+        clean_probabilities: np.ndarray | None = None,
+        clean_logits: torch.Tensor | None = None,
     ) -> tuple[Any, np.ndarray, int, str | None]:
         """Certify one preprocessed frame ``(C, H, W)`` in [0, 1] with the noise of ``noise_seed``
-        (by default :meth:`noise_seed_for` the frame).
+        (by default :meth:`noise_seed_for` the frame). ``clean_probabilities`` of a clean pass already
+        made (:meth:`clean_pass`) are used instead of another one where the clean frame's
+        probabilities are reported (that pass is then not counted in ``forward_passes``). With that
+        pass's ``clean_logits`` too, a method that certifies from clean logits alone (``lipschitz``,
+        :func:`painwatch.robust.certify_logits`) makes no pass of its own (``forward_passes`` 0).
 
         Returns ``(certificate, probabilities, forward_passes, stop_reason)``; the certificate is the
         one :func:`painwatch.robust.certify` returns for these settings and that generator.
         """
         s = self.settings
+        if (clean_logits is not None and clean_probabilities is not None
+                and method_spec(s.method_name).from_logits is not None):
+            outcome = certify_logits(s.method_name, clean_logits, lipschitz_constant=self.lipschitz_constant)
+            return outcome.certificate, clean_probabilities, 0, outcome.stop_reason
         x = x.to(self.device)
         totals = torch.zeros(len(self.classes), dtype=torch.float64)
 
@@ -315,8 +377,28 @@ class Predictor:
         if reuse_logits:
             # The probabilities come from the logits already computed: no extra forward pass.
             return certificate, (totals / totals.sum()).numpy(), outcome.forward_passes, outcome.stop_reason
+        if clean_probabilities is not None:
+            return certificate, clean_probabilities, int(certificate.forward_passes), None
         passes = int(certificate.forward_passes) + 1  # + the clean pass for the probabilities
         return certificate, self._clean_probabilities(x), passes, None
+
+    def _threshold(self) -> float | None:
+        return None if self.in_distribution is None else float(self.in_distribution.threshold)
+
+    def _refused(self, name: str, probabilities: np.ndarray, score: float) -> FrameResult:
+        """A frame refused by the in-distribution check: an abstention after one clean pass."""
+        s = self.settings
+        shown = int(np.argmax(probabilities))
+        code = "not_like_training_frames"
+        return FrameResult(
+            name=name, label=ABSTAIN_LABEL, class_index=-1, confidence=float(probabilities[shown]),
+            probabilities={c: float(p) for c, p in zip(self.classes, probabilities, strict=True)},
+            radius=0.0, radius_rms=0.0, radius_grey_levels=0.0, method=s.method_name,
+            sigma=float(s.sigma) if method_spec(s.method).needs_noise else 0.0, n=0, alpha=float(s.alpha),
+            forward_passes=1, classifier=self.classifier_description, abstain_code=code,
+            abstain_reason=ABSTAIN_REASONS[code], in_distribution_score=score,
+            in_distribution_threshold=self._threshold(),
+        )
 
     def _result(self, name: str, certificate: Any, probabilities: np.ndarray, passes: int,
                 stop_reason: str | None, noise_seed: int | None) -> FrameResult:
@@ -348,6 +430,7 @@ class Predictor:
             noise_seed=noise_seed if needs_noise else None,
             abstain_code=abstain_code,
             abstain_reason=ABSTAIN_REASONS[abstain_code] if abstain_code else None,
+            in_distribution_threshold=self._threshold(),
         )
 
     def predict(
@@ -360,8 +443,10 @@ class Predictor:
     ) -> list[FrameResult]:
         """Classify and certify frames (``H x W x 3`` uint8 RGB arrays), in order.
 
-        ``noise_seeds`` (one per frame, e.g. the ``noise_seed`` of earlier results) reproduce those
-        results exactly; by default each frame gets :meth:`noise_seed_for` it. ``progress(done, total)``
+        A frame the in-distribution check refuses is answered after its clean pass, without noise
+        draws. ``noise_seeds`` (one per frame, e.g. the ``noise_seed`` of earlier results; None for a
+        refused frame) reproduce those results exactly; by default each frame gets
+        :meth:`noise_seed_for` it. ``progress(done, total)``
         is called after each frame. Raises ``ValueError`` naming the frame when an image is not an RGB
         uint8 array (the page decodes and checks files before this), or when the lengths differ.
         """
@@ -369,14 +454,28 @@ class Predictor:
         names = [f"frame-{i}" for i in range(len(images))] if names is None else list(names)
         if len(names) != len(images):
             raise ValueError(f"got {len(images)} images but {len(names)} names")
-        seeds = [None] * len(images) if noise_seeds is None else [int(seed) for seed in noise_seeds]
+        seeds = [None] * len(images) if noise_seeds is None else [
+            None if seed is None else int(seed) for seed in noise_seeds]
         if len(seeds) != len(images):
             raise ValueError(f"got {len(images)} images but {len(seeds)} noise seeds")
         results = []
         for done, (image, name, seed) in enumerate(zip(images, names, seeds, strict=True), start=1):
             x = self.preprocess(image, name)
-            noise_seed = self.noise_seed_for(x) if seed is None else seed
-            results.append(self._result(name, *self.certify_tensor(x, noise_seed=noise_seed), noise_seed))
+            clean = clean_logits = None
+            if self.in_distribution is not None:
+                clean_logits, clean, score = self._clean_pass(x)
+            if clean is not None and self.refuses(score):
+                results.append(self._refused(name, clean, score))
+            else:
+                noise_seed = self.noise_seed_for(x) if seed is None else seed
+                outcome = self.certify_tensor(x, noise_seed=noise_seed, clean_probabilities=clean,
+                                              clean_logits=clean_logits)
+                result = self._result(name, *outcome, noise_seed)
+                if clean is not None:
+                    # + the clean pass that gave the score (and the clean probabilities, where shown).
+                    result = replace(result, in_distribution_score=score,
+                                     forward_passes=result.forward_passes + 1)
+                results.append(result)
             if progress is not None:
                 progress(done, len(images))
         return results

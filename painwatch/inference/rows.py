@@ -20,13 +20,15 @@ CSV_COLUMNS_FIXED: tuple[str, ...] = (
     "frame", "file", "time_s", "label", "class_index", "confidence",
 )
 CSV_COLUMNS_TAIL: tuple[str, ...] = (
-    "abstain_reason", "radius_l2", "radius_rms", "radius_grey_levels", "method", "sigma", "alpha", "n",
-    "n_budget", "forward_passes", "noise_seed", "seed", "bundle_weights_sha256", "painwatch_version",
+    "abstain_reason", "in_distribution_score", "in_distribution_threshold", "radius_l2", "radius_rms",
+    "radius_grey_levels", "method", "sigma", "alpha", "n", "n_budget", "forward_passes", "noise_seed", "seed",
+    "bundle_weights_sha256", "painwatch_version",
 )
-"""After the per-class probabilities: why a frame was refused (in words), the certificate, the settings
-(``n`` = estimation draws used for this frame, ``n_budget`` = the most allowed), the frame's noise seed
-(give it back to re-check the certificate), the predictor's fixed seed (empty in deployment, where every
-frame's seed is unpredictable) and the bundle's weights hash."""
+"""After the per-class probabilities: why a frame was refused (in words), its in-distribution score and
+the threshold above which a frame is refused (empty for a bundle without a check), the certificate, the
+settings (``n`` = estimation draws used for this frame, ``n_budget`` = the most allowed), the frame's
+noise seed (give it back to re-check the certificate), the predictor's fixed seed (empty in deployment,
+where every frame's seed is unpredictable) and the bundle's weights hash."""
 
 DETAIL_COLUMNS: tuple[str, ...] = ("abstain_code", "bound", "stop_reason", "classifier")
 """The rest of a FrameResult's fields, after :data:`CSV_COLUMNS_TAIL` in bulk results: the refusal's
@@ -68,6 +70,8 @@ def result_row(
     row.update(
         {
             "abstain_reason": result.abstain_reason,
+            "in_distribution_score": result.in_distribution_score,
+            "in_distribution_threshold": result.in_distribution_threshold,
             "radius_l2": float(result.radius),
             "radius_rms": float(result.radius_rms),
             "radius_grey_levels": float(result.radius_grey_levels),

@@ -1,9 +1,12 @@
 """timm backbones and Lipschitz networks with the normalisation inside, and model bundles
-(``weights.safetensors`` + ``model.json``).
+(``weights.safetensors`` + ``model.json``, with ``in_distribution.safetensors`` for the in-distribution
+check).
 
 A model takes ``(B, 3, H, W)`` float images with pixels in [0, 1] and returns logits ``(B, K)``.
 :mod:`painwatch.models.schema` types ``model.json``; :mod:`painwatch.models.bundle` reads and writes
-bundles; :mod:`painwatch.models.network` builds the networks.
+bundles; :mod:`painwatch.models.network` builds the networks; :mod:`painwatch.models.in_distribution`
+is the statistic of the in-distribution check (shared by training, which fits it, and inference, which
+applies it).
 """
 
 from painwatch.models.bundle import (
@@ -16,6 +19,15 @@ from painwatch.models.bundle import (
     record_gate_verdict,
     save_bundle,
     update_bundle_metadata,
+)
+from painwatch.models.in_distribution import (
+    REFUSAL_LEVEL,
+    InDistributionError,
+    InDistributionSpec,
+    InDistributionStatistic,
+    conformal_threshold,
+    descriptor_pass,
+    fit_in_distribution,
 )
 from painwatch.models.lipschitz_nets import (
     LIPSCHITZ_ARCHITECTURES,
@@ -37,10 +49,12 @@ from painwatch.models.schema import (
     DEFAULT_CERTIFICATION_SIGMA,
     DEFAULT_SCORE_TEMPERATURE,
     FORMAT_VERSION,
+    IN_DISTRIBUTION_FILE,
     BundleError,
     BundleMetadata,
     CertificationDefaults,
     GateVerdict,
+    InDistributionCheck,
     default_certification,
     default_certification_method,
 )
@@ -51,22 +65,31 @@ __all__ = [
     "DEFAULT_CERTIFICATION_SIGMA",
     "DEFAULT_SCORE_TEMPERATURE",
     "FORMAT_VERSION",
+    "IN_DISTRIBUTION_FILE",
     "LIPSCHITZ_ARCHITECTURES",
     "METADATA_FILE",
+    "REFUSAL_LEVEL",
     "WEIGHTS_FILE",
     "Bundle",
     "BundleError",
     "BundleMetadata",
     "CertificationDefaults",
     "GateVerdict",
+    "InDistributionCheck",
+    "InDistributionError",
+    "InDistributionSpec",
+    "InDistributionStatistic",
     "LipschitzArchitecture",
     "ModelWeightsError",
     "Normalize",
     "PainNet",
+    "conformal_threshold",
     "create_model",
     "default_certification",
     "default_certification_method",
+    "descriptor_pass",
     "find_gradcam_layer",
+    "fit_in_distribution",
     "is_lipschitz_architecture",
     "library_versions",
     "load_backbone_weights",

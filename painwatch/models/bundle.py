@@ -1,14 +1,17 @@
-"""Model bundles: a folder with ``weights.safetensors`` and ``model.json``.
+"""Model bundles: a folder with ``weights.safetensors``, ``model.json`` and, for bundles that carry an
+in-distribution check, ``in_distribution.safetensors``.
 
 ``model.json`` (typed in :mod:`painwatch.models.schema`) holds everything needed to rebuild and use the
-model without the training code.
+model without the training code; its ``in_distribution`` entry describes the check
+(:mod:`painwatch.models.in_distribution`) and holds the SHA-256 of its file.
 
 Guarantees:
 - Writes are atomic: a bundle is written into a temporary sibling folder and moved into place with
   ``os.replace``; ``model.json`` updates go through a temporary file and ``os.replace``. A reader
   never sees a half-written bundle.
 - :func:`load_bundle` never unpickles anything (safetensors only), checks the weights against
-  ``weights_sha256`` and checks the schema; every error names the file and the offending key.
+  ``weights_sha256`` and the check's file against ``in_distribution.sha256``, and checks the schema;
+  every error names the file and the offending key.
 """
 
 from __future__ import annotations
@@ -30,25 +33,28 @@ import numpy
 import safetensors
 import timm
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from painwatch import CLASS_NAMES
 from painwatch import __version__ as painwatch_version
 from painwatch.io import atomic_write_json, sha256_file
+from painwatch.models.in_distribution import InDistributionError, InDistributionStatistic, check_layers
 from painwatch.models.network import PainNet, create_model
 from painwatch.models.schema import (
     FORMAT_VERSION,
+    IN_DISTRIBUTION_FILE,
     BundleError,
     BundleMetadata,
     GateVerdict,
+    InDistributionCheck,
     default_certification,
     default_certification_method,
 )
 
 WEIGHTS_FILE = "weights.safetensors"
 METADATA_FILE = "model.json"
-BUNDLE_FILES = (WEIGHTS_FILE, METADATA_FILE)
+BUNDLE_FILES = (WEIGHTS_FILE, METADATA_FILE, IN_DISTRIBUTION_FILE)
 
 # Keys that describe the weights themselves: update_bundle_metadata may not change them.
 IDENTITY_KEYS = (
@@ -60,16 +66,19 @@ IDENTITY_KEYS = (
     "mean",
     "std",
     "weights_sha256",
+    "in_distribution",
 )
 
 
 @dataclass(frozen=True)
 class Bundle:
-    """A loaded bundle: the model (eval mode), its checked ``model.json``, and its folder."""
+    """A loaded bundle: the model (eval mode), its checked ``model.json``, its folder, and its
+    in-distribution check (None for a bundle without one; ``metadata.in_distribution_note`` says why)."""
 
     model: PainNet
     metadata: BundleMetadata
     path: Path
+    in_distribution: InDistributionStatistic | None = None
 
     @property
     def temperature(self) -> float:
@@ -135,14 +144,36 @@ def _build_metadata(model: PainNet, metadata: Mapping[str, Any] | None) -> dict[
         "created": given.pop("created", datetime.now(UTC).isoformat(timespec="seconds")),
         "gates": given.pop("gates", {}),
     }
-    for key in ("format_version", "weights_sha256", "gate"):
+    if given.get("in_distribution") is not None:
+        raise BundleError("metadata key 'in_distribution' describes a check file: pass the check itself "
+                          "(save_bundle(..., in_distribution=CHECK))")
+    for key in ("format_version", "weights_sha256", "gate", "in_distribution"):
         given.pop(key, None)
     content.update(given)
     return content
 
 
-def save_bundle(directory: str | Path, model: PainNet, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model`` and its ``model.json`` into the bundle folder ``directory``, atomically.
+def _write_check(path: Path, check: InDistributionStatistic) -> dict[str, Any]:
+    tensors, strings = check.to_tensors()
+    save_file(tensors, str(path), metadata=strings)
+    _fsync_file(path)
+    return InDistributionCheck(
+        file=path.name, sha256=sha256_file(path), score=check.spec.name, layers=check.spec.layers,
+        threshold=check.threshold, level=check.spec.level, calibration_frames=check.calibration_frames,
+        fit_frames=check.fit_frames, guarantee=check.guarantee,
+    ).to_dict()
+
+
+def save_bundle(
+    directory: str | Path,
+    model: PainNet,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    in_distribution: InDistributionStatistic | None = None,
+) -> Path:
+    """Write ``model`` and its ``model.json`` into the bundle folder ``directory``, atomically, with
+    the in-distribution check ``in_distribution`` in ``in_distribution.safetensors`` when given
+    (``metadata["in_distribution_absent"]`` then says why there is none, when known).
 
     ``metadata`` supplies ``temperature`` (default 1.0), ``certification`` (default
     :func:`painwatch.models.schema.default_certification` at ``training.noise_sigma``), ``training``,
@@ -171,6 +202,9 @@ def save_bundle(directory: str | Path, model: PainNet, metadata: Mapping[str, An
         save_file(_state_dict_for_file(model), str(weights_path), metadata={"format": "pt"})
         _fsync_file(weights_path)
         content["weights_sha256"] = sha256_file(weights_path)
+        if in_distribution is not None:
+            content["in_distribution"] = _write_check(staging / IN_DISTRIBUTION_FILE, in_distribution)
+            content.pop("in_distribution_absent", None)
         checked = BundleMetadata.from_dict(content, source=str(target / METADATA_FILE))
         atomic_write_json(staging / METADATA_FILE, checked.to_dict())
         if target.exists():
@@ -258,9 +292,43 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
                 f"{folder / METADATA_FILE}: key {key!r} = {list(getattr(metadata, key))} disagrees with the "
                 f"normalisation stored in the weights ({[round(v, 6) for v in stored]})"
             )
+    check = _load_check(folder, metadata, model)
     model.eval()
     model.to_device(device)
-    return Bundle(model=model, metadata=metadata, path=folder)
+    return Bundle(model=model, metadata=metadata, path=folder, in_distribution=check)
+
+
+def _load_check(folder: Path, metadata: BundleMetadata, model: PainNet) -> InDistributionStatistic | None:
+    """The bundle's in-distribution check, hash-checked and consistent with ``model.json`` and the model."""
+    described = metadata.in_distribution
+    if described is None:
+        return None
+    path = folder / described.file
+    if not path.is_file():
+        raise BundleError(f"{str(path)!r} is missing from the bundle ({folder / METADATA_FILE} describes an "
+                          f"in-distribution check in it)")
+    digest = sha256_file(path)
+    if digest != described.sha256:
+        raise BundleError(
+            f"{path}: SHA-256 {digest[:16]}... does not match in_distribution.sha256 "
+            f"{described.sha256[:16]}... in {folder / METADATA_FILE} (the in-distribution check was changed "
+            f"or corrupted)"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            strings = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        check = InDistributionStatistic.from_tensors(tensors, strings, source=str(path))
+        check_layers(model, check.spec.descriptors)
+    except (SafetensorError, OSError, InDistributionError) as error:
+        raise BundleError(f"{path}: not a usable in-distribution check ({error})") from error
+    stored = {"score": check.spec.name, "layers": check.spec.layers, "threshold": check.threshold,
+              "level": check.spec.level, "calibration_frames": check.calibration_frames}
+    for key, value in stored.items():
+        if getattr(described, key) != value:
+            raise BundleError(f"{folder / METADATA_FILE}: key 'in_distribution.{key}' = "
+                              f"{getattr(described, key)!r} disagrees with {path.name} ({value!r})")
+    return check
 
 
 def _deep_merge(base: dict[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:

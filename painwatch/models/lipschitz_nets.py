@@ -24,6 +24,7 @@ layer (the MSCR loss [RC, Ch. 3]); the SLL ones train with cross-entropy or MCR.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -107,12 +108,14 @@ def is_lipschitz_architecture(arch: str) -> bool:
 class LipschitzBackbone(nn.Sequential):
     """The layers of a Lipschitz network up to the head, as a plain ``nn.Sequential`` (so that its
     bound is the product of its layers'). ``num_features`` is the width of its ``(B, F)`` output;
-    ``feature_info`` names the last convolutional stage, as timm backbones do (for Grad-CAM)."""
+    ``feature_info`` names each convolutional stage and how many times smaller than the input its output
+    is, deepest last, as timm backbones do (Grad-CAM and the in-distribution check read it)."""
 
-    def __init__(self, layers: OrderedDict[str, nn.Module], *, num_features: int, last_stage: str) -> None:
+    def __init__(self, layers: OrderedDict[str, nn.Module], *, num_features: int,
+                 stages: Sequence[tuple[str, int]]) -> None:
         super().__init__(layers)
         self.num_features = int(num_features)
-        self.feature_info = [{"module": last_stage}]
+        self.feature_info = [{"module": name, "reduction": int(reduction)} for name, reduction in stages]
 
 
 def _convolution(kind: str, in_channels: int, out_channels: int, kernel_size: int) -> nn.Module:
@@ -175,6 +178,7 @@ def build_lipschitz_network(
     dense = _dense(kind, features, spec.dense)
     if dense:
         layers["dense"] = nn.Sequential(*dense)
-    backbone = LipschitzBackbone(layers, num_features=features, last_stage=f"stage{len(spec.depths)}")
+    stages = [(f"stage{index}", 2 ** (index - 1)) for index in range(1, len(spec.depths) + 1)]
+    backbone = LipschitzBackbone(layers, num_features=features, stages=stages)
     head = OrthogonalLinear(features, num_classes, bias=True)
     return backbone, head

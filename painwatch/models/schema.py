@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ votes. On frames the network is sure of, T = 1 scores sit below 1 and certify ab
 that votes or sharpened scores do from the same 1 000 draws (``scripts/bench_certify_clinical.py``).
 Where the noisy logit margins are small, even T = 0.1 scores stay well below 1 and votes certify more."""
 
+IN_DISTRIBUTION_FILE = "in_distribution.safetensors"
+"""The file next to the weights that holds a bundle's in-distribution check (no pickle)."""
 DEFAULT_METHOD = "randomized_smoothing"
 """The certificate of a new bundle: randomized smoothing [Cohen19] with the fixed-budget bound (see
 :func:`default_certification`)."""
@@ -62,6 +65,10 @@ def _fail(source: str, key: str, requirement: str, value: Any) -> BundleError:
     if len(shown) > 120:
         shown = shown[:117] + "..."
     return BundleError(f"{source}: key {key!r} {requirement}, got {shown}")
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,6 +234,64 @@ class GateVerdict:
                 "results": [dict(r) for r in self.results], **copy.deepcopy(dict(self.details))}
 
 
+@dataclass(frozen=True, kw_only=True)
+class InDistributionCheck:
+    """``model.json``'s ``in_distribution``: the bundle's check of whether a frame looks like its
+    training frames (docs/design.md, "The in-distribution check"); the statistics are in ``file``
+    (safetensors, next to the weights, hash-checked against ``sha256``).
+
+    ``score`` names the statistic (e.g. ``max-z pca_residual``) and ``layers`` the descriptors it reads;
+    a frame whose score exceeds ``threshold`` is refused. ``threshold`` is the split-conformal quantile of
+    ``calibration_frames`` inner-validation frames at ``level``; ``fit_frames`` fitted the statistics;
+    ``guarantee`` says in words what that promises.
+    """
+
+    file: str
+    sha256: str
+    score: str
+    layers: tuple[str, ...]
+    threshold: float
+    level: float
+    calibration_frames: int
+    fit_frames: int
+    guarantee: str
+
+    @classmethod
+    def from_dict(cls, value: Any, source: str) -> InDistributionCheck:
+        key = "in_distribution"
+        if not isinstance(value, Mapping):
+            raise _fail(source, key, "must be an object describing the check, or null", value)
+        for name in ("file", "score", "guarantee"):
+            if not isinstance(value.get(name), str) or not value.get(name):
+                raise _fail(source, f"{key}.{name}", "must be a non-empty string", value.get(name))
+        if Path(value["file"]).name != value["file"]:
+            raise _fail(source, f"{key}.file", "must be a file name inside the bundle folder", value["file"])
+        digest = value.get("sha256")
+        if not _is_sha256(digest):
+            raise _fail(source, f"{key}.sha256", "must be a 64-character lower-case hex SHA-256", digest)
+        layers = value.get("layers")
+        if not isinstance(layers, list) or not all(isinstance(v, str) and v for v in layers):
+            raise _fail(source, f"{key}.layers", "must be a list of descriptor names", layers)
+        threshold = value.get("threshold")
+        if not is_number(threshold) or not math.isfinite(threshold):
+            raise _fail(source, f"{key}.threshold", "must be a finite number", threshold)
+        level = value.get("level")
+        if not is_number(level) or not 0 < level < 1:
+            raise _fail(source, f"{key}.level", "must be a number in (0, 1)", level)
+        counts = {}
+        for name, least in (("calibration_frames", 1), ("fit_frames", 0)):
+            counts[name] = value.get(name)
+            if not is_integer(counts[name]) or counts[name] < least:
+                raise _fail(source, f"{key}.{name}", f"must be an integer >= {least}", counts[name])
+        return cls(file=value["file"], sha256=digest, score=value["score"], layers=tuple(layers),
+                   threshold=float(threshold), level=float(level), guarantee=value["guarantee"], **counts)
+
+    def to_dict(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        record["layers"] = list(self.layers)
+        return record
+
+
 def _check_training(source: str, training: Any) -> dict[str, Any]:
     if not isinstance(training, Mapping):
         raise _fail(source, "training", "must be an object", training)
@@ -254,6 +319,7 @@ def _check_training(source: str, training: Any) -> dict[str, Any]:
 _KNOWN_KEYS = frozenset({
     "format_version", "architecture", "num_classes", "classes", "input_size", "mean", "std", "temperature",
     "certification", "training", "versions", "weights_sha256", "created", "gate", "gates",
+    "in_distribution", "in_distribution_absent",
 })
 
 
@@ -275,6 +341,8 @@ class BundleMetadata:
     weights_sha256: str
     created: str | None = None
     gates: Mapping[str, GateVerdict] = field(default_factory=dict)
+    in_distribution: InDistributionCheck | None = None
+    in_distribution_absent: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -287,6 +355,15 @@ class BundleMetadata:
     def synthetic(self) -> bool:
         """True when the model was trained on frames drawn by a program (the demo set)."""
         return bool(self.training.get("synthetic_data") or self.training.get("synthetic"))
+
+    @property
+    def in_distribution_note(self) -> str | None:
+        """Why the bundle has no in-distribution check, in words (None when it has one)."""
+        if self.in_distribution is not None:
+            return None
+        return self.in_distribution_absent or (
+            "this bundle was made before painwatch fitted an in-distribution check"
+        )
 
     @property
     def latest_gate(self) -> GateVerdict | None:
@@ -336,17 +413,22 @@ class BundleMetadata:
         if not isinstance(versions, Mapping):
             raise _fail(source, "versions", "must be an object", versions)
         digest = content.get("weights_sha256")
-        hex_digits = "0123456789abcdef"
-        if not isinstance(digest, str) or len(digest) != 64 or any(c not in hex_digits for c in digest):
+        if not _is_sha256(digest):
             raise _fail(source, "weights_sha256", "must be a 64-character lower-case hex SHA-256",
                         digest)
         gates = _read_gates(content, source, version)
+        check = content.get("in_distribution")
+        in_distribution = None if check is None else InDistributionCheck.from_dict(check, source)
+        absent = content.get("in_distribution_absent")
+        if absent is not None and not isinstance(absent, str):
+            raise _fail(source, "in_distribution_absent", "must be a string (why there is no check)", absent)
         return cls(
             architecture=architecture, num_classes=int(num_classes), classes=tuple(classes),
             input_size=int(input_size), mean=tuple(float(v) for v in content["mean"]),
             std=tuple(float(v) for v in content["std"]), temperature=float(temperature),
             certification=certification, training=training, versions=dict(versions), weights_sha256=digest,
-            created=content.get("created"), gates=gates,
+            created=content.get("created"), gates=gates, in_distribution=in_distribution,
+            in_distribution_absent=absent if in_distribution is None else None,
             extra={k: copy.deepcopy(v) for k, v in content.items() if k not in _KNOWN_KEYS},
         )
 
@@ -367,6 +449,9 @@ class BundleMetadata:
             "weights_sha256": self.weights_sha256,
             "created": self.created,
             "gates": {name: verdict.to_dict() for name, verdict in self.gates.items()},
+            **({"in_distribution": self.in_distribution.to_dict()} if self.in_distribution else {}),
+            **({"in_distribution_absent": self.in_distribution_absent}
+               if self.in_distribution_absent else {}),
             **copy.deepcopy(dict(self.extra)),
         }
 

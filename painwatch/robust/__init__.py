@@ -55,6 +55,7 @@ from painwatch.robust.certificate import (
     CertificationSettings,
     MethodSpec,
     certify,
+    certify_logits,
     method_spec,
     register_method,
 )
@@ -221,6 +222,7 @@ __all__ = [
     "certified_accuracy_curve",
     "certified_accuracy_interval",
     "certify",
+    "certify_logits",
     "check_alpha",
     "check_batch",
     "check_count",

@@ -270,6 +270,12 @@ def _run_lipschitz(model: Model, x: torch.Tensor, settings: CertificationSetting
     return CertificationOutcome(_lipschitz_certificates(logits, constant)[0])
 
 
+def _lipschitz_from_logits(logits: torch.Tensor, settings: CertificationSettings) -> CertificationOutcome:
+    """:func:`lipschitz_certify` from the clean logits ``(1, K)`` of the one pass it would make."""
+    constant = check_lipschitz_constant(settings.lipschitz_constant)
+    return CertificationOutcome(_lipschitz_certificates(logits, constant)[0])
+
+
 def _run_smoothed_margin(
     model: Model, x: torch.Tensor, settings: CertificationSettings
 ) -> CertificationOutcome:
@@ -290,6 +296,7 @@ _LIPSCHITZ = register_method(MethodSpec(
     sequential=False,
     base="lipschitz",
     runner=_run_lipschitz,
+    from_logits=_lipschitz_from_logits,
 ))
 _SMOOTHED_MARGIN = register_method(MethodSpec(
     name="smoothed_margin",

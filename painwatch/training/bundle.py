@@ -1,11 +1,13 @@
 """Training a deployable model: :func:`train_bundle` (records in, model bundle out; no command line).
 
 An inner validation split by individual (:func:`painwatch.data.split_by_individual`) drives early
-stopping and temperature scaling [Guo17]; the bundle (``weights.safetensors`` + ``model.json``)
-records the training individuals, the data hash, every training setting and the certification
-defaults (docs/design.md, "The clinical pipeline"): a Lipschitz network (``lip-*``) certifies with the
-deterministic Lipschitz margin and its bundle records the sound bound ``L`` it was saved with; any
-other network with randomized smoothing.
+stopping and temperature scaling [Guo17] and sets the threshold of the in-distribution check, whose
+statistics are fitted on the fit individuals (:mod:`painwatch.training.in_distribution`; docs/design.md,
+"The in-distribution check"); the bundle (``weights.safetensors``, ``in_distribution.safetensors`` and
+``model.json``) records the training individuals, the data hash, every training setting and the
+certification defaults (docs/design.md, "The clinical pipeline"): a Lipschitz network (``lip-*``)
+certifies with the deterministic Lipschitz margin and its bundle records the sound bound ``L`` it was
+saved with; any other network with randomized smoothing.
 """
 
 from __future__ import annotations
@@ -27,19 +29,24 @@ from painwatch.models import (
     default_certification_method,
     save_bundle,
 )
+from painwatch.models.in_distribution import InDistributionStatistic
 from painwatch.robust import lipschitz_upper_bound
 from painwatch.training.config import TrainConfig
+from painwatch.training.in_distribution import fit_check
 from painwatch.training.loops import FitResult, fit
 
 
 @dataclass(frozen=True)
 class TrainedBundle:
-    """What :func:`train_bundle` wrote: the bundle folder, the fit, the calibration temperature."""
+    """What :func:`train_bundle` wrote: the bundle folder, the fit, the calibration temperature, the
+    in-distribution check (None, with the reason in ``in_distribution_absent``, when there is none)."""
 
     path: Path
     fit: FitResult
     temperature: float
     training: dict[str, Any]
+    in_distribution: InDistributionStatistic | None = None
+    in_distribution_absent: str | None = None
 
 
 def initial_weights(config: TrainConfig) -> str:
@@ -122,10 +129,11 @@ def train_bundle(
 ) -> TrainedBundle:
     """Fine-tune a new model of ``config`` on ``records`` and save it as a bundle at ``out``.
 
-    ``val_fraction`` of the individuals (at least one) are held out for early stopping and the
-    temperature; 0 trains on all and keeps temperature 1. ``synthetic`` marks frames drawn by a program
-    (the model card and the page then say so). Raises ``ValueError`` for empty records or a split that
-    cannot be made, naming the problem.
+    ``val_fraction`` of the individuals (at least one) are held out for early stopping, the
+    temperature and the threshold of the in-distribution check (fitted on the other individuals'
+    frames); 0 trains on all, keeps temperature 1 and writes no check (``model.json`` says why).
+    ``synthetic`` marks frames drawn by a program (the model card and the page then say so). Raises
+    ``ValueError`` for empty records or a split that cannot be made, naming the problem.
     """
     records = list(records)
     if not records:
@@ -153,10 +161,20 @@ def train_bundle(
         data_hash=dataset_hash(records),
         class_counts=counts,
     )
+    check, absent = fit_check(model, fit_records, validation_records, batch_size=config.eval_batch_size,
+                              num_workers=config.num_workers)
+    if check is not None:
+        log(f"in-distribution check: {check.spec.name} on {', '.join(check.spec.layers)}; threshold "
+            f"{check.threshold:.3f} refuses {check.validation_refused} of {check.calibration_frames} "
+            f"validation frames (level {check.spec.level:g})")
+    else:
+        log(absent or "no in-distribution check")
     model.to("cpu")
     certification = bundle_certification(model, config)
-    path = save_bundle(out, model, {"temperature": temperature, "certification": certification,
-                                    "training": training})
+    metadata = {"temperature": temperature, "certification": certification, "training": training}
+    if absent is not None:
+        metadata["in_distribution_absent"] = absent
+    path = save_bundle(out, model, metadata, in_distribution=check)
     summary = (
         f"saved bundle {path} ({config.arch}, best epoch {result.best_epoch}/{result.epochs_run}, "
         f"temperature {temperature:.3f}, certified by {certification['method']}"
@@ -166,4 +184,5 @@ def train_bundle(
     if training["val_balanced_accuracy"] is not None:
         summary += f", validation balanced accuracy {training['val_balanced_accuracy']:.3f}"
     log(summary + ")")
-    return TrainedBundle(path=path, fit=result, temperature=temperature, training=training)
+    return TrainedBundle(path=path, fit=result, temperature=temperature, training=training,
+                         in_distribution=check, in_distribution_absent=absent)
