@@ -8,10 +8,16 @@ for face crops").
 2. The Lipschitz bundle (``--lipschitz``) is trained on exactly the ResNet's training individuals with
    :func:`painwatch.training.bundle.train_bundle` (the same inner validation split, by seed), unless it
    exists already and was trained on them (``--retrain`` trains it again).
-3. Every held-out frame (or ``--max-frames`` of them, spread over individuals and classes) goes through
+3. Both answer by the same rule, the in-distribution check (docs/design.md, "The in-distribution
+   check"): a bundle saved without one (e.g. a demo bundle built before bundles carried it) gets one
+   fitted here exactly as training fits it (:func:`painwatch.training.in_distribution.fit_check` on the
+   bundle's recorded fit and inner-validation individuals), held in memory only; ``--no-check`` runs
+   both without any. A refused frame is an abstention (an error in answer and certified accuracy).
+4. Every held-out frame (or ``--max-frames`` of them, spread over individuals and classes) goes through
    each bundle's :class:`painwatch.inference.Predictor` as the page sends it, with the bundle's default
    certificate: randomized smoothing [Cohen19] for the ResNet (64 + 936 noise draws, alpha 0.001), the
-   Lipschitz margin [Tsuzuku18] for the Lipschitz network (one pass, exact).
+   Lipschitz margin [Tsuzuku18] for the Lipschitz network (one pass, exact; the check's score comes
+   from the same pass).
 
 Measured per model: clean accuracy (the bare network's argmax on clean frames), the accuracy of the
 answers the page gives (abstentions count as errors), certified accuracy (correct and certified) at the
@@ -63,6 +69,7 @@ from painwatch.models import read_metadata
 from painwatch.robust import certified_accuracy_at, certified_accuracy_curve
 from painwatch.training import TrainConfig
 from painwatch.training.bundle import train_bundle
+from painwatch.training.in_distribution import fit_check
 
 GOAL_SPEEDUP = 100.0
 """The Lipschitz model must take at least this many times less time per frame..."""
@@ -83,6 +90,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-frames", type=int, default=None, help="held-out frames to certify (all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both models' timing")
     parser.add_argument("--seed", type=int, default=0, help="frames, smoothing noise and training seed")
+    parser.add_argument("--no-check", action="store_true",
+                        help="answer without in-distribution checks (neither model refuses a frame)")
     training = parser.add_argument_group("Lipschitz training (see painwatch train --help)")
     training.add_argument("--arch", default="lip-sll-small")
     training.add_argument("--epochs", type=int, default=40)
@@ -128,6 +137,26 @@ def lipschitz_bundle(args: argparse.Namespace, training: Sequence[FrameRecord], 
     return args.lipschitz
 
 
+def same_refusal_rule(predictor: Predictor, records: Sequence[FrameRecord], *, enabled: bool) -> str:
+    """Give ``predictor`` the in-distribution check it answers with here, and say which: its bundle's
+    (``"stored"``), one fitted now on the bundle's recorded fit and inner-validation individuals of
+    ``records`` as training fits it (``"fitted here"``), or none (``enabled`` False, or too few frames)."""
+    if not enabled:
+        predictor.in_distribution = None
+        return "none (--no-check)"
+    if predictor.in_distribution is not None:
+        return "stored in the bundle"
+    training = predictor.metadata.training
+    fit_names, validation_names = (set(training.get(key) or []) for key in ("fit_individuals",
+                                                                            "validation_individuals"))
+    check, absent = fit_check(predictor.model, [r for r in records if r.individual in fit_names],
+                              [r for r in records if r.individual in validation_names],
+                              device=predictor.device)
+    predictor.in_distribution = check
+    return absent or ("fitted here on the bundle's fit individuals, threshold on its inner-validation "
+                      f"individuals ({check.calibration_frames} frames)")
+
+
 def certify_frames(predictor: Predictor, records: Sequence[FrameRecord]) -> list[dict[str, Any]]:
     """Each frame through ``predictor.predict`` (timed), and the bare network's clean answer."""
     entries = []
@@ -141,6 +170,7 @@ def certify_frames(predictor: Predictor, records: Sequence[FrameRecord]) -> list
             clean = int(predictor.model(x).argmax())
         entries.append({"file": str(record.path), "individual": record.individual, "label": record.label,
                         "answer": result.class_index, "radius": result.radius, "clean_prediction": clean,
+                        "refused": result.abstain_code == "not_like_training_frames",
                         "forward_passes": result.forward_passes, "seconds": seconds,
                         "cpu_seconds": cpu_seconds, "method": result.method})
     return entries
@@ -154,6 +184,7 @@ def summarise(entries: Sequence[dict[str, Any]], gate_radius: float, grid: np.nd
         "clean_accuracy": float(np.mean(np.array([e["clean_prediction"] for e in entries]) == labels)),
         "answer_accuracy": float(np.mean(correct)),
         "abstention_rate": float(np.mean([e["answer"] < 0 for e in entries])),
+        "refused_by_check": float(np.mean([e["refused"] for e in entries])),
         "certified_accuracy_at_gate_radius": certified_accuracy_at(correct, radii, gate_radius),
         "seconds_per_frame": float(np.mean([e["seconds"] for e in entries])),
         "cpu_seconds_per_frame": float(np.mean([e["cpu_seconds"] for e in entries])),
@@ -179,12 +210,13 @@ def plot_curves(summary: dict[str, Any], gate_radius: float, path: Path) -> Path
 
 
 def table(summary: dict[str, Any]) -> str:
-    rows = ["| model | certificate | clean acc. | answer acc. | certified acc. at gate radius | "
-            "seconds per frame (CPU seconds) | forward passes per frame |", "|---|---|---|---|---|---|---|"]
+    rows = ["| model | certificate | clean acc. | answer acc. | refused by the check | "
+            "certified acc. at gate radius | seconds per frame (CPU seconds) | forward passes per frame |",
+            "|---|---|---|---|---|---|---|---|"]
     for key in ("lipschitz", "smoothing"):
         s = summary[key]
         rows.append(f"| {s['arch']} | {s['method']} | {100 * s['clean_accuracy']:.1f} | "
-                    f"{100 * s['answer_accuracy']:.1f} | "
+                    f"{100 * s['answer_accuracy']:.1f} | {100 * s['refused_by_check']:.1f} | "
                     f"{100 * s['certified_accuracy_at_gate_radius']:.1f} | "
                     f"{s['seconds_per_frame']:.4f} ({s['cpu_seconds_per_frame']:.4f}) | "
                     f"{s['forward_passes_per_frame']:.0f} |")
@@ -204,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   "smoothing": Predictor.load(args.resnet, seed=args.seed)}
     if predictors["lipschitz"].input_shape != predictors["smoothing"].input_shape:
         raise ValueError("both bundles must take the same input size (the gate radius depends on it)")
+    checks = {key: same_refusal_rule(predictor, training, enabled=not args.no_check)
+              for key, predictor in predictors.items()}
     entries = {key: certify_frames(predictor, frames) for key, predictor in predictors.items()}
     largest = max(e["radius"] for values in entries.values() for e in values)
     grid = np.linspace(0.0, max(largest, 2 * gate_radius) * 1.05, 80)
@@ -213,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "arch": predictor.metadata.architecture, "method": predictor.settings.method_name,
             "bundle": str(predictor.bundle_path), "weights_sha256": predictor.metadata.weights_sha256,
             "settings": predictor.settings.to_dict(), "lipschitz_constant": predictor.lipschitz_constant,
-            "training_loss": predictor.metadata.training.get("loss"),
+            "training_loss": predictor.metadata.training.get("loss"), "in_distribution_check": checks[key],
         }
     lip, smooth = summary["lipschitz"], summary["smoothing"]
     speedup = smooth["seconds_per_frame"] / lip["seconds_per_frame"]

@@ -52,6 +52,12 @@ def test_tiny_comparison_writes_the_summary_for_both_models(tmp_path: Path) -> N
     assert (out / "certified_accuracy.png").stat().st_size > 0
     assert "| lip-sll-tiny | lipschitz |" in (out / "table.md").read_text()
     assert len(json.loads((out / "frames.json").read_text())["smoothing"]) == 3
+    # One validation individual's 4 frames are too few to fit a check: neither model refuses, and says why.
+    for key in ("lipschitz", "smoothing"):
+        assert "frames are too few" in summary[key]["in_distribution_check"]
+        assert summary[key]["refused_by_check"] == 0.0
+    unchecked = compare.main([*arguments, "--no-check"])
+    assert unchecked["smoothing"]["in_distribution_check"] == "none (--no-check)"
     # The existing Lipschitz bundle is reused when it was trained on the same individuals...
     assert compare.main(arguments)["lipschitz"]["weights_sha256"] == summary["lipschitz"]["weights_sha256"]
     # ...and refused when it was not.
