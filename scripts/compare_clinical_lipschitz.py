@@ -30,7 +30,10 @@ and forward passes per frame (``FrameResult.forward_passes``). Radii are L2 norm
 Outputs in ``--out``: ``summary.json`` (keys ``lipschitz`` and ``smoothing``, each with
 ``clean_accuracy``, ``certified_accuracy_at_gate_radius``, ``seconds_per_frame``,
 ``forward_passes_per_frame`` and more; the goal's checks; the machine and the command),
-``frames.json`` (every frame's answers), ``table.md`` and ``certified_accuracy.png``.
+``frames.json`` (every frame's answers), ``table.md`` and ``certified_accuracy.png``. With ``--cache``
+each model's frame results are kept there and reused by a later run with the same weights, settings,
+check and frames (``--smoothing-only`` certifies the ResNet alone, e.g. while the Lipschitz network
+trains).
 
 Usage (the README's results; about an hour on a loaded 2-core machine, most of it the ResNet's
 smoothing and the Lipschitz training):
@@ -44,6 +47,8 @@ smoothing and the Lipschitz training):
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import platform
@@ -90,6 +95,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-frames", type=int, default=None, help="held-out frames to certify (all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both models' timing")
     parser.add_argument("--seed", type=int, default=0, help="frames, smoothing noise and training seed")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder of per-model frame results: a model's results are reused when its "
+                        "weights, certificate settings, check and frames are those of an earlier run")
+    parser.add_argument("--smoothing-only", action="store_true",
+                        help="certify the smoothed ResNet into --cache and stop (no Lipschitz bundle needed)")
     parser.add_argument("--no-check", action="store_true",
                         help="answer without in-distribution checks (neither model refuses a frame)")
     training = parser.add_argument_group("Lipschitz training (see painwatch train --help)")
@@ -176,6 +186,25 @@ def certify_frames(predictor: Predictor, records: Sequence[FrameRecord]) -> list
     return entries
 
 
+def cached_frames(key: str, predictor: Predictor, frames: Sequence[FrameRecord], *, check: str,
+                  cache: Path | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``certify_frames(predictor, frames)``, or the results of an earlier run in ``cache`` whose
+    weights, certificate settings, in-distribution rule and frames were the same (the noise is seeded,
+    so the answers are the same; the times are those measured then). Returns (entries, provenance)."""
+    identity = {"weights_sha256": predictor.metadata.weights_sha256, "settings": predictor.settings.to_dict(),
+                "seed": predictor.seed, "check": check, "frames": [str(r.path) for r in frames]}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    path = None if cache is None else cache / f"{key}-{digest}.json"
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        return saved["entries"], {"from_cache": str(path), "measured": saved["measured"]}
+    entries = certify_frames(predictor, frames)
+    measured = datetime.now(UTC).isoformat(timespec="seconds")
+    if path is not None:
+        atomic_write_json(path, {"identity": identity, "measured": measured, "entries": entries})
+    return entries, {"from_cache": None, "measured": measured}
+
+
 def summarise(entries: Sequence[dict[str, Any]], gate_radius: float, grid: np.ndarray) -> dict[str, Any]:
     labels = np.array([e["label"] for e in entries])
     correct = np.array([e["answer"] == e["label"] for e in entries])
@@ -229,16 +258,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     records = load_records(args.data)
     resnet_metadata = read_metadata(args.resnet)
     training, held_out = split_like(records, resnet_metadata.training.get("individuals") or [])
-    lipschitz = lipschitz_bundle(args, training, resnet_metadata.input_size)
     frames = select_frames(held_out, args.max_frames, args.seed)
     gate_radius = load_gate(DEFAULT_GATE).certified_radii(math.prod(resnet_metadata.input_shape))[0]
-    predictors = {"lipschitz": Predictor.load(lipschitz, seed=args.seed),
-                  "smoothing": Predictor.load(args.resnet, seed=args.seed)}
+    predictors = {"smoothing": Predictor.load(args.resnet, seed=args.seed)}
+    checks, entries, provenance = {}, {}, {}
+
+    def measure(key: str) -> None:
+        checks[key] = same_refusal_rule(predictors[key], training, enabled=not args.no_check)
+        entries[key], provenance[key] = cached_frames(key, predictors[key], frames, check=checks[key],
+                                                      cache=args.cache)
+
+    measure("smoothing")
+    if args.smoothing_only:
+        return {"smoothing": provenance["smoothing"]}
+    lipschitz = lipschitz_bundle(args, training, resnet_metadata.input_size)
+    predictors = {"lipschitz": Predictor.load(lipschitz, seed=args.seed), **predictors}
     if predictors["lipschitz"].input_shape != predictors["smoothing"].input_shape:
         raise ValueError("both bundles must take the same input size (the gate radius depends on it)")
-    checks = {key: same_refusal_rule(predictor, training, enabled=not args.no_check)
-              for key, predictor in predictors.items()}
-    entries = {key: certify_frames(predictor, frames) for key, predictor in predictors.items()}
+    measure("lipschitz")
     largest = max(e["radius"] for values in entries.values() for e in values)
     grid = np.linspace(0.0, max(largest, 2 * gate_radius) * 1.05, 80)
     summary: dict[str, Any] = {}
@@ -248,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "bundle": str(predictor.bundle_path), "weights_sha256": predictor.metadata.weights_sha256,
             "settings": predictor.settings.to_dict(), "lipschitz_constant": predictor.lipschitz_constant,
             "training_loss": predictor.metadata.training.get("loss"), "in_distribution_check": checks[key],
+            **provenance[key],
         }
     lip, smooth = summary["lipschitz"], summary["smoothing"]
     speedup = smooth["seconds_per_frame"] / lip["seconds_per_frame"]

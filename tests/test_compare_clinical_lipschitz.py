@@ -60,6 +60,13 @@ def test_tiny_comparison_writes_the_summary_for_both_models(tmp_path: Path) -> N
     assert unchecked["smoothing"]["in_distribution_check"] == "none (--no-check)"
     # The existing Lipschitz bundle is reused when it was trained on the same individuals...
     assert compare.main(arguments)["lipschitz"]["weights_sha256"] == summary["lipschitz"]["weights_sha256"]
+    # ...and so are a model's frame results kept in --cache, e.g. by --smoothing-only.
+    cache = ["--cache", str(tmp_path / "cache")]
+    assert compare.main([*arguments, *cache, "--smoothing-only"])["smoothing"]["from_cache"] is None
+    cached = compare.main([*arguments, *cache])
+    assert cached["smoothing"]["from_cache"] and cached["lipschitz"]["from_cache"] is None
+    for name in ("clean_accuracy", "certified_accuracy_at_gate_radius", "curve"):  # seeded noise
+        assert cached["smoothing"][name] == summary["smoothing"][name], name
     # ...and refused when it was not.
     other = tmp_path / "other"
     train_bundle([r for r in records if r.individual != "syn-m01"],
