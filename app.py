@@ -19,10 +19,13 @@ from typing import Any
 import streamlit as st
 
 from painwatch import app as support
+from painwatch.app import widgets
 from painwatch.inference import Predictor, SettingsError
 
 st.set_page_config(page_title="painwatch: pain check for macaque faces", page_icon=":material/pets:",
                    layout="wide")
+SIGNED_IN_USER = widgets.sign_in_gate()
+"""Who is signed in (None on 127.0.0.1); beyond this machine nothing below runs without an account."""
 
 SEED = None
 """No fixed seed: every frame's noise comes from the operating system's entropy, so nobody who sends a
@@ -441,6 +444,9 @@ def main() -> None:
     show_summary(batch)
     show_table(batch)
     show_frame(batch, predictor)
+    widgets.save_check_section(batch.frames, batch.results, batch.provenance,
+                               model_card=predictor.model_card_dict(), batch_key=batch.key,
+                               analysed_at=batch.created, problems=batch.problems, user=SIGNED_IN_USER)
 
 
-main()
+widgets.navigation(main, SIGNED_IN_USER)

@@ -72,3 +72,14 @@ def make_bundle(
 def bundle_factory() -> Callable[..., Path]:
     """:func:`make_bundle`, for tests that need their own bundle."""
     return make_bundle
+
+
+@pytest.fixture(autouse=True)
+def _records_outside_the_repository(tmp_path_factory: pytest.TempPathFactory,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test's page and command line keep their records and accounts in a folder of the test run,
+    never in the repository's data/ (a test that needs its own sets PAINWATCH_DATABASE itself)."""
+    folder = tmp_path_factory.getbasetemp() / "records-default"
+    folder.mkdir(exist_ok=True)
+    monkeypatch.setenv("PAINWATCH_DATABASE", f"sqlite:///{folder / 'painwatch.db'}")
+    monkeypatch.setenv("PAINWATCH_ACCOUNTS", str(folder / "painwatch-accounts.json"))

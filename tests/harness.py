@@ -4,7 +4,8 @@
   (the whole process group) when the ``with`` block ends.
 - :func:`open_browser` launches Debian's ``chromium`` through Playwright's sync API
   (never a browser that Playwright downloads itself).
-- :func:`upload_files`, :func:`wait_for_results` and :func:`download` are the page interactions.
+- :func:`upload_files`, :func:`wait_for_results`, :func:`wait_until_idle`, :func:`choose_option`,
+  :func:`type_text`, :func:`sign_in` and :func:`download` are the page interactions.
 
 Playwright is a development dependency (``pip install -e '.[dev]'``); it is imported only here.
 """
@@ -190,3 +191,42 @@ def download(page: Any, button_label: str, target: Path, timeout_ms: float = 30_
     target.parent.mkdir(parents=True, exist_ok=True)
     info.value.save_as(str(target))
     return target
+
+
+def wait_until_idle(page: Any, timeout_ms: float = 120_000) -> None:
+    """Wait until the page's script has finished its run (Streamlit's "running" status is gone)."""
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_ms)
+
+
+def choose_option(page: Any, label: str, option: str, timeout_ms: float = 30_000) -> None:
+    """Open the select box labelled ``label`` and pick ``option``, as a person with a mouse would."""
+    box = page.get_by_role("combobox", name=label).first
+    wanted = page.get_by_role("option", name=option, exact=True).first
+    deadline = time.monotonic() + timeout_ms / 1000
+    while True:
+        # A rerun that redraws the box while it opens closes it again: open it until the option is clicked.
+        wait_until_idle(page, timeout_ms)
+        box.click(timeout=timeout_ms)
+        try:
+            wanted.click(timeout=3_000)
+            return
+        except Exception:
+            shown = [text.strip() for text in page.get_by_role("option").all_inner_texts()]
+            page.keyboard.press("Escape")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the select box {label!r} offers {shown}, not {option!r}") from None
+
+
+def type_text(page: Any, label: str, text: str, timeout_ms: float = 20_000) -> None:
+    """Type ``text`` into the text box labelled ``label`` and leave it (Streamlit takes the value then)."""
+    wait_until_idle(page, timeout_ms)
+    box = page.get_by_label(label, exact=True).first
+    box.fill(text, timeout=timeout_ms)
+    box.press("Tab")
+
+
+def sign_in(page: Any, name: str, password: str, timeout_ms: float = 30_000) -> None:
+    """Fill in the page's sign-in form and send it."""
+    page.get_by_label("User name", exact=True).first.fill(name, timeout=timeout_ms)
+    page.get_by_label("Password", exact=True).first.fill(password, timeout=timeout_ms)
+    page.get_by_role("button", name="Sign in").click(timeout=timeout_ms)

@@ -23,6 +23,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "painwatch.cli.certify",
     "painwatch.cli.predict",
     "painwatch.cli.demo",
+    "painwatch.cli.records",
+    "painwatch.cli.users",
 )
 """Modules that contribute sub-commands, in the order they appear in ``--help``."""
 

@@ -8,8 +8,9 @@ reads the demo set's defaults, does not pay for importing torch, OpenCV or album
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from painwatch.lazy import lazy_attributes
 
 _EXPORTS: dict[str, str] = {
     # errors
@@ -120,17 +121,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'painwatch.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, namespace=globals(), public=__all__)
 
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real names

@@ -87,19 +87,8 @@ def _fraction(path: Path, key: str, value: Any) -> float:
 
 
 def load_gate(path: str | Path) -> Gate:
-    """Read and check a gate TOML file. Raises :class:`UsageError` naming the file, key and value.
-
-    Format (every key optional, at least one threshold)::
-
-        min_accuracy = 0.6
-        min_pain_recall = 0.6
-        max_ece = 0.15
-        max_abstention = 0.3
-        use_lower_confidence_bound = false
-        [[min_certified_accuracy]]
-        grey_levels = 0.5      # or: radius = 0.25  (L2 in [0, 1] pixels at the model's input size)
-        value = 0.5
-    """
+    """Read and check a gate TOML file in the format of this module's docstring (every key optional, at
+    least one threshold). Raises :class:`UsageError` naming the file, key and value."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"gate file {path} does not exist")

@@ -9,8 +9,9 @@ importing torch; the ``TYPE_CHECKING`` block below names every module they come 
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from painwatch.lazy import lazy_attributes
 
 _EXPORTS: dict[str, str] = {
     "INTENDED_USE": "painwatch.inference.model_card",
@@ -55,17 +56,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'painwatch.inference' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, namespace=globals(), public=__all__)
 
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
