@@ -325,10 +325,20 @@ def make_engine(
 ) -> Engine:
     """The :class:`Engine` of ``model`` (on its device) for images ``input_shape`` ``(C, H, W)``: the
     runtime and precision :func:`choose_engine` gives, in passes of ``pass_rows`` images (by default
-    :data:`CPU_PASS_ROWS` on a CPU, :data:`GPU_PASS_ROWS` on a GPU)."""
+    :data:`CPU_PASS_ROWS` on a CPU, :data:`GPU_PASS_ROWS` on a GPU). With ``runtime="auto"`` a network
+    OpenVINO cannot convert runs with torch (with a ``RuntimeWarning``); asked for by name, it raises
+    :class:`EngineError`."""
     device = next(model.parameters()).device
+    asked = runtime
     runtime, precision = choose_engine(device, runtime=runtime, precision=precision)
     if pass_rows is None:
         pass_rows = CPU_PASS_ROWS if device.type == "cpu" else GPU_PASS_ROWS
-    engine_type = OpenVinoEngine if runtime == "openvino" else TorchEngine
-    return engine_type(model, precision=precision, pass_rows=pass_rows, input_shape=input_shape)
+    if runtime == "openvino":
+        try:
+            return OpenVinoEngine(model, precision=precision, pass_rows=pass_rows, input_shape=input_shape)
+        except Exception as error:  # the converter's own error types; it covers most networks, not all
+            if asked != "auto":
+                raise EngineError(f"OpenVINO cannot run this network: {error}") from error
+            warnings.warn(f"OpenVINO cannot convert {type(model).__name__} ({type(error).__name__}); "
+                          "running it with torch", RuntimeWarning, stacklevel=2)
+    return TorchEngine(model, precision=precision, pass_rows=pass_rows, input_shape=input_shape)

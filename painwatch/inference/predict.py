@@ -316,19 +316,25 @@ class Predictor:
         """The :class:`Answer` of one preprocessed frame ``(C, H, W)``: one clean pass of the engine and,
         when the bundle has an in-distribution check, one of the fp32 network for its score (the
         answer then carries the refusal of a frame unlike the training frames)."""
-        logits = self.engine.answer(x.unsqueeze(0).to(self.device)).detach().to("cpu", torch.float64)
+        batch = x.unsqueeze(0).to(self.device)
+        score, passes = None, 1
+        if self.in_distribution is not None and self.runtime == "torch" and self.precision == "fp32":
+            # The engine is the fp32 network itself: its pass with the check's hooks answers too.
+            logits, descriptors = descriptor_pass(self.model, batch, self.in_distribution.spec.descriptors)
+            score = float(self.in_distribution.scores(descriptors)[0])
+        else:
+            logits = self.engine.answer(batch)
+            if self.in_distribution is not None:
+                _, descriptors = descriptor_pass(self.model, batch, self.in_distribution.spec.descriptors)
+                score, passes = float(self.in_distribution.scores(descriptors)[0]), 2
+        logits = logits.detach().to("cpu", torch.float64)
         probabilities = calibrated_probabilities(logits.numpy(), self.temperature)[0]
         index = int(np.argmax(probabilities))
-        score, passes = None, 1
-        if self.in_distribution is not None:
-            _, descriptors = descriptor_pass(self.model, x.unsqueeze(0).to(self.device),
-                                             self.in_distribution.spec.descriptors)
-            score, passes = float(self.in_distribution.scores(descriptors)[0]), 2
         return Answer(name=name, label=self.classes[index], class_index=index,
                       confidence=float(probabilities[index]),
                       probabilities={c: float(p) for c, p in zip(self.classes, probabilities, strict=True)},
                       runtime=self.runtime, precision=self.precision, forward_passes=passes,
-                      in_distribution_score=score,
+                      in_distribution_score=score, logits=logits[0],
                       abstain_code="not_like_training_frames" if self.refuses(score) else None)
 
     def _refused(self, answer: Answer) -> FrameResult:
@@ -408,7 +414,8 @@ class Predictor:
         for step in certify_frames(self.engine, [xs[index] for index in kept], generators,
                                    settings=self.settings, num_classes=len(self.classes),
                                    temperature=self.temperature, lipschitz_constant=self.lipschitz_constant,
-                                   frames_per_pass=self.frames_per_pass):
+                                   frames_per_pass=self.frames_per_pass,
+                                   clean_logits=[given[index].logits for index in kept]):
             index = kept[step.index]
             certificate = step.outcome.certificate if step.outcome is not None else None
             result = None
