@@ -88,14 +88,13 @@ def test_upload_table_download_in_chromium(running_app, upload_files: list[Path]
         assert page.get_by_text("could not be used").count() >= 1
 
         # The results grid exposes its cells to assistive technology: read them.
-        grid = page.locator('[data-testid="stDataFrame"]').first
-        page.wait_for_function(
-            "names => names.every(n => [...document.querySelectorAll('[data-testid=stDataFrame] td')]"
-            ".some(td => td.innerText.trim() === n))",
+        # Read them in the same look that finds them: the page redraws the grid while it polls.
+        cells = page.wait_for_function(
+            "names => { const cells = [...document.querySelectorAll('[data-testid=stDataFrame] td')]"
+            ".map(td => td.innerText.trim()); return names.every(n => cells.includes(n)) ? cells : null; }",
             arg=list(FRAME_NAMES),
             timeout=20_000,
-        )
-        cells = [text.strip() for text in grid.locator("td").all_inner_texts()]
+        ).json_value()
         for name in FRAME_NAMES:
             assert name in cells
         assert any(text in {"pain", "no_pain", "abstain"} for text in cells)
