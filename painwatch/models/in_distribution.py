@@ -179,7 +179,7 @@ def _recording(backbone: nn.Module, modules: Sequence[str]) -> Iterator[dict[str
 
 
 def descriptor_tensors(
-    layers: Sequence[str], features: torch.Tensor, logits: torch.Tensor, maps: Mapping[str, torch.Tensor]
+    layers: Sequence[str], *, features: torch.Tensor, logits: torch.Tensor, maps: Mapping[str, torch.Tensor]
 ) -> list[torch.Tensor]:
     """Each descriptor of ``layers`` ``(B, d)`` (float32 or wider), in order, from one pass's pooled
     ``features``, ``logits`` and stage feature ``maps`` (by module name): the one definition of the
@@ -222,7 +222,7 @@ def descriptor_pass(
     with torch.no_grad(), _recording(backbone, _stage_names(layers)) as maps:
         features = model.features(x)
         logits = model.head(features)
-        values = descriptor_tensors(layers, features, logits, maps)
+        values = descriptor_tensors(layers, features=features, logits=logits, maps=maps)
     return logits, {layer: value.detach().to("cpu", torch.float64).numpy()
                     for layer, value in zip(layers, values, strict=True)}
 
@@ -245,7 +245,7 @@ class DescribedNetwork(nn.Module):
         with _recording(backbone, _stage_names(self.layers)) as maps:
             features = self.model.features(x)
             logits = self.model.head(features)
-            return (logits, *descriptor_tensors(self.layers, features, logits, maps))
+            return (logits, *descriptor_tensors(self.layers, features=features, logits=logits, maps=maps))
 
 
 # ---------------------------------------------------------------------------------- the fitted statistic
