@@ -8,9 +8,11 @@ answer (one clean pass) is shown at once; its certificate grows in a worker thre
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -91,7 +93,9 @@ class Batch:
     provenance: support.Provenance
     created: datetime
     budget: support.DrawBudget
+    answer_seconds: float  # the first answers of every frame (decoding and waiting for the lock excluded)
     results: list[Any] | None = None  # the certified results, once every frame has one
+    seconds: float = math.nan  # answers and certificates of every frame, once all are there
 
 
 # --------------------------------------------------------------------------- sidebar
@@ -229,13 +233,16 @@ def analyse(predictor: Any, uploads: list[support.Upload], settings: dict[str, A
     frames, problems = support.decode_uploads(uploads, settings["fps"])
     progress.progress(0.5, text=f"Answering {len(frames)} frame(s)…")
     with model_lock():
+        started = time.perf_counter()
         frames, answers, views, refused = support.answer_frames(predictor, frames)
+        answer_seconds = time.perf_counter() - started
     # Keep only what the page shows: the model's view and a thumbnail, not full-size frames
     # (300 full-HD clip frames would hold about 2 GB per browser session).
     frames = [replace(f, image=support.thumbnail_with_crop(f.image)) for f in frames]
     progress.empty()
     provenance = support.Provenance.from_predictor(predictor)
-    return Batch(key, frames, views, answers, problems + refused, provenance, datetime.now(UTC), budget)
+    return Batch(key, frames, views, answers, problems + refused, provenance, datetime.now(UTC), budget,
+                 answer_seconds)
 
 
 def show_problems(problems: list[support.FileProblem]) -> None:
@@ -263,6 +270,7 @@ def show_summary(batch: Batch) -> None:
                    f"{summary.refused} do not look like the macaque face crops it was trained on.")
     cols[3].metric("Robust to small pixel changes", f"{summary.certified} of {summary.frames}",
                    help="Frames with a certified radius above 0. Robust is not the same as correct.")
+    st.caption("Time: " + support.describe_cost(batch.results, batch.seconds))
     show_time_course(batch.frames, batch.results)
 
 
@@ -338,6 +346,13 @@ def show_table(batch: Batch, predictor: Any, snapshot: support.JobSnapshot | Non
                          on_click="ignore", icon=":material/download:")
     right.download_button("Download JSON", json_bytes, file_name=f"{stem}.json", mime="application/json",
                           on_click="ignore", icon=":material/download:")
+    if cert.get("method") == "lipschitz":
+        st.caption(
+            f"Bundle weights SHA-256 {batch.provenance.weights_sha256[:16]}…; method lipschitz: one network "
+            "evaluation per frame, no noise, exact certificates. The downloads carry the full hash and the "
+            "settings."
+        )
+        return
     st.caption(
         f"Bundle weights SHA-256 {batch.provenance.weights_sha256[:16]}…; method {cert.get('method')}, "
         f"σ = {cert.get('sigma'):g}, α = {cert.get('alpha'):g}, budget n = {cert.get('n')} per frame; "
@@ -406,9 +421,13 @@ def show_frame(batch: Batch, predictor: Any, snapshot: support.JobSnapshot | Non
         if result.sigma > 0:
             st.markdown(support.describe_survival(result.noise_survival, sigma=float(result.sigma),
                                                   alpha=float(result.alpha)))
-        st.caption(f"Method {result.method}, σ = {result.sigma:g}, {result.n} noise draws, "
-                   f"{result.forward_passes} network evaluations ({result.runtime} at {result.precision}). "
-                   f"Answer from the {result.classifier}.")
+        if result.method == "lipschitz":
+            st.caption(f"Method lipschitz: {result.forward_passes} network evaluation, no noise. Answer from "
+                       f"{result.classifier}.")
+        else:
+            st.caption(f"Method {result.method}, σ = {result.sigma:g}, {result.n} noise draws, "
+                       f"{result.forward_passes} network evaluations ({result.runtime} at "
+                       f"{result.precision}). Answer from the {result.classifier}.")
 
 
 def _frame_in_progress(answer: Any, step: Any, snapshot: support.JobSnapshot | None, predictor: Any) -> None:
@@ -528,7 +547,7 @@ def show_results(key: str, predictor: Any, polling: bool) -> None:
     if batch.results is None and snapshot is not None and snapshot.finished:
         results = [replace(result, time_s=frame.time_s)
                    for frame, result in zip(batch.frames, snapshot.results, strict=True)]
-        batch = replace(batch, results=results)
+        batch = replace(batch, results=results, seconds=batch.answer_seconds + snapshot.seconds)
         st.session_state["batch"] = batch
     if polling and (snapshot is None or snapshot.state not in ("queued", "running")):
         st.rerun()  # certification ended: draw the whole page once more, without polling

@@ -463,6 +463,22 @@ def test_page_shows_a_failed_gate_with_its_failed_checks(monkeypatch, tiny_bundl
     assert "ece" not in message  # passed checks are not listed as failures
 
 
+def test_page_answers_a_lipschitz_bundle_in_one_pass_and_says_so(monkeypatch, tmp_path, good_uploads) -> None:
+    from painwatch.models import create_model, save_bundle
+
+    folder = tmp_path / "lip-bundle"
+    save_bundle(folder, create_model("lip-sll-tiny", input_size=32, seed=0))  # default: lipschitz
+    at = _app(monkeypatch, folder)
+    at.file_uploader[0].upload(good_uploads[0].name, good_uploads[0].data, "image/png")
+    _certified(at)  # the worker reads the certificate from the answer's logits, on its own thread
+    result = at.session_state["batch"].results[0]
+    assert (result.method, result.forward_passes, result.alpha) == ("lipschitz", 1, 0.0)
+    captions = " ".join(c.value for c in at.caption)
+    assert "1 network evaluation each" in captions  # the time per frame
+    assert "method lipschitz: one network evaluation per frame, no noise" in captions
+    assert "Method lipschitz: 1 network evaluation, no noise" in captions
+
+
 # --------------------------------------------------------------------------- the in-distribution check
 
 

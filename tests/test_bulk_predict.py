@@ -180,6 +180,31 @@ def test_continuing_with_another_bundle_or_settings_is_refused(
                                   noise_seeds=bad, progress=False), log=lambda _: None)
 
 
+def test_the_engine_is_chosen_recorded_and_kept_when_continuing(
+    bundle: Path, archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "results.csv"
+    assert _predict(bundle, [archive / "faces"], out, "--seed", "0", "--runtime", "torch",
+                    "--precision", "fp32") == 0
+    rows = read_rows(out)
+    assert {(r["runtime"], r["precision"]) for r in rows} == {("torch", "fp32")}
+    # The network as trained: the same rows as a Predictor told the same engine.
+    predictor = Predictor.load(bundle, n=100, seed=0, runtime="torch", precision="fp32")
+    image = np.asarray(Image.open(archive / "faces" / "face_1.png").convert("RGB"))
+    (expected,) = predictor.predict([image], ["x"])
+    row = next(r for r in rows if r["file"].endswith("face_1.png"))
+    assert (row["label"], float(row["radius_l2"])) == (expected.label, expected.radius)
+    before = out.read_text(encoding="utf-8")
+    other = "openvino" if predictor.runtime == "torch" else "torch"
+    assert _predict(bundle, [archive / "faces"], out, "--seed", "0", "--runtime", other,
+                    "--precision", "fp32") == 2  # certificates about another engine's model
+    assert f"runtime = 'torch', this run has '{other}'" in capsys.readouterr().err
+    assert out.read_text(encoding="utf-8") == before
+    with pytest.raises(SystemExit):
+        main(["predict", str(bundle), str(archive), "--out", str(out), "--runtime", "tensorrt"])
+    assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
+
+
 def test_settings_name_bad_values() -> None:
     with pytest.raises(ValueError, match="--fps"):
         BulkSettings(bundle=Path("b"), inputs=("x",), out=Path("o.csv"), fps=0)

@@ -112,10 +112,13 @@ def test_failing_gate_exits_1_and_names_the_failed_checks(
 ) -> None:
     gate = _gate(tmp_path, "max_ece = 1.0\n[[min_certified_accuracy]]\nradius = 1000.0\nvalue = 0.5\n")
     out = tmp_path / "report"
-    argv = ["certify", str(bundle), str(demo), "--out", str(out), "--gate", str(gate), "--max-frames", "2"]
+    argv = ["certify", str(bundle), str(demo), "--out", str(out), "--gate", str(gate), "--max-frames", "2",
+            "--runtime", "torch", "--precision", "fp32"]
     code = main(argv + _held_out() + FAST)
     printed = capsys.readouterr().out
     assert code == 1
+    engine = json.loads((out / "report.json").read_text())["settings"]["engine"]
+    assert engine == {"runtime": "torch", "precision": "fp32"}  # what the certificates are about
     assert "FAIL  certified accuracy of randomized_smoothing at radius 1000 L2" in printed
     assert "PASS  ece" in printed and "gate gate.toml FAILED" in printed
     results = json.loads((out / "report.json").read_text())["gate"]["results"]

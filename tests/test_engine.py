@@ -14,6 +14,7 @@ from painwatch.inference import Predictor, SettingsError
 from painwatch.inference.certifying import certify_frames
 from painwatch.inference.engine import (
     EngineError,
+    TorchEngine,
     bf16_supported,
     choose_engine,
     make_engine,
@@ -182,3 +183,29 @@ def test_predictor_runs_the_engine_it_was_asked_for(bundle_factory, tmp_path: Pa
     assert (predictor.runtime, predictor.precision) == ("torch", "fp32")
     with pytest.raises(SettingsError, match="'tensorrt'"):
         Predictor.load(folder, seed=5, runtime="tensorrt")
+
+
+class _DividedPool(torch.nn.Module):
+    """A network with an operation OpenVINO's converter refuses (average pooling with a divisor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.avg_pool2d(self.conv(x), 8, divisor_override=64)
+        return self.head(pooled.flatten(1))
+
+
+@pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed")
+def test_a_network_openvino_cannot_convert_runs_with_torch_unless_openvino_is_asked_for() -> None:
+    model = _DividedPool().eval()
+    with pytest.warns(RuntimeWarning, match="OpenVINO cannot convert _DividedPool"):
+        engine = make_engine(model, (3, 8, 8), runtime="auto", precision="fp32")
+    assert isinstance(engine, TorchEngine)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(engine(x).float(), model(x), atol=1e-6)
+    with pytest.raises(EngineError, match="OpenVINO cannot run this network"):
+        make_engine(model, (3, 8, 8), runtime="openvino", precision="fp32")

@@ -438,6 +438,7 @@ TRAINING_ARGV = {
     "--validate-clean": ["--validate-clean"],
     "--loss": ["--loss", "ce+mc_margin"],
     "--margin": ["--margin", "2.5"],
+    "--offset-temperature": ["--offset-temperature", "0.5"],
     "--num-draws": ["--num-draws", "2"],
     "--margin-weight": ["--margin-weight", "0.5"],
     "--label-smoothing": ["--label-smoothing", "0.1"],

@@ -160,6 +160,27 @@ def test_mcr_hand_values() -> None:
     assert losses.mcr_loss(LOGITS, LABELS, margin=3.0).item() == pytest.approx((1.0 + 3.5 + 3.0) / 3)
 
 
+def test_offset_cross_entropy_hand_values_and_limits() -> None:
+    # Without offset at temperature 1 it is cross-entropy; the offset handicaps the true logit.
+    torch.testing.assert_close(losses.offset_cross_entropy_loss(LOGITS, LABELS, offset=0.0, temperature=1.0),
+                               nn.functional.cross_entropy(LOGITS, LABELS))
+    shifted = LOGITS - 0.5 * nn.functional.one_hot(LABELS, 3)
+    torch.testing.assert_close(
+        losses.offset_cross_entropy_loss(LOGITS, LABELS, offset=0.5, temperature=0.2),
+        0.2 * nn.functional.cross_entropy(shifted / 0.2, LABELS),
+    )
+    # As tau -> 0 it tends to the hinge max(0, max_j (d - (f_y - f_j))): the MCR loss for every row here.
+    sharp = losses.offset_cross_entropy_loss(LOGITS, LABELS, offset=1.0, temperature=1e-3, reduction="none")
+    torch.testing.assert_close(sharp, losses.mcr_loss(LOGITS, LABELS, margin=1.0, reduction="none"),
+                               atol=2e-3, rtol=0)
+    # A badly classified input has a gradient of about -1 on its margin, whatever tau.
+    logits = torch.tensor([[-3.0, 3.0]], requires_grad=True)
+    losses.offset_cross_entropy_loss(logits, torch.tensor([0]), offset=1.0, temperature=0.05).backward()
+    assert logits.grad[0].tolist() == pytest.approx([-1.0, 1.0], abs=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        losses.offset_cross_entropy_loss(LOGITS, LABELS, temperature=0.0)
+
+
 def test_mscr_without_variance_is_mcr_and_sc_sce_is_sce() -> None:
     zero = torch.zeros_like(LOGITS)
     torch.testing.assert_close(losses.mscr_loss(LOGITS, zero, LABELS), losses.mcr_loss(LOGITS, LABELS))
@@ -240,7 +261,7 @@ def mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(dtype)
 
 
-@pytest.mark.parametrize("name", ["sce", "sc-sce", "mh", "mcr", "mscr", "zhen", "mc-margin"])
+@pytest.mark.parametrize("name", ["sce", "sc-sce", "mh", "offset-ce", "mcr", "mscr", "zhen", "mc-margin"])
 def test_every_loss_trains_a_small_network(name: str) -> None:
     # Gradients flow into every parameter, and a few Adam steps lower the loss on a fixed batch.
     model = mlp()
@@ -262,7 +283,7 @@ def test_every_loss_trains_a_small_network(name: str) -> None:
 
 
 def test_make_loss_rejects_unknown_names_and_hyperparameters() -> None:
-    assert set(losses.LOSS_NAMES) == {"sce", "sc-sce", "mh", "mcr", "mscr", "zhen", "mc-margin"}
+    assert set(losses.LOSS_NAMES) == {"sce", "sc-sce", "mh", "offset-ce", "mcr", "mscr", "zhen", "mc-margin"}
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         losses.make_loss("hinge")
     with pytest.raises(TypeError, match="bad hyper-parameters for loss 'mcr'"):

@@ -48,6 +48,8 @@ class JobSnapshot:
     passes_per_s: float
     error: str | None = None
     ahead: int = 0
+    seconds: float = math.nan
+    """Seconds the worker spent certifying this job's frames (NaN until it is done)."""
 
     @property
     def finished(self) -> bool:
@@ -75,6 +77,7 @@ class CertificationJob:
     results: list[Any] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    seconds: float = math.nan
 
     def __post_init__(self) -> None:
         self.progress = [None] * len(self.images)
@@ -88,13 +91,14 @@ class CertificationJob:
     def snapshot(self, ahead: int = 0) -> JobSnapshot:
         with self.lock:
             progress, results, state = tuple(self.progress), tuple(self.results), self.state
+            seconds = self.seconds
         rate = float(self.predictor.engine.draws_per_s)
         left = sum(self.budget - (step.draws if step is not None else 0)
                    for step, result in zip(progress, results, strict=True) if result is None)
         time_left = left / rate if math.isfinite(rate) and rate > 0 else (0.0 if left == 0 else math.nan)
         return JobSnapshot(key=self.key, state=state, progress=progress, results=results, budget=self.budget,
                            interim_valid=bool(self.predictor.interim_valid), time_left_s=time_left,
-                           passes_per_s=rate, error=self.error, ahead=ahead)
+                           passes_per_s=rate, error=self.error, ahead=ahead, seconds=seconds)
 
 
 class CertificationWorker:
@@ -218,6 +222,7 @@ class CertificationWorker:
 
     @staticmethod
     def _certify(job: CertificationJob) -> None:
+        started = time.perf_counter()
         steps = job.predictor.certify_steps(job.images, job.names, answers=job.answers)
         try:
             for step in steps:
@@ -230,7 +235,7 @@ class CertificationWorker:
                     if step.done:
                         job.results[step.index] = step.result
             with job.lock:
-                job.state = "done"
+                job.state, job.seconds = "done", time.perf_counter() - started
         finally:
             steps.close()
             job.images = []  # the results stay; the frames are not needed any more

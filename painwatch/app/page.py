@@ -192,6 +192,20 @@ def describe_survival(share: float | None, *, sigma: float, alpha: float) -> str
     )
 
 
+def describe_cost(results: Sequence[Any], seconds: float) -> str:
+    """What analysing a batch cost, in words: seconds per frame and network evaluations per frame
+    (``FrameResult.forward_passes``), e.g. "0.004 s per frame (1 network evaluation each)"."""
+    if not results:
+        return "No frame was analysed."
+    per_frame = float(seconds) / len(results)
+    passes = sorted({int(r.forward_passes) for r in results})
+    if len(passes) == 1:
+        count = f"{passes[0]} network evaluation{'s' if passes[0] != 1 else ''} each"
+    else:
+        count = f"{passes[0]} to {passes[-1]} network evaluations each"
+    return f"{seconds:.2f} s for {len(results)} frame(s): {per_frame:.3g} s per frame ({count})."
+
+
 def grey_levels_per_unit_radius(input_shape: Sequence[int]) -> float:
     """Grey levels (of 255) per pixel that an L2 radius of 1, spread evenly over all pixels, amounts to
     at a model input of ``input_shape`` ``(C, H, W)``: ``255 / sqrt(C * H * W)``."""

@@ -12,7 +12,7 @@ import argparse
 from painwatch.cli import EXIT_FAILED, EXIT_OK
 from painwatch.cli.options import HELP_FORMATTER, add_options, config_from_args
 from painwatch.evaluation.settings import CertifySettings
-from painwatch.inference.bulk_settings import DistributedSettings
+from painwatch.inference.bulk_settings import DistributedSettings, EngineSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[1].replace("\n", " "),
     )
     add_options(parser, CertifySettings)
+    add_options(parser.add_argument_group("Engine (what computes the answers and noise draws)"),
+                EngineSettings)
     add_options(parser.add_argument_group("Ray (frames shared by actors; same per-frame results for the same "
                                           "seeds)"), DistributedSettings, groups=("", "frames"))
     parser.set_defaults(func=_certify)
@@ -33,7 +35,8 @@ def _certify(args: argparse.Namespace) -> int:
     from painwatch.evaluation.certify import run_certification
 
     settings = config_from_args(CertifySettings, args)
-    run = run_certification(settings, cluster=config_from_args(DistributedSettings, args))
+    run = run_certification(settings, cluster=config_from_args(DistributedSettings, args),
+                            engine=config_from_args(EngineSettings, args))
     for result in run.gate_results:
         value = "not measurable" if result["value"] is None else f"{result['value']:.4g}"
         print(f"{'PASS' if result['passed'] else 'FAIL'}  {result['detail']}: {value}")

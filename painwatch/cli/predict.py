@@ -13,7 +13,7 @@ import argparse
 
 from painwatch.cli import EXIT_FAILED, EXIT_OK
 from painwatch.cli.options import HELP_FORMATTER, add_options, config_from_args
-from painwatch.inference.bulk_settings import BulkSettings, DistributedSettings
+from painwatch.inference.bulk_settings import BulkSettings, DistributedSettings, EngineSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[1].replace("\n", " "),
     )
     add_options(parser, BulkSettings)
+    add_options(parser.add_argument_group("Engine (what computes the answers and noise draws)"),
+                EngineSettings)
     add_options(parser.add_argument_group("Ray"), DistributedSettings, groups=("", "frames"))
     parser.set_defaults(func=_predict)
 
@@ -33,7 +35,8 @@ def _predict(args: argparse.Namespace) -> int:
     from painwatch.inference.bulk import predict_bulk
 
     outcome = predict_bulk(config_from_args(BulkSettings, args),
-                           cluster=config_from_args(DistributedSettings, args))
+                           cluster=config_from_args(DistributedSettings, args),
+                           engine=config_from_args(EngineSettings, args))
     print(f"results: {outcome.out} ({outcome.frames_answered} frame(s) answered now, "
           f"{outcome.frames_skipped} already there)")
     if outcome.problems_file is not None:

@@ -64,7 +64,7 @@ from painwatch.inference import (
     sound_lipschitz_constant,
     usable_methods,
 )
-from painwatch.inference.bulk_settings import DistributedSettings
+from painwatch.inference.bulk_settings import DistributedSettings, EngineSettings
 from painwatch.models import Bundle, GateVerdict, load_bundle, record_gate_verdict
 from painwatch.robust import (
     certified_accuracy_curve,
@@ -402,24 +402,28 @@ def _check_paths(settings: CertifySettings) -> None:
 
 
 def _predictors(
-    bundle: Bundle, main: PredictorSettings, methods: Sequence[str], seed: int | None
+    bundle: Bundle, main: PredictorSettings, methods: Sequence[str], seed: int | None,
+    engine: EngineSettings | None = None,
 ) -> dict[str, Predictor]:
+    engine = engine or EngineSettings()
     predictors = {}
     for name in methods:
         settings = resolve_settings(bundle.metadata.certification, method=name, sigma=main.sigma,
                                     alpha=main.alpha, n=main.n, source=str(bundle.path / "model.json"))
         predictors[name] = Predictor(bundle.model, bundle.metadata, bundle.path, settings, seed=seed,
                                      lipschitz_constant=_lipschitz_constant(bundle, name),
-                                     in_distribution=bundle.in_distribution)
+                                     in_distribution=bundle.in_distribution, runtime=engine.runtime,
+                                     precision=engine.precision)
     return predictors
 
 
 def shard_predictors(
-    bundle_path: Path, *, device: str, main: PredictorSettings, methods: Sequence[str], seed: int | None
+    bundle_path: Path, *, device: str, main: PredictorSettings, methods: Sequence[str], seed: int | None,
+    engine: EngineSettings | None = None,
 ) -> dict[str, Predictor]:
     """The predictors of a certification, built where they run (a Ray actor: on its GPU, if any)."""
     bundle = load_bundle(bundle_path, device=str(resolve_device(device)))
-    return _predictors(bundle, main, methods, seed)
+    return _predictors(bundle, main, methods, seed, engine)
 
 
 def run_certification(
@@ -427,9 +431,11 @@ def run_certification(
     *,
     warn: Callable[[str], None] | None = None,
     cluster: DistributedSettings | None = None,
+    engine: EngineSettings | None = None,
 ) -> CertificationRun:
     """Measure a bundle on held-out data, write the report into ``settings.out`` and the verdict of the
-    gate file into the bundle (verdicts of other gate files are kept).
+    gate file into the bundle (verdicts of other gate files are kept). ``engine`` says what computes the
+    answers and noise draws (default: auto); the report records it.
 
     Raises :class:`UsageError` (or ``BundleError`` / ``DataValidationError`` / ``SettingsError``, all
     ``ValueError``) for bad inputs, before any long computation starts. With ``cluster`` on Ray the
@@ -449,13 +455,13 @@ def run_certification(
     analysis_seed = random_noise_seed() % 2**32 if settings.seed is None else settings.seed
     chosen = select_frames(records, settings.max_frames, analysis_seed)
     methods = [main.method] if settings.main_method_only else applicable_methods(bundle, main.method)
-    predictors = _predictors(bundle, main, methods, settings.seed)
+    predictors = _predictors(bundle, main, methods, settings.seed, engine)
     sigmas = sorted({float(s) for s in settings.noise_sigmas} | {float(main.sigma)})
     options = {"main_method": main.method, "sigmas": sigmas, "noise_draws": settings.noise_draws,
                "seed": analysis_seed}
     if cluster is not None and cluster.enabled:
         make = partial(shard_predictors, settings.bundle, device=settings.device, main=main, methods=methods,
-                       seed=settings.seed)
+                       seed=settings.seed, engine=engine)
         measurements = measure_on_cluster(measure, make, chosen, cluster=cluster, progress=settings.progress,
                                           log=warn, **options)
     else:
@@ -484,7 +490,9 @@ def run_certification(
                      "seed": settings.seed, "analysis_seed": analysis_seed,
                      "certificate_noise": "from --seed" if settings.seed is not None else
                      "unpredictable (operating-system entropy), one recorded noise_seed per frame",
-                     "corruptions": list(CORRUPTIONS)},
+                     "corruptions": list(CORRUPTIONS),
+                     "engine": {"runtime": predictors[main.method].runtime,
+                                "precision": predictors[main.method].precision}},
         **summary,
         "model_card": model_card_dict(bundle.metadata, main),
         "gate": {"file": str(gate.path), "thresholds": gate.to_dict(), "results": gate_results,

@@ -64,6 +64,13 @@ class Gate:
     certified: list[dict[str, float]] = field(default_factory=list)
     use_lower_confidence_bound: bool = False
 
+    def certified_radii(self, input_numel: int) -> list[float]:
+        """The L2 radii (in [0, 1] pixel units) of the certified-accuracy checks, for a model input of
+        ``input_numel = C * H * W`` values (a check given in grey levels ``g`` is at
+        ``g / 255 * sqrt(input_numel)``)."""
+        return [entry["radius"] if entry.get("radius") is not None
+                else entry["grey_levels"] / 255.0 * math.sqrt(input_numel) for entry in self.certified]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "file": str(self.path),
@@ -167,10 +174,7 @@ def evaluate_gate(gate: Gate, measured: Mapping[str, Any]) -> list[dict[str, Any
             }
         )
     input_numel = measured["input_numel"]
-    for entry in gate.certified:
-        radius = entry.get("radius")
-        if radius is None:
-            radius = entry["grey_levels"] / 255.0 * math.sqrt(input_numel)
+    for entry, radius in zip(gate.certified, gate.certified_radii(input_numel), strict=True):
         correct, radii = _correct_and_radii(measured["main_certified"])
         value = certified_accuracy_at(correct, radii, radius)
         size = (

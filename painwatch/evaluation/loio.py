@@ -12,6 +12,9 @@ Guarantees:
 - Resumable: each finished fold writes its checkpoint and then, atomically, ``result.json``; a fold
   with a ``result.json`` is done. ``--resume`` skips done folds and refuses to continue when the
   settings or the data differ from the saved ``config.json`` (it names the differences).
+- A Lipschitz architecture (``lip-...``) is also certified per fold: each left-out frame gets its
+  Lipschitz-margin radius from the logits already computed (one forward pass,
+  :mod:`painwatch.evaluation.lipschitz_folds`).
 - ``cache_features``: the backbone is frozen; features of all frames are computed once (eval
   transform) into ``RUN/features.safetensors`` and every fold trains only the linear head on them.
 - In-distribution check (:mod:`painwatch.evaluation.loio_checks`): each fold fits one on its training
@@ -44,12 +47,13 @@ from painwatch.data import FrameRecord, dataset_hash, load_records
 from painwatch.data.hashing import records_digest
 from painwatch.data.splits import Fold, fold_seed, loio_folds
 from painwatch.evaluation.distributed import fold_results
+from painwatch.evaluation.lipschitz_folds import fold_lipschitz_certificates
 from painwatch.evaluation.loio_checks import cached_descriptors, cached_fold_check, finetuned_fold_check
 from painwatch.evaluation.outputs import write_outputs
 from painwatch.evaluation.settings import LoioSettings, saved_settings_as_checked
 from painwatch.inference.bulk_settings import DistributedSettings
 from painwatch.io import atomic_write_bytes, atomic_write_json
-from painwatch.models import save_bundle
+from painwatch.models import is_lipschitz_architecture, save_bundle
 from painwatch.runtime import resolve_device, seed_everything
 from painwatch.training.batches import extract_features, predict_logits
 from painwatch.training.bundle import new_model, training_record
@@ -357,8 +361,10 @@ def run_fold(
         "history": fit_result.history,
         "checkpoint": checkpoint,
         "in_distribution": check_entry,
-        "seconds": time.perf_counter() - started,
     }
+    if features is None and is_lipschitz_architecture(settings.train.arch):
+        result["lipschitz"] = fold_lipschitz_certificates(directory / checkpoint, test_logits, test_labels)
+    result["seconds"] = time.perf_counter() - started
     atomic_write_json(directory / RESULT_FILE, result)
     return result
 

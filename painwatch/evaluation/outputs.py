@@ -19,12 +19,14 @@ from painwatch import CLASS_NAMES
 from painwatch.calibration import calibrated_probabilities
 from painwatch.data import FrameRecord, is_synthetic
 from painwatch.data.splits import Fold
+from painwatch.evaluation.lipschitz_folds import pooled_certified_accuracy
 from painwatch.evaluation.loio_checks import frame_scores, loio_refusals
 from painwatch.evaluation.metrics import evaluate
 from painwatch.evaluation.refusals import add_refusal_section
 from painwatch.evaluation.report import PUBLISHED_REFERENCE, write_loio_report
 from painwatch.evaluation.settings import LoioSettings
 from painwatch.io import atomic_write_json, atomic_write_text
+from painwatch.models import is_lipschitz_architecture
 
 PREDICTIONS_FILE = "predictions.csv"
 METRICS_FILE = "metrics.json"
@@ -127,6 +129,7 @@ def write_outputs(
                 "best epoch": result["best_epoch"],
                 "epochs run": result["epochs_run"],
                 "seconds": result["seconds"],
+                **_fold_certificate_columns(result),
             }
         )
     synthetic = is_synthetic(settings.data)
@@ -148,6 +151,9 @@ def write_outputs(
         "in_distribution": loio_refusals(results, records),
         "folds": fold_rows,
     }
+    certified = pooled_certified_accuracy(list(results.values()), labels)
+    if certified is not None:
+        metrics["lipschitz_certified_accuracy"] = certified
     outputs["metrics"] = atomic_write_json(run_dir / METRICS_FILE, metrics)
     run_info = {
         "data": str(settings.data),
@@ -191,7 +197,7 @@ def write_outputs(
         "device": device,
     }
     notes = []
-    if not train.weights_path and not train.pretrained:
+    if not train.weights_path and not train.pretrained and not is_lipschitz_architecture(train.arch):
         notes.append(
             "The backbone started from random weights (no ImageNet weights were given: pass --weights PATH "
             "or --pretrained). "
@@ -201,6 +207,12 @@ def write_outputs(
                 if settings.cache_features
                 else "Training from scratch on few frames usually stays near chance."
             )
+        )
+    if certified is not None:
+        notes.append(
+            "Certified accuracy (Lipschitz margin, one forward pass per frame, exact): "
+            + ", ".join(f"{value:.1%} at L2 radius {radius}" for radius, value in certified.items())
+            + " over all frames, each certified by the fold that left its individual out."
         )
     refusals = metrics["in_distribution"]
     section = [lambda report: add_refusal_section(report, refusals, what="the left-out individuals' frames")]
@@ -213,3 +225,13 @@ def _refused_share(result: dict[str, Any]) -> float | None:
     entry = result.get("in_distribution") or {}
     flags = entry.get("test_refused") if entry.get("available") else None
     return float(np.mean(flags)) if flags else None
+
+
+def _fold_certificate_columns(result: dict[str, Any]) -> dict[str, Any]:
+    """The Lipschitz bound and certified accuracy of a fold, for its row (empty for other networks)."""
+    certificates = result.get("lipschitz")
+    if not certificates:
+        return {}
+    return {"Lipschitz L": certificates["lipschitz_constant"],
+            **{f"certified acc. r={radius}": value
+               for radius, value in certificates["certified_accuracy"].items()}}

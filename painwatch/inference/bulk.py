@@ -46,7 +46,7 @@ from painwatch.data import (
     read_video_frames,
     sample_times,
 )
-from painwatch.inference.bulk_settings import BulkSettings, DistributedSettings
+from painwatch.inference.bulk_settings import BulkSettings, DistributedSettings, EngineSettings
 from painwatch.inference.distributed import map_on_actors
 from painwatch.inference.predict import Predictor
 from painwatch.inference.rows import DETAIL_COLUMNS, csv_columns, csv_value, result_row
@@ -59,7 +59,7 @@ PROBLEM_COLUMNS: tuple[str, ...] = ("file", "time_s", "where", "problem")
 
 #: The columns whose values must match between a results file and the run that continues it.
 PROVENANCE_COLUMNS: tuple[str, ...] = (
-    "bundle_weights_sha256", "method", "sigma", "alpha", "n_budget", "seed",
+    "bundle_weights_sha256", "method", "sigma", "alpha", "n_budget", "seed", "runtime", "precision",
 )
 
 FACE_MARGIN = 0.1
@@ -310,11 +310,13 @@ def predict_chunk(predictor: Predictor, work: ChunkWork) -> ChunkOutcome:
     return outcome
 
 
-def load_predictor(settings: BulkSettings) -> Predictor:
+def load_predictor(settings: BulkSettings, engine: EngineSettings | None = None) -> Predictor:
     """The Predictor of a bulk run, on ``settings.device`` as this process sees it (a Ray actor given a
-    GPU sees it as ``cuda``)."""
+    GPU sees it as ``cuda``), with the runtime and precision of ``engine`` (default: auto)."""
+    engine = engine or EngineSettings()
     return Predictor.load(settings.bundle, method=settings.method, sigma=settings.sigma, alpha=settings.alpha,
-                          n=settings.n, seed=settings.seed, device=resolve_device(settings.device))
+                          n=settings.n, seed=settings.seed, device=resolve_device(settings.device),
+                          runtime=engine.runtime, precision=engine.precision)
 
 
 def expected_provenance(predictor: Predictor) -> dict[str, str]:
@@ -324,7 +326,8 @@ def expected_provenance(predictor: Predictor) -> dict[str, str]:
     return {"bundle_weights_sha256": str(predictor.metadata.weights_sha256), "method": s.method_name,
             "sigma": str(csv_value(float(s.sigma) if noisy else 0.0)),
             "alpha": str(csv_value(float(s.alpha))) if noisy else "", "n_budget": str(int(s.n)),
-            "seed": str(csv_value(predictor.seed))}
+            "seed": str(csv_value(predictor.seed)), "runtime": predictor.runtime,
+            "precision": predictor.precision}
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -433,17 +436,19 @@ def predict_bulk(
     settings: BulkSettings,
     *,
     cluster: DistributedSettings | None = None,
+    engine: EngineSettings | None = None,
     log: Callable[[str], None] = _log,
 ) -> BulkOutcome:
     """Answer every frame of ``settings.inputs`` into ``settings.out`` (see the module docstring), here
-    or, when ``cluster`` says so, on Ray actors that each load the bundle once.
+    or, when ``cluster`` says so, on Ray actors that each load the bundle once; ``engine`` says what
+    computes the answers and noise draws (a results file made by another engine is not continued).
 
     Raises:
         painwatch.models.BundleError, painwatch.inference.SettingsError: a bad bundle or override
             (before any frame is answered).
         BulkError: the results file or the noise-seed file cannot be used.
     """
-    predictor = load_predictor(settings)  # checks the bundle and the overrides before any work
+    predictor = load_predictor(settings, engine)  # checks the bundle and the overrides before any work
     columns = [*csv_columns(predictor.classes), *DETAIL_COLUMNS]
     results = ResultsFile(settings.out, columns, expected_provenance(predictor))
     reused = read_noise_seeds(settings.noise_seeds) if settings.noise_seeds is not None else {}
@@ -461,7 +466,7 @@ def predict_bulk(
                disable=not settings.progress, dynamic_ncols=True)
     try:
         # closing: a failure here stops the Ray actors at once, not when the traceback is collected.
-        with closing(_outcomes(predictor, settings, works, cluster, log)) as outcomes:
+        with closing(_outcomes(predictor, settings, engine, works, cluster, log)) as outcomes:
             for _, outcome in outcomes:
                 results.add(outcome.rows)
                 answered += len(outcome.rows)
@@ -480,13 +485,13 @@ def predict_bulk(
 
 
 def _outcomes(
-    predictor: Predictor, settings: BulkSettings, works: Sequence[ChunkWork],
-    cluster: DistributedSettings | None, log: Callable[[str], None],
+    predictor: Predictor, settings: BulkSettings, engine: EngineSettings | None,
+    works: Sequence[ChunkWork], cluster: DistributedSettings | None, log: Callable[[str], None],
 ) -> Iterator[tuple[int, ChunkOutcome]]:
     if cluster is not None and cluster.enabled:
         # Each actor loads its own predictor; the one loaded here only checked the bundle and settings.
-        yield from map_on_actors(partial(load_predictor, settings), predict_chunk, works, cluster=cluster,
-                                 log=log)
+        yield from map_on_actors(partial(load_predictor, settings, engine), predict_chunk, works,
+                                 cluster=cluster, log=log)
         return
     for index, work in enumerate(works):
         yield index, predict_chunk(predictor, work)

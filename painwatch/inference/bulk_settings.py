@@ -1,5 +1,6 @@
-"""The settings of bulk work: what ``painwatch predict`` answers (:class:`BulkSettings`) and where bulk
-work runs (:class:`DistributedSettings`: this process, or a Ray cluster [Moritz18]).
+"""The settings of bulk work: what ``painwatch predict`` answers (:class:`BulkSettings`), where bulk
+work runs (:class:`DistributedSettings`: this process, or a Ray cluster [Moritz18]) and what computes
+the answers and noise draws (:class:`EngineSettings`, also taken by ``painwatch certify``).
 
 Both are dataclasses whose fields declare their command-line options (docs/design.md, "One declaration
 per setting"). This module imports neither torch nor Ray, so that the command line can read it to build
@@ -16,6 +17,28 @@ from pathlib import Path
 
 from painwatch.settings import setting
 from painwatch.validation import check_integer, check_number
+
+RUNTIMES: tuple[str, ...] = ("torch", "openvino")
+"""How the network runs: PyTorch eager, or an OpenVINO compiled model (CPU only)."""
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+"""The arithmetic of weights and activations: float32, or bfloat16 (8-bit mantissa, fp32 range)."""
+
+
+@dataclass
+class EngineSettings:
+    """What computes a frame's answer and every one of its noise draws (docs/design.md, "The answer at
+    once and a certificate that grows"): the certificate is about that exact model, and every result
+    records it. ``auto`` picks the fastest here (OpenVINO on CPUs, bf16 where the processor or GPU
+    computes it natively), so results can differ slightly between machines; ``--runtime torch
+    --precision fp32`` gives the network as trained, the same everywhere."""
+
+    runtime: str = setting(
+        "auto", choices=("auto", *RUNTIMES),
+        help="what runs the network: auto (OpenVINO on CPUs when installed), torch, openvino",
+    )
+    precision: str = setting("auto", choices=("auto", *PRECISIONS),
+                             help="its arithmetic: auto (bf16 where native), fp32, bf16")
+
 
 LOCAL_RAY = "local"
 """``--ray`` without an address: start a Ray instance on this machine for the run."""

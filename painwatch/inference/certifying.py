@@ -29,6 +29,7 @@ from painwatch.robust import (
     CertificationSampler,
     certification_sampler,
     certify,
+    certify_logits,
     clopper_pearson_lower,
     method_spec,
 )
@@ -59,6 +60,9 @@ class Answer:
     forward_passes: int = 1
     in_distribution_score: float | None = None
     abstain_code: str | None = None
+    logits: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    """The raw clean logits ``(K,)`` of the pass that answered (float64): a method that certifies from
+    clean logits alone (``lipschitz``) takes its certificate from them, with no pass of its own."""
 
     @property
     def refused(self) -> bool:
@@ -149,6 +153,14 @@ def _in_one_go(
                               probabilities=None, passes=passes, done=True, noise_survival=survival)
 
 
+def _from_logits(index: int, logits: torch.Tensor, settings: PredictorSettings,
+                 lipschitz_constant: float | None) -> FrameCertification:
+    """A deterministic certificate read from the clean logits the answer already computed: no pass."""
+    outcome = certify_logits(settings.method_name, logits, lipschitz_constant=lipschitz_constant)
+    return FrameCertification(index=index, draws=0, budget=0, outcome=outcome, probabilities=None, passes=0,
+                              done=True)
+
+
 def certify_frames(
     engine: Engine,
     frames: Sequence[torch.Tensor],
@@ -159,15 +171,21 @@ def certify_frames(
     temperature: float,
     lipschitz_constant: float | None = None,
     frames_per_pass: int = 1,
+    clean_logits: Sequence[torch.Tensor | None] | None = None,
 ) -> Iterator[FrameCertification]:
     """Certify preprocessed frames ``(C, H, W)`` (pixels in [0, 1], on the engine's device), each with its
     generator, with ``settings``; yields each frame's :class:`FrameCertification` after every chunk of
     its draws, the last one of each frame with ``done=True`` (frames finish in order when
     ``frames_per_pass`` is 1). Probabilities are calibrated with ``temperature``. The final outcome of a
-    frame is :func:`painwatch.robust.certify`'s for ``engine``, the frame and its generator.
+    frame is :func:`painwatch.robust.certify`'s for ``engine``, the frame and its generator. With a
+    method that certifies from clean logits alone (``lipschitz``), a frame's ``clean_logits`` (of the
+    engine's pass that answered) give its certificate at no further pass (:func:`certify_logits`).
     """
     if len(frames) != len(generators):
         raise ValueError(f"got {len(frames)} frames but {len(generators)} generators")
+    if clean_logits is not None and len(clean_logits) != len(frames):
+        raise ValueError(f"got {len(frames)} frames but {len(clean_logits)} clean logits")
+    from_logits = method_spec(settings.method_name).from_logits is not None
     if not isinstance(frames_per_pass, int) or frames_per_pass < 1:
         raise ValueError(f"frames_per_pass must be a positive integer, got {frames_per_pass!r}")
     s = settings
@@ -180,6 +198,9 @@ def certify_frames(
     while waiting or active:
         while waiting and len(active) < frames_per_pass:
             index = waiting.popleft()
+            if from_logits and clean_logits is not None and clean_logits[index] is not None:
+                yield _from_logits(index, clean_logits[index], s, lipschitz_constant)
+                continue
             totals = torch.zeros(num_classes, dtype=torch.float64)
 
             def collect(logits: torch.Tensor, totals: torch.Tensor = totals) -> None:

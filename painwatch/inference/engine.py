@@ -37,15 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from painwatch.inference.bulk_settings import PRECISIONS, RUNTIMES
 from painwatch.models.in_distribution import DescribedNetwork, descriptor_pass
 
 __all__ = ["PRECISIONS", "RUNTIMES", "Engine", "EngineError", "bf16_supported", "choose_engine",
            "make_engine", "network_fingerprint"]
 
-RUNTIMES: tuple[str, ...] = ("torch", "openvino")
-"""How the network runs: PyTorch eager, or an OpenVINO compiled model (CPU only)."""
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-"""The arithmetic of weights and activations: float32, or bfloat16 (8-bit mantissa, fp32 range)."""
 
 CPU_PASS_ROWS = 16
 """Images per noise pass on a CPU: the batch ``scripts/bench_latency.py`` measures every engine at
@@ -396,11 +393,22 @@ def make_engine(
     """The :class:`Engine` of ``model`` (on its device) for images ``input_shape`` ``(C, H, W)``: the
     runtime and precision :func:`choose_engine` gives, in passes of ``pass_rows`` images (by default
     :data:`CPU_PASS_ROWS` on a CPU, :data:`GPU_PASS_ROWS` on a GPU). ``descriptors`` (in-distribution
-    descriptor names) are prepared for :meth:`Engine.answer_described` now rather than on first use."""
+    descriptor names) are prepared for :meth:`Engine.answer_described` now rather than on first use.
+    With ``runtime="auto"`` a network OpenVINO cannot convert (with its descriptors, when given) runs
+    with torch (with a ``RuntimeWarning``); asked for by name, it raises :class:`EngineError`."""
     device = next(model.parameters()).device
+    asked = runtime
     runtime, precision = choose_engine(device, runtime=runtime, precision=precision)
     if pass_rows is None:
         pass_rows = CPU_PASS_ROWS if device.type == "cpu" else GPU_PASS_ROWS
-    engine_type = OpenVinoEngine if runtime == "openvino" else TorchEngine
-    return engine_type(model, precision=precision, pass_rows=pass_rows, input_shape=input_shape,
+    if runtime == "openvino":
+        try:
+            return OpenVinoEngine(model, precision=precision, pass_rows=pass_rows, input_shape=input_shape,
+                                  descriptors=descriptors)
+        except Exception as error:  # the converter's own error types; it covers most networks, not all
+            if asked != "auto":
+                raise EngineError(f"OpenVINO cannot run this network: {error}") from error
+            warnings.warn(f"OpenVINO cannot convert {type(model).__name__} ({type(error).__name__}); "
+                          "running it with torch", RuntimeWarning, stacklevel=2)
+    return TorchEngine(model, precision=precision, pass_rows=pass_rows, input_shape=input_shape,
                        descriptors=descriptors)

@@ -25,6 +25,12 @@ KNOWN_LIMITS: tuple[str, ...] = (
     "classifier the app reports, at the model's input resolution.",
 )
 
+DETERMINISTIC_LIMIT = (
+    "Certificates are exact for the network itself (no sampling, no error probability), at the model's "
+    "input resolution; a Lipschitz network gives up some accuracy for them."
+)
+"""Replaces the last of :data:`KNOWN_LIMITS` when the answers are certified by the Lipschitz margin."""
+
 SYNTHETIC_WARNING = (
     "This model was trained on SYNTHETIC frames drawn by a program (the demo set), not on photographs "
     "of macaques: its answers say nothing about real animals."
@@ -74,6 +80,11 @@ def model_card_dict(
     when given: :meth:`painwatch.inference.engine.Engine.describe`)."""
     training = dict(metadata.training)
     individuals = training.get("individuals") or []
+    certification = settings.to_dict() if settings is not None else metadata.certification.to_dict()
+    deterministic = certification.get("method") == "lipschitz"
+    if metadata.certification.lipschitz_constant is not None:
+        certification["lipschitz_constant"] = metadata.certification.lipschitz_constant
+    limits = [*KNOWN_LIMITS[:-1], DETERMINISTIC_LIMIT if deterministic else KNOWN_LIMITS[-1]]
     return {
         "intended_use": INTENDED_USE,
         "model": {
@@ -93,13 +104,13 @@ def model_card_dict(
             "synthetic": metadata.synthetic,
         },
         "calibration": {"temperature": metadata.temperature},
-        "certification": settings.to_dict() if settings is not None else metadata.certification.to_dict(),
+        "certification": certification,
         "in_distribution": (metadata.in_distribution.to_dict() if metadata.in_distribution is not None
                             else {"note": metadata.in_distribution_note}),
         "gates": {name: verdict.to_dict() for name, verdict in metadata.gates.items()},
         "engine": {**dict(engine or {}), "bf16_agreement": BF16_AGREEMENT.format(**BF16_MEASURED),
                    "bf16_refusal_agreement": REFUSAL_AGREEMENT.format(**REFUSAL_MEASURED)},
-        "limits": list(KNOWN_LIMITS),
+        "limits": limits,
     }
 
 
@@ -125,9 +136,7 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         "",
         f"**Calibration.** Temperature {card['calibration']['temperature']}.",
         "",
-        f"**Certification.** {cert.get('method')}"
-        + (" (sequential, stops early)" if cert.get("sequential") else "")
-        + f", sigma {cert.get('sigma')}, alpha {cert.get('alpha')}, n {cert.get('n')}.",
+        _certification_line(cert),
         "",
     ]
     check = card.get("in_distribution") or {}
@@ -156,3 +165,14 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         lines.append("")
     lines += ["", "**Limits.**"] + [f"- {limit}" for limit in card["limits"]]
     return "\n".join(lines)
+
+
+def _certification_line(cert: Mapping[str, Any]) -> str:
+    if cert.get("method") == "lipschitz":
+        bound = cert.get("lipschitz_constant")
+        return ("**Certification.** lipschitz: the network's own answer, exact (no noise, no error "
+                "probability), from one forward pass per frame"
+                + (f"; sound Lipschitz bound L = {bound:.4g} recorded at training" if bound else "") + ".")
+    return (f"**Certification.** {cert.get('method')}"
+            + (" (sequential, stops early)" if cert.get("sequential") else "")
+            + f", sigma {cert.get('sigma')}, alpha {cert.get('alpha')}, n {cert.get('n')}.")

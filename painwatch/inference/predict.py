@@ -335,7 +335,7 @@ class Predictor:
                       confidence=float(probabilities[index]),
                       probabilities={c: float(p) for c, p in zip(self.classes, probabilities, strict=True)},
                       runtime=self.runtime, precision=self.precision, forward_passes=passes,
-                      in_distribution_score=score,
+                      in_distribution_score=score, logits=logits[0],
                       abstain_code="not_like_training_frames" if self.refuses(score) else None)
 
     def _refused(self, answer: Answer) -> FrameResult:
@@ -415,7 +415,8 @@ class Predictor:
         for step in certify_frames(self.engine, [xs[index] for index in kept], generators,
                                    settings=self.settings, num_classes=len(self.classes),
                                    temperature=self.temperature, lipschitz_constant=self.lipschitz_constant,
-                                   frames_per_pass=self.frames_per_pass):
+                                   frames_per_pass=self.frames_per_pass,
+                                   clean_logits=[given[index].logits for index in kept]):
             index = kept[step.index]
             certificate = step.outcome.certificate if step.outcome is not None else None
             result = None

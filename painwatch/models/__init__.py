@@ -1,5 +1,6 @@
-"""timm backbones with the normalisation inside, and model bundles (``weights.safetensors`` + ``model.json``,
-with ``in_distribution.safetensors`` for the in-distribution check).
+"""timm backbones and Lipschitz networks with the normalisation inside, and model bundles
+(``weights.safetensors`` + ``model.json``, with ``in_distribution.safetensors`` for the in-distribution
+check).
 
 A model takes ``(B, 3, H, W)`` float images with pixels in [0, 1] and returns logits ``(B, K)``.
 :mod:`painwatch.models.schema` types ``model.json``; :mod:`painwatch.models.bundle` reads and writes
@@ -28,6 +29,11 @@ from painwatch.models.in_distribution import (
     descriptor_pass,
     fit_in_distribution,
 )
+from painwatch.models.lipschitz_nets import (
+    LIPSCHITZ_ARCHITECTURES,
+    LipschitzArchitecture,
+    is_lipschitz_architecture,
+)
 from painwatch.models.network import (
     DEFAULT_ARCH,
     ModelWeightsError,
@@ -50,6 +56,7 @@ from painwatch.models.schema import (
     GateVerdict,
     InDistributionCheck,
     default_certification,
+    default_certification_method,
 )
 
 __all__ = [
@@ -59,6 +66,7 @@ __all__ = [
     "DEFAULT_SCORE_TEMPERATURE",
     "FORMAT_VERSION",
     "IN_DISTRIBUTION_FILE",
+    "LIPSCHITZ_ARCHITECTURES",
     "METADATA_FILE",
     "REFUSAL_LEVEL",
     "WEIGHTS_FILE",
@@ -71,15 +79,18 @@ __all__ = [
     "InDistributionError",
     "InDistributionSpec",
     "InDistributionStatistic",
+    "LipschitzArchitecture",
     "ModelWeightsError",
     "Normalize",
     "PainNet",
     "conformal_threshold",
     "create_model",
     "default_certification",
+    "default_certification_method",
     "descriptor_pass",
     "find_gradcam_layer",
     "fit_in_distribution",
+    "is_lipschitz_architecture",
     "library_versions",
     "load_backbone_weights",
     "load_bundle",

@@ -49,6 +49,7 @@ from painwatch.models.schema import (
     GateVerdict,
     InDistributionCheck,
     default_certification,
+    default_certification_method,
 )
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -131,7 +132,7 @@ def _build_metadata(model: PainNet, metadata: Mapping[str, Any] | None) -> dict[
     certification = given.pop("certification", None)
     if certification is None:
         noise_sigma = training.get("noise_sigma") if isinstance(training, Mapping) else None
-        certification = default_certification(noise_sigma)
+        certification = default_certification(noise_sigma, method=default_certification_method(model.arch))
     content: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         **derived,

@@ -6,6 +6,10 @@ of the network, so noise ``sigma`` and certified radii are L2 norms in [0, 1] pi
 model's input resolution. Inputs outside [0, 1] are accepted on purpose: smoothing adds Gaussian
 noise to images and the noisy images are not clipped.
 
+``arch`` is a timm model name or one of the Lipschitz networks of
+:mod:`painwatch.models.lipschitz_nets` (``"lip-sll-small"``, ...), trained from scratch, whose sound
+Lipschitz bound gives one-pass certificates (docs/design.md, "Lipschitz networks for face crops").
+
 ImageNet weights come from a local file (``weights_path``: safetensors, or a PyTorch state dict
 read with ``torch.load(weights_only=True)``; nothing is ever unpickled) or from the Hugging Face
 hub when it is reachable (``pretrained=True``). Offline, a clear :class:`ModelWeightsError` says how
@@ -22,6 +26,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from painwatch.models.lipschitz_nets import (
+    LIPSCHITZ_ARCHITECTURES,
+    build_lipschitz_network,
+    is_lipschitz_architecture,
+)
 
 DEFAULT_ARCH = "resnet50"
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -59,13 +69,18 @@ class Normalize(nn.Module):
 
 
 class PainNet(nn.Module):
-    """Normalisation + timm backbone (pooled features) + linear head.
+    """Normalisation + backbone (pooled features) + head.
 
     Guarantees:
     - ``forward(x)`` with ``x`` of shape ``(B, C, H, W)`` returns logits ``(B, num_classes)``;
       pixels are expected in [0, 1] (the normalisation is inside).
-    - ``head(features(x)) == forward(x)`` (same computation; used for feature caching).
+    - ``head(features(x)) == forward(x)`` (same computation; used for feature caching), and
+      ``forward`` is the composition ``head . backbone . normalize`` that :meth:`lipschitz_composition`
+      declares to :func:`painwatch.robust.lipschitz_upper_bound`.
     - ``gradcam_layer`` is the last convolutional stage of the backbone (for Grad-CAM hooks).
+
+    ``head`` defaults to a new ``nn.Linear(num_features, num_classes)``; Lipschitz networks pass an
+    orthogonal one.
     """
 
     def __init__(
@@ -76,6 +91,8 @@ class PainNet(nn.Module):
         input_size: int,
         mean: Sequence[float],
         std: Sequence[float],
+        *,
+        head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         num_features = int(getattr(backbone, "num_features", 0))
@@ -91,7 +108,7 @@ class PainNet(nn.Module):
         self._mean = tuple(float(v) for v in mean)
         self._std = tuple(float(v) for v in std)
         self.backbone = backbone
-        self.head = nn.Linear(num_features, self.num_classes)
+        self.head = nn.Linear(num_features, self.num_classes) if head is None else head
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -124,6 +141,16 @@ class PainNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes)`` of images ``(B, C, H, W)`` with pixels in [0, 1]."""
         return self.head(self.features(x))
+
+    def lipschitz_composition(self) -> list[tuple[str, nn.Module]]:
+        """The layers ``forward`` applies, in order: its Lipschitz bound is the product of theirs
+        (``1 / min(std)`` for the normalisation)."""
+        return [("normalize", self.normalize), ("backbone", self.backbone), ("head", self.head)]
+
+    @property
+    def is_lipschitz(self) -> bool:
+        """True for the Lipschitz networks of :mod:`painwatch.models.lipschitz_nets`."""
+        return is_lipschitz_architecture(self.arch)
 
     @property
     def gradcam_layer(self) -> nn.Module:
@@ -169,11 +196,15 @@ def _check_arch(arch: str) -> None:
     import timm
 
     if not isinstance(arch, str) or not arch:
-        raise ValueError(f"arch must be a timm model name, got {arch!r}")
+        raise ValueError(f"arch must be a timm model name or a Lipschitz architecture, got {arch!r}")
+    if is_lipschitz_architecture(arch):
+        return
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('.')[0][:6]}*")[:8]
+        close += [name for name in LIPSCHITZ_ARCHITECTURES if arch.startswith("lip")]
         hint = f" (similar names: {', '.join(close)})" if close else ""
-        raise ValueError(f"unknown timm architecture {arch!r}{hint}")
+        raise ValueError(f"unknown architecture {arch!r}{hint}; Lipschitz networks: "
+                         f"{', '.join(LIPSCHITZ_ARCHITECTURES)}")
 
 
 def _hub_offline() -> bool:
@@ -326,7 +357,9 @@ def create_model(
     drop_rate: float = 0.0,
     seed: int | None = None,
 ) -> PainNet:
-    """Build a :class:`PainNet` around ``timm`` architecture ``arch`` with a new ``num_classes`` head.
+    """Build a :class:`PainNet` around ``timm`` architecture ``arch`` with a new ``num_classes`` head,
+    or the Lipschitz network ``arch`` of :data:`painwatch.models.lipschitz_nets.LIPSCHITZ_ARCHITECTURES`
+    (trained from scratch: no ImageNet weights, no dropout; ImageNet mean/std unless given).
 
     - ``weights_path``: local backbone weights (safetensors or weights-only PyTorch file); takes
       precedence over ``pretrained``.
@@ -348,10 +381,23 @@ def create_model(
     if not 0.0 <= float(drop_rate) < 1.0:
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
 
+    lipschitz = is_lipschitz_architecture(arch)
+    if lipschitz and (pretrained or weights_path is not None or float(drop_rate) > 0):
+        raise ValueError(
+            f"architecture {arch!r} is a Lipschitz network trained from scratch: it takes no ImageNet "
+            f"weights and no dropout (got pretrained={pretrained}, weights_path={weights_path!r}, "
+            f"drop_rate={drop_rate})"
+        )
     rng_context = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with rng_context:
         if seed is not None:
             torch.manual_seed(int(seed))
+        if lipschitz:
+            mean = tuple(mean) if mean is not None else IMAGENET_MEAN
+            std = tuple(std) if std is not None else IMAGENET_STD
+            backbone, head = build_lipschitz_network(arch, input_size=input_size, in_chans=len(mean),
+                                                     num_classes=num_classes)
+            return PainNet(backbone, arch, num_classes, input_size, mean, std, head=head)
         if weights_path is not None:
             backbone = timm.create_model(arch, pretrained=False, num_classes=0, drop_rate=drop_rate)
             load_backbone_weights(backbone, weights_path, arch)

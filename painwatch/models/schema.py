@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from painwatch.models.lipschitz_nets import is_lipschitz_architecture
 from painwatch.robust.certificate import BASE_METHODS, SEQUENTIAL_BOUNDS
 from painwatch.validation import is_integer, is_number
 
@@ -78,6 +79,8 @@ class CertificationDefaults:
     pixel in [0, 1] units; ``n0`` selection draws and ``n`` estimation draws (the budget of the
     sequential certificates); ``bound`` ``"fixed"`` or ``"anytime"``; ``score_temperature`` T of soft
     scores ``softmax(f / T)``; ``bounds`` maps a setting to its allowed ``(low, high)``.
+    ``lipschitz_constant`` is the sound L2 bound of the logit map that training computed (Lipschitz
+    networks; None otherwise), kept for the record: whoever certifies recomputes it from the weights.
     """
 
     method: str
@@ -89,6 +92,7 @@ class CertificationDefaults:
     bound: str = "anytime"
     score_temperature: float = 1.0
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    lipschitz_constant: float | None = None
 
     @classmethod
     def from_dict(cls, value: Any, source: str) -> CertificationDefaults:
@@ -117,6 +121,11 @@ class CertificationDefaults:
         temperature = value.get("score_temperature", 1.0)
         if not is_number(temperature) or temperature <= 0:
             raise _fail(source, "certification.score_temperature", "must be a number > 0", temperature)
+        lipschitz_constant = value.get("lipschitz_constant")
+        if lipschitz_constant is not None and (not is_number(lipschitz_constant) or lipschitz_constant <= 0):
+            raise _fail(source, "certification.lipschitz_constant",
+                        "must be a number > 0 (a sound L2 bound of the logit map) or null",
+                        lipschitz_constant)
         bounds = value.get("bounds")
         if not isinstance(bounds, Mapping):
             raise _fail(source, "certification.bounds", "must be an object of [low, high] pairs", bounds)
@@ -135,16 +144,29 @@ class CertificationDefaults:
                             setting)
             checked_bounds[name] = (pair[0], pair[1])
         return cls(method=method, sigma=float(sigma), alpha=float(alpha), bound=bound,
-                   score_temperature=float(temperature), bounds=checked_bounds, **counts)
+                   score_temperature=float(temperature), bounds=checked_bounds,
+                   lipschitz_constant=None if lipschitz_constant is None else float(lipschitz_constant),
+                   **counts)
 
     def to_dict(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
         record["bounds"] = {name: list(pair) for name, pair in self.bounds.items()}
+        if record["lipschitz_constant"] is None:
+            del record["lipschitz_constant"]  # bundles of other networks keep the form they always had
         return record
 
 
+def default_certification_method(architecture: str) -> str:
+    """The certificate a new bundle of ``architecture`` answers with: ``"lipschitz"`` for the Lipschitz
+    networks (the bare network, deterministic, one forward pass [Tsuzuku18]), ``"randomized_smoothing"``
+    for every other network (whose Lipschitz bound painwatch cannot compute)."""
+    return "lipschitz" if is_lipschitz_architecture(architecture) else DEFAULT_METHOD
+
+
 def default_certification(sigma: float | None = None, method: str = DEFAULT_METHOD) -> dict[str, Any]:
-    """Certification defaults for a new bundle, as ``model.json`` stores them.
+    """Certification defaults for a new bundle, as ``model.json`` stores them (``method``: see
+    :func:`default_certification_method`; the noise settings are kept for a user who switches to a
+    smoothing method).
 
     ``sigma`` is the training noise level when the model was trained with noise (certify at the
     noise it was made robust to), else :data:`DEFAULT_CERTIFICATION_SIGMA`; the sigma bound is

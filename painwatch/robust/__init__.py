@@ -19,9 +19,11 @@ Modules (arrows point to what a module imports; there are no cycles):
 - ``spectral`` dense and convolution operator norms [Sedghi19]; ``lipschitz_rules`` (-> spectral)
   per-layer bounds and ``lipschitz_extensions`` (-> lipschitz_rules, spectral) those of timm and
   deel-torchlip layers; ``lipschitz`` (-> lipschitz_rules, lipschitz_extensions, spectral) sound
-  network bounds; ``layers`` (-> spectral) orthogonal layers [Li19; Anil19];
-- ``moments`` (-> layers) Gaussian moment propagation; ``losses`` (-> moments) margin losses;
-  ``attacks`` (-> margin, noise, smoothing) PGD-L2 checks [Madry18]; ``evaluation`` certified accuracy.
+  network bounds; ``layers`` (-> spectral) orthogonal layers [Li19; Anil19]; ``lipschitz_layers``
+  (-> layers, spectral) AOL layers [Prach22] and SLL residual layers [Araujo23];
+- ``moments`` (-> layers, lipschitz_layers) Gaussian moment propagation; ``losses`` (-> moments)
+  margin losses; ``attacks`` (-> margin, noise, smoothing) PGD-L2 checks [Madry18]; ``evaluation``
+  certified accuracy.
 
 Everything public is re-exported here.
 """
@@ -55,6 +57,7 @@ from painwatch.robust.certificate import (
     MethodSpec,
     certification_sampler,
     certify,
+    certify_logits,
     certify_steps,
     method_spec,
     register_method,
@@ -78,12 +81,23 @@ from painwatch.robust.lipschitz import (
     lipschitz_lower_estimate,
     lipschitz_upper_bound,
 )
+from painwatch.robust.lipschitz_layers import (
+    AOLConv2d,
+    AOLLinear,
+    ChannelPad,
+    PlainSLL,
+    SLLConv2d,
+    SLLLinear,
+    aol_rescale,
+    sdp_residual_bound,
+)
 from painwatch.robust.losses import (
     LOSS_NAMES,
     MarginCertifiedRadiusLoss,
     MarginSmoothedCertifiedRadiusLoss,
     MCExpectedMarginLoss,
     MulticlassHingeLoss,
+    OffsetCrossEntropyLoss,
     SmoothedCrossEntropyLoss,
     SoftmaxCrossEntropyLoss,
     ZhenLoss,
@@ -92,6 +106,7 @@ from painwatch.robust.losses import (
     mcr_loss,
     mscr_loss,
     multiclass_hinge_loss,
+    offset_cross_entropy_loss,
     sc_sce_loss,
     sce_loss,
     true_class_margin,
@@ -174,12 +189,15 @@ __all__ = [
     "SEQUENTIAL_METHODS",
     "STOP_REASONS",
     "SURROGATE_KINDS",
+    "AOLConv2d",
+    "AOLLinear",
     "BettingLowerBound",
     "Certificate",
     "CertificateAttackReport",
     "CertificationOutcome",
     "CertificationSampler",
     "CertificationSettings",
+    "ChannelPad",
     "GroupSort",
     "InvertibleDownsampling",
     "MCExpectedMarginLoss",
@@ -191,8 +209,12 @@ __all__ = [
     "MomentRule",
     "MonteCarloSurrogate",
     "MulticlassHingeLoss",
+    "OffsetCrossEntropyLoss",
     "OrthogonalConv2d",
     "OrthogonalLinear",
+    "PlainSLL",
+    "SLLConv2d",
+    "SLLLinear",
     "SequentialCertificate",
     "SequentialSampler",
     "SmoothedClassifier",
@@ -200,6 +222,7 @@ __all__ = [
     "SoftmaxCrossEntropyLoss",
     "UnsupportedLayerError",
     "ZhenLoss",
+    "aol_rescale",
     "attack_certificates",
     "best_attainable_lower_bound",
     "bjorck_orthonormalize",
@@ -208,6 +231,7 @@ __all__ = [
     "certified_accuracy_curve",
     "certified_accuracy_interval",
     "certify",
+    "certify_logits",
     "certify_steps",
     "check_alpha",
     "check_batch",
@@ -254,6 +278,7 @@ __all__ = [
     "noisy_copies",
     "noisy_logit_batches",
     "noisy_logits",
+    "offset_cross_entropy_loss",
     "pgd_l2",
     "propagate_moments",
     "register_method",
@@ -262,6 +287,7 @@ __all__ = [
     "resolve_generator",
     "sc_sce_loss",
     "sce_loss",
+    "sdp_residual_bound",
     "sequential_certify",
     "sequential_certify_steps",
     "smoothed_margin_certify",

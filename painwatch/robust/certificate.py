@@ -37,6 +37,7 @@ __all__ = [
     "MethodSpec",
     "certification_sampler",
     "certify",
+    "certify_logits",
     "certify_steps",
     "method_spec",
     "register_method",
@@ -167,7 +168,8 @@ class CertificationSettings:
             remaining budget could plausibly give.
         min_radius: noise methods that stop early: radii below this (L2) are not worth sampling for.
         logits_callback: called with each batch of noisy logits (float64 ``(b, K)``), selection draws
-            included, e.g. to estimate calibrated probabilities without extra forward passes.
+            included, e.g. to estimate calibrated probabilities without extra forward passes; for
+            ``"lipschitz"``, with its one batch of clean logits.
     """
 
     sigma: float = 0.0
@@ -211,6 +213,10 @@ class CertificationOutcome:
 
 Runner = Callable[[Model, torch.Tensor, CertificationSettings], CertificationOutcome]
 """How a method runs: ``runner(model, x, settings) -> CertificationOutcome`` for one image ``x``."""
+
+LogitsRunner = Callable[[torch.Tensor, CertificationSettings], CertificationOutcome]
+"""How a deterministic method certifies from the clean logits ``(K,)`` of one image already computed:
+``from_logits(logits, settings) -> CertificationOutcome``."""
 
 
 class CertificationSampler(Protocol):
@@ -258,6 +264,8 @@ class MethodSpec:
             ``"fixed"`` bound of :data:`SEQUENTIAL_BOUNDS`).
         uses_score_temperature: the certified scores are ``softmax(f / score_temperature)``.
         sampler: how the method draws in steps (see :data:`SamplerFactory`; None: it certifies in one go).
+        from_logits: for a deterministic method whose certificate is a function of the image's clean
+            logits alone, that function (see :data:`LogitsRunner`; :func:`certify_logits`), else None.
     """
 
     name: str
@@ -271,6 +279,7 @@ class MethodSpec:
     stops_early_to_abstain: bool = False
     uses_score_temperature: bool = False
     sampler: SamplerFactory | None = None
+    from_logits: LogitsRunner | None = None
 
     def __post_init__(self) -> None:
         for field_name in ("name", "certifies", "base"):
@@ -287,6 +296,9 @@ class MethodSpec:
                              "its classifier with as its base")
         if self.deterministic and self.needs_noise:
             raise ValueError(f"method {self.name!r} cannot be deterministic and need noise")
+        if self.from_logits is not None and not (self.deterministic and callable(self.from_logits)):
+            raise ValueError(f"MethodSpec.from_logits of {self.name!r} must be callable, and only a "
+                             f"deterministic method certifies from clean logits, got {self.from_logits!r}")
 
     @property
     def is_base(self) -> bool:
@@ -505,3 +517,33 @@ def _drive(model: Model, sampler: CertificationSampler) -> Iterator[Certificatio
     finally:
         for module, training in flags:
             module.training = training
+def certify_logits(
+    method: str, logits: torch.Tensor, *, lipschitz_constant: float | None = None
+) -> CertificationOutcome:
+    """Certify one image from its clean logits ``(K,)`` (or ``(1, K)``) already computed, with a
+    deterministic method that certifies from them alone (``METHODS[method].from_logits``: ``lipschitz``).
+
+    The guarantee is :func:`certify`'s for the same method, provided ``logits`` are the network's output
+    at the image in eval mode (the pass :func:`certify` would make); no forward pass is made here, so the
+    certificate's ``forward_passes`` counts that earlier pass (1). Raises a ValueError naming the method
+    when it cannot certify from logits or its needs are not met.
+    """
+    spec = method_spec(method)
+    if spec.from_logits is None:
+        able = ", ".join(name for name, other in _REGISTRY.items() if other.from_logits is not None)
+        raise ValueError(f"method {method!r} cannot certify from clean logits alone; these can: {able}")
+    if spec.needs_lipschitz_constant and lipschitz_constant is None:
+        raise ValueError(f"method {method!r} needs lipschitz_constant (a sound upper bound of the network's "
+                         "L2 Lipschitz constant, e.g. from lipschitz_upper_bound); none was given")
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (1, 2) or (
+            logits.dim() == 2 and logits.shape[0] != 1) or logits.shape[-1] < 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be the (K,) or (1, K) logits of one image with K >= 2, got {shape}")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("logits must be finite")
+    outcome = spec.from_logits(logits.detach().reshape(1, -1), CertificationSettings(
+        lipschitz_constant=lipschitz_constant))
+    if not isinstance(outcome, CertificationOutcome) or outcome.certificate.method != method:
+        raise TypeError(f"from_logits of {method!r} must return a CertificationOutcome whose certificate "
+                        f"has method {method!r}, got {outcome!r}")
+    return outcome

@@ -489,19 +489,20 @@ def _plain_linear(layer: OrthogonalLinear) -> nn.Linear:
 
 
 def export_plain(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` with every :class:`OrthogonalLinear` replaced by an ``nn.Linear`` and
-    every :class:`OrthogonalConv2d` by an ``nn.Conv2d`` (behind an :class:`InvertibleDownsampling` when
-    strided) holding the current weights. Outputs are unchanged up to float rounding; the training flag
-    is kept; ``module`` itself is not modified. The copy has no Björck cost per forward."""
+    """A deep copy of ``module`` with every :class:`OrthogonalLinear` replaced by an ``nn.Linear``, every
+    :class:`OrthogonalConv2d` by an ``nn.Conv2d`` (behind an :class:`InvertibleDownsampling` when
+    strided), and every other layer with a ``to_plain()`` method (the AOL and SLL layers of
+    :mod:`painwatch.robust.lipschitz_layers`) by what that method returns, holding the current weights.
+    Outputs are unchanged up to float rounding; the training flag is kept; ``module`` itself is not
+    modified. The copy has no Björck or rescaling cost per forward."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
 
     def replacement(layer: nn.Module) -> nn.Module | None:
         if isinstance(layer, OrthogonalLinear):
             return _plain_linear(layer)
-        if isinstance(layer, OrthogonalConv2d):
-            return layer.to_plain()
-        return None
+        to_plain = getattr(type(layer), "to_plain", None)
+        return layer.to_plain() if callable(to_plain) else None
 
     with torch.no_grad():
         root = replacement(module)

@@ -79,8 +79,11 @@ def lipschitz_upper_bound(module: nn.Module, input_shape: Sequence[int]) -> floa
         activation and deel-torchlip's layers (see :mod:`painwatch.robust.lipschitz_extensions`).
         Weights under ``torch.nn.utils.parametrize`` are bounded as computed. Any module may declare its
         own bound by defining a method ``lipschitz_upper_bound(input_shape) -> float``; that method is
-        trusted for everything the module computes, its own hooks included. Anything else raises
-        :class:`UnsupportedLayerError` naming the layer.
+        trusted for everything the module computes, its own hooks included. A module whose forward is
+        the composition of some of its sub-modules may say so instead with a method
+        ``lipschitz_composition() -> [(name, module), ...]`` (in the order they are applied); the bound
+        is then the product of theirs, each checked as above (its own hooks are refused). Anything else
+        raises :class:`UnsupportedLayerError` naming the layer.
     input_shape:
         Shape of one sample, without the batch dimension, e.g. ``(C, H, W)``. Convolution and pooling
         bounds depend on it (the FFT grid), so pass the true input resolution.
@@ -210,6 +213,9 @@ class _BoundWalk:
                 f"has a {hooks}, which can change what it computes; bound it without the hook (a weight "
                 "normalisation hook has a torch.nn.utils.parametrizations version, bounded as computed)",
             )
+        composition = getattr(type(module), "lipschitz_composition", None)
+        if callable(composition):
+            return self._composition_bound(module, shape, path)
         for layer_types, reason in self.refusals:
             if isinstance(module, layer_types):
                 raise UnsupportedLayerError(path, module, reason)
@@ -240,6 +246,25 @@ class _BoundWalk:
                 "as nn.Sequential",
             )
         raise UnsupportedLayerError(path, module, "no sound Lipschitz bound is known for this layer type")
+
+    def _composition_bound(
+        self, module: nn.Module, shape: tuple[int, ...], path: str
+    ) -> tuple[float, tuple[int, ...]]:
+        """A module that declares its forward to be the composition of sub-modules, in order: the
+        product of their (fully checked) bounds."""
+        steps = list(module.lipschitz_composition())
+        if not steps or not all(
+            isinstance(step, tuple) and len(step) == 2 and isinstance(step[0], str)
+            and isinstance(step[1], nn.Module) for step in steps
+        ):
+            raise UnsupportedLayerError(
+                path, module, "its lipschitz_composition() must return (name, module) pairs, at least one"
+            )
+        total = 1.0
+        for name, child in steps:
+            value, shape = self.bound(child, shape, _child_path(path, name))
+            total *= value
+        return total, shape
 
     def _rule_bound(
         self, module: nn.Module, rule: LayerRule, shape: tuple[int, ...], path: str

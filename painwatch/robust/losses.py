@@ -16,6 +16,8 @@ sc-sce    cross-entropy of the moment-propagated  likelihood of the true class u
           mean logits (input variance sigma_x^2)  expected logits E[f(x + xi)]
 mh        multiclass hinge (Weston-Watkins, as    every pairwise margin f_y - f_j up to d
           ``torch.nn.MultiMarginLoss``)
+offset-ce tau CE((f - d onehot_y) / tau)          every margin past d, smoothly (a soft hinge
+          [Prach22]                               of sharpness tau); for Lipschitz networks
 mcr       relu(d - M_f(x))                        the margin M_f, hence the Lipschitz certified
                                                   radius M_f / (sqrt(2) L), up to d
 mscr      relu(d - SM(x)), SM in closed form      the smoothed margin, hence the smoothed-margin
@@ -48,6 +50,7 @@ __all__ = [
     "MarginCertifiedRadiusLoss",
     "MarginSmoothedCertifiedRadiusLoss",
     "MulticlassHingeLoss",
+    "OffsetCrossEntropyLoss",
     "SmoothedCrossEntropyLoss",
     "SoftmaxCrossEntropyLoss",
     "ZhenLoss",
@@ -56,6 +59,7 @@ __all__ = [
     "mcr_loss",
     "mscr_loss",
     "multiclass_hinge_loss",
+    "offset_cross_entropy_loss",
     "sc_sce_loss",
     "sce_loss",
     "true_class_margin",
@@ -267,6 +271,34 @@ def multiclass_hinge_loss(
     return _reduce(hinge.sum(dim=1) / logits.shape[1], _check_reduction(reduction))
 
 
+def offset_cross_entropy_loss(
+    logits: Tensor,
+    y: Tensor,
+    *,
+    offset: float = 1.0,
+    temperature: float = 0.25,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Offset cross-entropy [Prach22]: ``tau CE((f - d onehot_y) / tau)``, with ``d = offset`` and
+    ``tau = temperature``.
+
+    The true logit is handicapped by ``d`` before the softmax, so the loss stays high until every margin
+    ``f_y - f_j`` exceeds ``d``; ``tau`` sets how sharply (``tau -> 0`` is the multiclass hinge at ``d``,
+    summed over classes in the log-sum-exp sense). Multiplying back by ``tau`` keeps the gradient of a
+    badly classified input near 1 in logit units whatever ``tau``. Made for Lipschitz networks, whose
+    logits cannot grow fast: with a bound ``L`` the margin ``d`` is a certified radius of
+    ``d / (sqrt(2) L)``. ``weight`` is a per-class weight as in ``F.cross_entropy``.
+    """
+    y = _check_logits(logits, y)
+    offset = _check_finite_number("offset", offset, minimum=0.0)
+    temperature = _check_finite_number("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    shifted = (logits - offset * F.one_hot(y, logits.shape[1]).to(logits.dtype)) / temperature
+    return temperature * F.cross_entropy(shifted, y, weight=weight, reduction=_check_reduction(reduction))
+
+
 def mcr_loss(logits: Tensor, y: Tensor, *, margin: float = 1.0, reduction: str = "mean") -> Tensor:
     """Margin certified radius loss ``relu(d - M_f(x))``.
 
@@ -374,6 +406,24 @@ class MulticlassHingeLoss(_ModelLoss):
         return f"margin={self.margin}"
 
 
+class OffsetCrossEntropyLoss(_ModelLoss):
+    """Offset CE: :func:`offset_cross_entropy_loss` on ``model(x)`` with offset ``d`` and temperature."""
+
+    name = "offset-ce"
+
+    def __init__(self, margin: float = 1.0, temperature: float = 0.25, reduction: str = "mean") -> None:
+        super().__init__(reduction)
+        self.margin = _check_finite_number("margin", margin, minimum=0.0)
+        self.temperature = _check_finite_number("temperature", temperature)
+
+    def forward(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return offset_cross_entropy_loss(model(x), y, offset=self.margin, temperature=self.temperature,
+                                         reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, temperature={self.temperature}"
+
+
 class MarginCertifiedRadiusLoss(MulticlassHingeLoss):
     """MCR: :func:`mcr_loss` ``relu(d - M_f(x))`` on ``model(x)``."""
 
@@ -460,6 +510,7 @@ _LOSSES: dict[str, type[nn.Module]] = {
         SoftmaxCrossEntropyLoss,
         SmoothedCrossEntropyLoss,
         MulticlassHingeLoss,
+        OffsetCrossEntropyLoss,
         MarginCertifiedRadiusLoss,
         MarginSmoothedCertifiedRadiusLoss,
         ZhenLoss,
@@ -467,7 +518,7 @@ _LOSSES: dict[str, type[nn.Module]] = {
     )
 }
 LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
-"""Names accepted by :func:`make_loss`: sce, sc-sce, mh, mcr, mscr, zhen, mc-margin."""
+"""Names accepted by :func:`make_loss`: sce, sc-sce, mh, offset-ce, mcr, mscr, zhen, mc-margin."""
 
 
 def make_loss(name: str, **hyperparameters: float | int | str) -> nn.Module:

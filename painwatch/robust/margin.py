@@ -116,7 +116,11 @@ def lipschitz_certify_batch(model: Model, x: torch.Tensor, lipschitz_constant: f
     check_batch(x)
     check_same_device(model, x)
     constant = check_lipschitz_constant(lipschitz_constant)
-    prediction, margin = logit_margin(_model_logits(model, x))
+    return _lipschitz_certificates(_model_logits(model, x), constant)
+
+
+def _lipschitz_certificates(logits: torch.Tensor, constant: float) -> list[Certificate]:
+    prediction, margin = logit_margin(logits)
     radii = (margin / (_SQRT2 * constant)).tolist()
     return [
         Certificate(prediction=int(c), radius=float(r), method=_LIPSCHITZ.name, sigma=0.0, n=0, alpha=0.0,
@@ -254,7 +258,22 @@ def smoothed_robustness(
 
 
 def _run_lipschitz(model: Model, x: torch.Tensor, settings: CertificationSettings) -> CertificationOutcome:
-    return CertificationOutcome(lipschitz_certify(model, x, settings.lipschitz_constant))
+    """:func:`lipschitz_certify`; its one batch of (clean) logits goes to ``logits_callback`` too, so that
+    a caller gets the probabilities from the same forward pass."""
+    check_model(model)
+    batch = check_image(x).unsqueeze(0)
+    check_same_device(model, batch)
+    constant = check_lipschitz_constant(settings.lipschitz_constant)
+    logits = _model_logits(model, batch)
+    if settings.logits_callback is not None:
+        settings.logits_callback(logits.detach().to(torch.float64))
+    return CertificationOutcome(_lipschitz_certificates(logits, constant)[0])
+
+
+def _lipschitz_from_logits(logits: torch.Tensor, settings: CertificationSettings) -> CertificationOutcome:
+    """:func:`lipschitz_certify` from the clean logits ``(1, K)`` of the one pass it would make."""
+    constant = check_lipschitz_constant(settings.lipschitz_constant)
+    return CertificationOutcome(_lipschitz_certificates(logits, constant)[0])
 
 
 def _run_smoothed_margin(
@@ -277,6 +296,7 @@ _LIPSCHITZ = register_method(MethodSpec(
     sequential=False,
     base="lipschitz",
     runner=_run_lipschitz,
+    from_logits=_lipschitz_from_logits,
 ))
 _SMOOTHED_MARGIN = register_method(MethodSpec(
     name="smoothed_margin",

@@ -4,13 +4,14 @@ Given an input ``X ~ N(x, diag(v))`` (for training: ``v = sigma_x^2`` everywhere
 propagates a mean and a **diagonal** variance through a network layer by layer:
 
 * affine layers (``nn.Linear``, ``nn.Conv2d``, the orthogonal layers of
-  :mod:`painwatch.robust.layers`): the mean goes through the layer, the variance through the
-  element-wise squared weights without bias (``Var[sum_j W_ij X_j] = sum_j W_ij^2 v_j`` for
-  independent ``X_j``);
+  :mod:`painwatch.robust.layers`, the AOL layers of :mod:`painwatch.robust.lipschitz_layers`): the
+  mean goes through the layer, the variance through the element-wise squared weights without bias
+  (``Var[sum_j W_ij X_j] = sum_j W_ij^2 v_j`` for independent ``X_j``);
 * ``ReLU``: the exact mean and variance of a rectified Gaussian;
 * ``MaxMin``: Clark's [Clark61] exact first two moments of the max (and min) of two Gaussians;
 * pixel permutations (``Flatten``, ``Unflatten``, ``PixelUnshuffle``, invertible downsampling,
-  ``Identity``): the same permutation for the mean and the variance.
+  ``Identity``) and zero channel padding: the same map for the mean and the variance;
+* average pooling without padding: the mean is pooled, the variance pooled and divided by the divisor.
 
 The one approximation is that every layer treats its inputs as independent Gaussians (the diagonal
 of the covariance is kept, the correlations created by earlier layers are dropped, and the output of
@@ -42,6 +43,7 @@ from painwatch.robust.layers import (
     OrthogonalConv2d,
     OrthogonalLinear,
 )
+from painwatch.robust.lipschitz_layers import AOLConv2d, AOLLinear, ChannelPad
 
 __all__ = [
     "MomentRule",
@@ -211,6 +213,19 @@ def _sequential_rule(module: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tens
     return mean, var
 
 
+def _avg_pool_rule(module: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """Average (or, with ``divisor_override``, scaled sum) pooling without padding: every output is
+    ``sum / divisor`` of a full window, so its variance is ``sum var / divisor^2``."""
+    kernel = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * 2
+    padding = module.padding if isinstance(module.padding, tuple) else (module.padding,) * 2
+    if any(padding) or module.ceil_mode:
+        raise TypeError(
+            f"no moment-propagation rule for {module!r}: only pooling without padding or ceil_mode"
+        )
+    divisor = module.divisor_override or kernel[0] * kernel[1]
+    return module(mean), module(var) / divisor
+
+
 def _dropout_rule(module: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     if module.training and module.p > 0:
         raise TypeError(
@@ -230,6 +245,7 @@ for _type, _rule in (
     (nn.PixelShuffle, _permutation_rule),
     (nn.Sequential, _sequential_rule),
     (nn.Dropout, _dropout_rule),
+    (nn.AvgPool2d, _avg_pool_rule),
 ):
     register_moment_rule(_type, _rule)
 
@@ -291,13 +307,27 @@ def _groupsort_rule(module: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tenso
     return _join_pairs(low_mean, high_mean, mean.shape), _join_pairs(low_var, high_var, var.shape)
 
 
-# The 1-Lipschitz layers of painwatch.robust.layers (kept here so that this module owns every rule).
+def _aol_conv_rule(module: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """AOL convolution: a 'same' zero-padded convolution with the rescaled kernel."""
+    weight, padding = module.weight, module.padding
+    return (
+        F.conv2d(mean, weight, module.bias, padding=padding),
+        F.conv2d(var, weight * weight, None, padding=padding),
+    )
+
+
+# The 1-Lipschitz layers of painwatch.robust.layers and .lipschitz_layers (kept here so that this module
+# owns every rule). The SLL residual layers have none: their two branches are strongly correlated, which
+# the diagonal approximation would drop.
 for _type, _rule in (
     (OrthogonalLinear, _linear_rule),
     (OrthogonalConv2d, _orthogonal_conv_rule),
     (InvertibleDownsampling, _permutation_rule),
     (MaxMin, _maxmin_rule),
     (GroupSort, _groupsort_rule),
+    (AOLConv2d, _aol_conv_rule),
+    (AOLLinear, _linear_rule),
+    (ChannelPad, _permutation_rule),
 ):
     register_moment_rule(_type, _rule)
 

@@ -5,7 +5,9 @@ stopping and temperature scaling [Guo17] and sets the threshold of the in-distri
 statistics are fitted on the fit individuals (:mod:`painwatch.training.in_distribution`; docs/design.md,
 "The in-distribution check"); the bundle (``weights.safetensors``, ``in_distribution.safetensors`` and
 ``model.json``) records the training individuals, the data hash, every training setting and the
-certification defaults (docs/design.md, "The clinical pipeline").
+certification defaults (docs/design.md, "The clinical pipeline"): a Lipschitz network (``lip-*``)
+certifies with the deterministic Lipschitz margin and its bundle records the sound bound ``L`` it was
+saved with; any other network with randomized smoothing.
 """
 
 from __future__ import annotations
@@ -20,8 +22,15 @@ import numpy as np
 from painwatch import CLASS_NAMES
 from painwatch.calibration import fit_temperature
 from painwatch.data import FrameRecord, dataset_hash, split_by_individual
-from painwatch.models import PainNet, create_model, default_certification, save_bundle
+from painwatch.models import (
+    PainNet,
+    create_model,
+    default_certification,
+    default_certification_method,
+    save_bundle,
+)
 from painwatch.models.in_distribution import InDistributionStatistic
+from painwatch.robust import lipschitz_upper_bound
 from painwatch.training.config import TrainConfig
 from painwatch.training.in_distribution import fit_check
 from painwatch.training.loops import FitResult, fit
@@ -59,6 +68,20 @@ def new_model(config: TrainConfig, *, seed: int | None = None) -> PainNet:
         drop_rate=config.drop_rate,
         seed=config.seed if seed is None else seed,
     )
+
+
+def bundle_certification(model: PainNet, config: TrainConfig) -> dict[str, Any]:
+    """The certification defaults of a bundle of ``model`` trained with ``config``: the method of its
+    architecture (:func:`painwatch.models.default_certification_method`), smoothing at the training
+    noise (or the default sigma), and for a Lipschitz network its sound bound ``L`` on inputs of
+    ``config.input_size`` pixels."""
+    method = default_certification_method(config.arch)
+    certification = default_certification(config.noise_sigma if config.noise_sigma > 0 else None,
+                                          method=method)
+    if model.is_lipschitz:
+        shape = (model.in_chans, model.input_size, model.input_size)
+        certification["lipschitz_constant"] = lipschitz_upper_bound(model.eval(), shape)
+    return certification
 
 
 def training_record(
@@ -147,15 +170,17 @@ def train_bundle(
     else:
         log(absent or "no in-distribution check")
     model.to("cpu")
-    certification = default_certification(config.noise_sigma if config.noise_sigma > 0 else None)
+    certification = bundle_certification(model, config)
     metadata = {"temperature": temperature, "certification": certification, "training": training}
     if absent is not None:
         metadata["in_distribution_absent"] = absent
     path = save_bundle(out, model, metadata, in_distribution=check)
     summary = (
         f"saved bundle {path} ({config.arch}, best epoch {result.best_epoch}/{result.epochs_run}, "
-        f"temperature {temperature:.3f}"
+        f"temperature {temperature:.3f}, certified by {certification['method']}"
     )
+    if "lipschitz_constant" in certification:
+        summary += f" with L = {certification['lipschitz_constant']:.4g}"
     if training["val_balanced_accuracy"] is not None:
         summary += f", validation balanced accuracy {training['val_balanced_accuracy']:.3f}"
     log(summary + ")")

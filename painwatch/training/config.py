@@ -4,8 +4,8 @@ Each field carries its help text, flag and metavar (:func:`painwatch.settings.se
 line builds ``painwatch train`` and ``painwatch loio`` options from them, so a default, a unit or a
 help text is written in exactly one place. Units (docs/design.md, "Units and conventions"):
 ``noise_sigma`` is the L2 noise level per pixel in [0, 1] pixel space at ``input_size``;
-``warmup_epochs`` is in epochs (fractions allowed); ``lr`` is per step. Every random draw of a run
-(shuffling, sampling, noise, augmentation) derives from ``seed``.
+``warmup_epochs`` is in epochs (fractions allowed); ``lr`` is per step; ``margin`` is in logit units.
+Every random draw of a run (shuffling, sampling, noise, augmentation) derives from ``seed``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from typing import Any
 from painwatch.settings import setting
 from painwatch.validation import check_bool, check_choice, check_integer, check_number
 
-LOSSES = ("ce", "mc_margin", "ce+mc_margin")
+LOSSES = ("ce", "mc_margin", "ce+mc_margin", "offset_ce", "mcr", "mscr")
+NOISE_LOSSES = ("mc_margin", "ce+mc_margin", "mscr")
+"""The losses that maximise a margin under the training noise: they need ``noise_sigma > 0``."""
 SCHEDULES = ("cosine", "onecycle", "constant")
 CLASS_BALANCING = ("weights", "sampler", "none")
 MONITORS = ("val_loss", "val_balanced_accuracy")
@@ -29,13 +31,23 @@ class TrainConfig:
     ``TrainConfig.<field>`` and the value).
 
     ``margin`` (d) and ``num_draws`` (k) parametrise the Monte Carlo expected-margin loss
-    (docs/design.md, "Training"); ``margin_weight`` scales it when added to cross-entropy. ``patience``
+    (docs/design.md, "Training"); ``margin_weight`` scales it when added to cross-entropy. ``margin`` is
+    also the offset of the offset cross-entropy ``tau CE((f - d onehot_y) / tau)`` [Prach22] (``tau`` =
+    ``offset_temperature``) and the target of the MCR loss ``relu(d - M_f)`` and of the MSCR loss
+    ``relu(d - SM)`` (smoothed margin by moment propagation at input variance ``noise_sigma^2``; AOL and
+    BCOP Lipschitz networks only) [RC, Ch. 3]; with a Lipschitz network of bound L they aim at a
+    certified radius of ``d / (sqrt(2) L)``. ``patience``
     (epochs without improvement of ``monitor`` on the validation individuals) stops early; ``None``
     trains every epoch. ``head_epochs`` and ``head_l2`` are used by the linear head on cached features
     only (:func:`painwatch.training.head.fit_head`).
     """
 
-    arch: str = setting("resnet50", help="timm architecture name (e.g. resnet50, resnet18, resnet10t)")
+    arch: str = setting(
+        "resnet50",
+        help="timm architecture name (e.g. resnet50, resnet18, resnet10t), or a Lipschitz network trained "
+        "from scratch that certifies in one forward pass (lip-sll-small, lip-sll-medium, lip-aol-small, "
+        "lip-bcop-small; lip-sll-tiny and lip-aol-tiny for quick trials)",
+    )
     input_size: int = setting(
         224, metavar="PIXELS", help="side of the square model input in pixels; frames are resized to it"
     )
@@ -90,9 +102,17 @@ class TrainConfig:
     )
     loss: str = setting(
         "ce", choices=LOSSES,
-        help="cross-entropy, the Monte Carlo expected-margin loss (needs --noise-sigma > 0), or their sum",
+        help="cross-entropy, the Monte Carlo expected-margin loss (needs --noise-sigma > 0), their sum, "
+        "the offset cross-entropy tau CE((logits - d onehot) / tau) (offset_ce, for Lipschitz networks), "
+        "the margin certified radius loss relu(d - margin) (mcr), or its smoothed version by moment "
+        "propagation (mscr: needs --noise-sigma > 0 and a lip-aol or lip-bcop network)",
     )
-    margin: float = setting(1.0, help="target margin d of the expected-margin loss, in logit units")
+    margin: float = setting(
+        1.0, help="target margin d of the expected-margin, offset_ce, mcr and mscr losses, in logit units"
+    )
+    offset_temperature: float = setting(
+        0.25, metavar="TAU", help="temperature tau of --loss offset_ce (smaller: closer to a hinge at d)"
+    )
     num_draws: int = setting(
         4, metavar="K", help="noise draws k per frame and step of the expected-margin loss"
     )
@@ -135,6 +155,7 @@ class TrainConfig:
         check_number(self.lr, name("lr"), minimum=0.0, exclusive_minimum=True)
         for field_name in ("weight_decay", "warmup_epochs", "noise_sigma", "margin_weight", "head_l2"):
             check_number(getattr(self, field_name), name(field_name), minimum=0.0)
+        check_number(self.offset_temperature, name("offset_temperature"), minimum=0.0, exclusive_minimum=True)
         check_number(self.margin, name("margin"))
         check_number(self.label_smoothing, name("label_smoothing"), minimum=0.0, maximum=1.0,
                      exclusive_maximum=True)
@@ -158,7 +179,7 @@ class TrainConfig:
         check_choice(device_kind, name("device") + " (optionally with an index, e.g. cuda:1)", DEVICES)
         if not isinstance(self.arch, str) or not self.arch:
             raise ValueError(f"{name('arch')} must be a timm model name, got {self.arch!r}")
-        if self.loss != "ce" and self.noise_sigma <= 0:
+        if self.loss in NOISE_LOSSES and self.noise_sigma <= 0:
             raise ValueError(
                 f"{name('loss')} {self.loss!r} maximises the margin under noise: it needs "
                 f"TrainConfig.noise_sigma > 0 (--noise-sigma > 0), got {self.noise_sigma!r}"

@@ -7,7 +7,11 @@ CPU). Noise-robust fine-tuning [RC, Ch. 4]: Gaussian noise augmentation at ``noi
 pixel in [0, 1] pixel space, not clipped: the certificates assume unclipped noise) and the Monte Carlo
 expected-margin loss ``relu(d - mean_k M_f(x + xi_k))`` over ``k`` draws
 (:func:`painwatch.robust.mc_expected_margin_loss`), alone (``"mc_margin"``) or added to cross-entropy
-(``"ce+mc_margin"``); docs/design.md, "Training".
+(``"ce+mc_margin"``); docs/design.md, "Training". For the Lipschitz networks, the margin certified
+radius loss ``relu(d - M_f(x))`` (``"mcr"``, on the noisy frames when ``noise_sigma > 0``), the offset
+cross-entropy ``tau CE((f - d onehot_y) / tau)`` [Prach22] (``"offset_ce"``, likewise) and the
+margin smoothed certified radius loss ``relu(d - SM(x))`` (``"mscr"``, SM by Gaussian moment
+propagation at input variance ``noise_sigma^2``) [RC, Ch. 3].
 """
 
 from __future__ import annotations
@@ -24,8 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from painwatch.models import PainNet
-from painwatch.robust import mc_expected_margin_loss
+from painwatch.models import Normalize, PainNet
+from painwatch.robust import (
+    MarginSmoothedCertifiedRadiusLoss,
+    mc_expected_margin_loss,
+    mcr_loss,
+    offset_cross_entropy_loss,
+    propagate_moments,
+    register_moment_rule,
+)
 from painwatch.runtime import resolve_device, seed_everything
 from painwatch.training.batches import (
     as_dataset,
@@ -61,6 +72,22 @@ class FitResult:
     val_logits: Any = None
     val_labels: Any = None
     config: dict[str, Any] = field(default_factory=dict)
+
+
+def _normalize_moments(module: nn.Module, mean: torch.Tensor, var: torch.Tensor):
+    # (x - m) / s per channel: the variance is divided by s^2.
+    return module(mean), var / (module.std * module.std)
+
+
+def _painnet_moments(module: nn.Module, mean: torch.Tensor, var: torch.Tensor):
+    for _, layer in module.lipschitz_composition():
+        mean, var = propagate_moments(layer, mean, var)
+    return mean, var
+
+
+# Moments through the model's own normalisation and composition (the MSCR loss of "mscr").
+register_moment_rule(Normalize, _normalize_moments)
+register_moment_rule(PainNet, _painnet_moments)
 
 
 def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
@@ -159,6 +186,20 @@ def _loss(
         noisy = images + config.noise_sigma * noise
     logits = None
     total = images.new_zeros(())
+    if config.loss in ("offset_ce", "mcr", "mscr"):
+        if config.loss == "offset_ce":
+            logits = model(noisy)
+            per_sample = offset_cross_entropy_loss(logits.float(), labels, offset=config.margin,
+                                                   temperature=config.offset_temperature, reduction="none")
+        elif config.loss == "mcr":
+            logits = model(noisy)
+            per_sample = mcr_loss(logits.float(), labels, margin=config.margin, reduction="none")
+        else:
+            smoothed = MarginSmoothedCertifiedRadiusLoss(
+                margin=config.margin, input_variance=config.noise_sigma**2, reduction="none"
+            )
+            per_sample = smoothed(model, images, labels).float()
+        return _weighted_mean(per_sample, labels, weights), _logits_of(model, noisy, logits)
     if config.loss in ("ce", "ce+mc_margin"):
         logits = model(noisy)
         total = F.cross_entropy(
@@ -175,16 +216,26 @@ def _loss(
             generator=noise_generator,
             reduction="none",
         ).float()
-        if weights is not None:
-            sample_weights = weights[labels]
-            margin_loss = (per_sample * sample_weights).sum() / sample_weights.sum().clamp_min(1e-12)
-        else:
-            margin_loss = per_sample.mean()
+        margin_loss = _weighted_mean(per_sample, labels, weights)
         total = total + (config.margin_weight if config.loss == "ce+mc_margin" else 1.0) * margin_loss
+    return total, _logits_of(model, noisy, logits)
+
+
+def _weighted_mean(
+    per_sample: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    if weights is None:
+        return per_sample.mean()
+    sample_weights = weights[labels]
+    return (per_sample * sample_weights).sum() / sample_weights.sum().clamp_min(1e-12)
+
+
+def _logits_of(model: nn.Module, noisy: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+    """The logits for the running accuracy: those the loss used, else one more pass without autograd."""
     if logits is None:
         with torch.no_grad():
             logits = model(noisy)
-    return total, logits.detach()
+    return logits.detach()
 
 
 def fit(
