@@ -4,24 +4,28 @@ Measured in one run on this machine, with a fixed thread count (``--threads``) a
 noisy copies (``--batch``), for a random-init ``--arch`` at ``--input-size`` px (timing does not depend
 on the weights) in a bundle with the default certification settings (``n0 + n`` = 1 000 passes) and an
 in-distribution check fitted on ``--check-frames`` random frames (as every new bundle carries one, so
-the first answer includes the check's pass of the fp32 network):
+the first answer includes the check, whose descriptors the answer's own pass of the engine reads):
 
 - ``bare_passes_per_s``: a bare fp32 timm ``model(x)`` loop on batches of ``--batch`` (NCHW,
   ``torch.no_grad``), the baseline, timed before and after the rest (the median of both, so that a
   change of the machine's load during the run weighs on both sides of the ratio);
 - ``engines``: images per second of every runtime and precision this machine has (torch or OpenVINO,
   fp32 or bf16, channels_last for torch), each through :class:`painwatch.inference.engine.Engine`;
-- ``first_answer_s``: median seconds from a frame (``H x W x 3`` uint8) to its class and calibrated
-  confidence (:meth:`painwatch.inference.Predictor.answer`, the in-distribution check's pass of the fp32
-  network included) with the engine the page uses; ``first_answer_engine_s`` the engine's clean pass
-  alone, and ``bare_one_image_s`` a bare fp32 ``model(x)`` on one image (the machine's load at that
-  moment);
+- ``first_answer_s``: median seconds from a frame (``H x W x 3`` uint8) to its class, calibrated
+  confidence and in-distribution refusal (:meth:`painwatch.inference.Predictor.answer`) with the engine
+  the page uses; ``first_answer_engine_s`` the engine's clean pass alone (logits only), and
+  ``first_answer_two_passes_s`` the former way, the engine's pass then a second pass of the fp32
+  network for the check's descriptors, and ``bare_one_image_s`` a bare fp32 ``model(x)`` on one image
+  (the machine's load at that moment);
 - ``certificate_s``: median seconds to a frame's certificate at the default budget
   (:meth:`~painwatch.inference.Predictor.certify_steps`), over ``--frames`` frames, and
   ``passes_per_s`` (forward passes per second while certifying them);
 - ``bf16_disagreement``: how often the bf16 engine's class differs from the fp32 network's on
   ``--random-inputs`` random inputs (and, with ``--demo-bundle`` and ``--demo-data``, on the demo set's
-  frames of the individuals that bundle was not trained on).
+  frames of the individuals that bundle was not trained on); with those, ``refusal``: how often the
+  in-distribution check's refusal from the bf16 engine's descriptors (read in the answer's own pass)
+  differs from the refusal from the fp32 network's descriptors (on which the threshold was set), on
+  the held-out face crops and the pictures that are not face crops of ``scripts/bench_ood.py``.
 
 ``load`` records the machine's load average before and after. Usage (from the repository root; the
 machine is shared, so run it niced)::
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import platform
 import statistics
@@ -48,9 +53,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks never download anythi
 
 import numpy as np
 import torch
+from bench_ood import non_face_groups  # this folder's script: the pictures that are not face crops
 
 from painwatch.calibration import calibrated_probabilities
-from painwatch.data import eval_transform, read_image
+from painwatch.data import eval_transform, load_records, read_image
 from painwatch.inference import Predictor
 from painwatch.inference.engine import (
     PRECISIONS,
@@ -206,6 +212,44 @@ def disagreement(fp32: Predictor, low: Predictor, images: list[np.ndarray]) -> d
             "max_confidence_gap": gap, "engine": low.engine.name}
 
 
+def refusal_disagreement(
+    fp32: Predictor, low: Predictor, groups: dict[str, list[np.ndarray]]
+) -> dict[str, Any]:
+    """How often the in-distribution refusal of ``low``'s answer (scored on the descriptors its engine
+    reads in the answer's pass) differs from the refusal scored on the fp32 network's descriptors
+    (:func:`descriptor_pass`, those the threshold was set on), per group of pictures; every frame whose
+    decision differs is listed with both scores."""
+    check = low.in_distribution
+    if check is None:
+        raise SystemExit(f"{low.bundle_path} has no in-distribution check to compare")
+    layers = check.spec.descriptors
+    report: dict[str, Any] = {"threshold": float(check.threshold), "engine": low.engine.name, "groups": {}}
+    cases, largest_gap, nearest = [], 0.0, math.inf
+    for group, images in groups.items():
+        counts = {"frames": len(images), "differ": 0, "refused_fp32": 0, "refused_engine": 0}
+        for index, image in enumerate(images):
+            x = fp32.preprocess(image, f"{group} #{index}")
+            _, descriptors = descriptor_pass(fp32.model, x.unsqueeze(0), layers)
+            reference = float(check.scores(descriptors)[0])
+            answer = low.answer_tensor(x)
+            score = float(answer.in_distribution_score)
+            refused_reference, refused = low.refuses(reference), low.refuses(score)
+            counts["refused_fp32"] += int(refused_reference)
+            counts["refused_engine"] += int(refused)
+            largest_gap = max(largest_gap, abs(score - reference))
+            nearest = min(nearest, abs(reference - check.threshold))
+            if refused != refused_reference:
+                counts["differ"] += 1
+                cases.append({"group": group, "index": index, "fp32_score": reference, "engine_score": score})
+        report["groups"][group] = counts
+    report["frames"] = sum(g["frames"] for g in report["groups"].values())
+    report["differ"] = len(cases)
+    report["max_score_gap"] = largest_gap
+    report["nearest_fp32_score_to_threshold"] = nearest
+    report["differing_frames"] = cases
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -248,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(0)
         frames = random_frames(rng, max(args.answers, args.frames), size)
         answer_passes = predictor.answer(frames[:1])[0].forward_passes  # warm-up of the one-image pass
-        answer_times, engine_times = [], []
+        answer_times, engine_times, two_pass_times = [], [], []
         for frame in frames[:args.answers]:
             began = time.perf_counter()
             predictor.answer([frame])
@@ -256,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             began = time.perf_counter()
             _engine_probabilities(predictor, frame)  # the class and confidence alone, without the check
             engine_times.append(time.perf_counter() - began)
+            began = time.perf_counter()  # the former way: the engine's pass, then the fp32 network's
+            _engine_probabilities(predictor, frame)
+            two_pass = predictor.preprocess(frame).unsqueeze(0).to(device)
+            descriptor_pass(predictor.model, two_pass, predictor.in_distribution.spec.descriptors)
+            two_pass_times.append(time.perf_counter() - began)
         print(f"first answer: median {statistics.median(answer_times):.3f} s", flush=True)
         certificate_times, passes, stops = [], 0, []
         certify_began = time.perf_counter()
@@ -287,11 +336,19 @@ def main(argv: list[str] | None = None) -> int:
                                       "bundle_input_size": fp32.metadata.input_size}
         print(f"bf16 vs fp32 on {len(held_out)} held-out demo frames: {precision['demo_held_out']['differ']} "
               "differ", flush=True)
+        trained = set(fp32.metadata.training.get("individuals") or [])
+        held_out_records = [r for r in load_records(args.demo_data) if r.individual not in trained]
+        groups = {"held-out face crops": held_out, **non_face_groups(held_out_records, seed=0)}
+        precision["refusal"] = refusal_disagreement(fp32, low, groups)
+        refusal = precision["refusal"]
+        print(f"in-distribution refusal, bf16 engine vs fp32 descriptors: {refusal['differ']} of "
+              f"{refusal['frames']} decisions differ", flush=True)
     figures = {
         "arch": args.arch, "input_size": size, "threads": args.threads, "batch": args.batch,
         "engine": engine_name, "load_s": load_s,
         "first_answer_s": statistics.median(answer_times), "first_answer_times_s": answer_times,
         "first_answer_engine_s": statistics.median(engine_times),
+        "first_answer_two_passes_s": statistics.median(two_pass_times),
         "bare_one_image_s": statistics.median(one_before + one_after),
         "certificate_s": statistics.median(certificate_times), "certificate_times_s": certificate_times,
         "certified_frames": len(certificate_times), "stop_reasons": stops,

@@ -15,6 +15,7 @@ from painwatch.inference.certifying import certify_frames
 from painwatch.inference.engine import (
     EngineError,
     TorchEngine,
+    bf16_supported,
     choose_engine,
     make_engine,
     network_fingerprint,
@@ -22,6 +23,7 @@ from painwatch.inference.engine import (
 )
 from painwatch.inference.settings import PredictorSettings
 from painwatch.models import create_model
+from painwatch.models.in_distribution import default_layers, descriptor_pass
 from painwatch.robust import certify
 
 SIZE = 32
@@ -48,6 +50,35 @@ def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(network: torch.nn.Mod
     with torch.no_grad():
         assert torch.allclose(engine(images), network(images), atol=1e-4)
     assert engine.passes_per_s > 0
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not bf16_supported(torch.device("cpu")), reason="no native bf16 on this CPU"))])
+def test_the_answer_pass_gives_the_descriptors_of_descriptor_pass(network: torch.nn.Module, runtime: str,
+                                                                  precision: str) -> None:
+    layers = (*default_layers(network), "pooled", "logits")
+    engine = make_engine(network, (3, SIZE, SIZE), runtime=runtime, precision=precision, pass_rows=4,
+                         descriptors=layers)
+    torch.manual_seed(1)
+    images = torch.rand(3, 3, SIZE, SIZE)
+    expected_logits, expected = descriptor_pass(network, images, layers)
+    logits, descriptors = engine.answer_described(images, layers)
+    assert list(descriptors) == list(layers)
+    # fp32: the same numbers up to float rounding; bf16 (8-bit mantissa): within a few per cent of the scale
+    tolerance = 1e-5 if precision == "fp32" else 3e-2
+    assert torch.allclose(logits, expected_logits, atol=tolerance * float(expected_logits.abs().max()))
+    assert torch.allclose(logits, engine.answer(images), atol=1e-6 if precision == "fp32" else 3e-2)
+    for layer in layers:
+        assert descriptors[layer].dtype == np.float64 and descriptors[layer].shape == expected[layer].shape
+        scale = float(np.abs(expected[layer]).max())
+        assert np.allclose(descriptors[layer], expected[layer], atol=tolerance * scale), layer
+    # a descriptor set the engine was not prepared for is prepared on first use
+    _, one = engine.answer_described(images[:1], layers[:1])
+    assert np.allclose(one[layers[0]], expected[layers[0]][:1], atol=tolerance * float(
+        np.abs(expected[layers[0]]).max()))
+    with pytest.raises(ValueError, match="expected images"):
+        engine.answer_described(images[:, :1], layers)
 
 
 def test_choose_engine_names_what_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:

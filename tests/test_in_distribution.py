@@ -277,8 +277,8 @@ def test_predictor_refuses_far_frames_with_the_reason_and_no_noise_draws(checked
     assert refused.abstained and refused.radius == 0.0 and refused.label == "abstain"
     assert refused.abstain_code == "not_like_training_frames"
     assert refused.abstain_reason == ABSTAIN_REASONS["not_like_training_frames"]
-    # its answer: one clean pass of the engine, and one of the fp32 network for the check's descriptors
-    assert refused.forward_passes == 2 and refused.n == 0 and refused.noise_seed is None
+    # its answer: one clean pass of the engine, which also gave the check's descriptors
+    assert refused.forward_passes == 1 and refused.n == 0 and refused.noise_seed is None
     assert refused.in_distribution_threshold == predictor.in_distribution.threshold
     assert refused.in_distribution_score > refused.in_distribution_threshold
     assert sum(refused.probabilities.values()) == pytest.approx(1.0)

@@ -231,6 +231,9 @@ def test_model_card_and_gate(bundle: Path, tmp_path: Path) -> None:
     # which engine answers and certifies, and how often bf16's class was measured to differ from fp32's
     assert f"computed by {predictor.runtime} at {predictor.precision}" in card
     assert "bf16 class differed from its fp32 class on 0" in card
+    # and how often the refusal from the engine's bf16 descriptors differed from the fp32 refusal
+    assert "refusal differed from the float32 refusal on 0" in card
+    assert "on 0" in predictor.model_card_dict()["engine"]["bf16_refusal_agreement"]
     record_gate_verdict(copy, GateVerdict(gate_file="default.toml", passed=False, date="2026-01-01",
                                           results=({"name": "min_pain_recall", "value": 0.5,
                                                     "threshold": 0.6, "passed": False},),

@@ -45,9 +45,9 @@ class Answer:
     temperature-calibrated probability, ``probabilities`` the calibrated probability per class; the
     network is the engine's (``runtime``, ``precision``) that also certifies. The certified answer may
     still differ: it is the smoothed classifier's (:attr:`FrameResult.label`). With an in-distribution
-    check, ``in_distribution_score`` is the frame's score (from the fp32 network's descriptors, one more
-    pass in ``forward_passes``) and ``abstain_code`` is ``"not_like_training_frames"`` when the frame is
-    refused: it is then not certified (docs/design.md, "The in-distribution check").
+    check, ``in_distribution_score`` is the frame's score (from the descriptors the engine read in that
+    same pass: ``forward_passes`` stays 1) and ``abstain_code`` is ``"not_like_training_frames"`` when
+    the frame is refused: it is then not certified (docs/design.md, "The in-distribution check").
     """
 
     name: str

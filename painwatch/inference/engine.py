@@ -8,7 +8,10 @@ the processor has it) and computes logits ``(B, K)`` of images ``(B, C, H, W)`` 
 Every batch is cut into passes of a fixed shape (``pass_rows`` images, the last one padded with zeros),
 so a row's logits depend on that row alone, never on the other images that shared its pass: frames
 batched together give the certificates they get alone, and a recorded noise seed reproduces a result
-whatever else was being certified. A single clean image (the answer) goes through a pass of one row.
+whatever else was being certified. A single clean image (the answer) goes through a pass of one row;
+:meth:`Engine.answer_described` makes that pass also return the in-distribution check's descriptors
+(:class:`painwatch.models.in_distribution.DescribedNetwork`), so that the check is about the network
+that answers, in its runtime and precision, at no second pass.
 
 The engine measures its own throughput (:attr:`Engine.passes_per_s`, images per second over recent
 noise passes) and, once certification reports it, the rate of whole certification rounds
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 from painwatch.inference.bulk_settings import PRECISIONS, RUNTIMES
+from painwatch.models.in_distribution import DescribedNetwork, descriptor_pass
 
 __all__ = ["PRECISIONS", "RUNTIMES", "Engine", "EngineError", "bf16_supported", "choose_engine",
            "make_engine", "network_fingerprint"]
@@ -179,6 +183,28 @@ class Engine:
         """Logits of clean images, one image per pass (the fastest way to one answer)."""
         return self._in_passes(batch, 1, timed=False)
 
+    def answer_described(
+        self, batch: torch.Tensor, layers: Sequence[str]
+    ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """Logits ``(B, K)`` of clean images and each in-distribution descriptor of ``layers`` as a
+        float64 array ``(B, d)``, from the same passes of one image (no second pass): the descriptors
+        :func:`~painwatch.models.in_distribution.descriptor_pass` computes, in this engine's runtime
+        and precision."""
+        layers = tuple(layers)
+        self._check_shape(batch)
+        logits, parts = [], []
+        for row in batch:
+            outputs = self._run_described(row.unsqueeze(0), layers)
+            logits.append(outputs[0].to(batch.device, torch.float32))
+            parts.append(outputs[1:])
+        descriptors = {layer: np.concatenate([part[i].detach().cpu().to(torch.float64).numpy()
+                                              for part in parts])
+                       for i, layer in enumerate(layers)}
+        return (torch.cat(logits) if logits else batch.new_zeros((0, 0))), descriptors
+
+    def _run_described(self, part: torch.Tensor, layers: tuple[str, ...]) -> list[torch.Tensor]:
+        raise NotImplementedError  # pragma: no cover - every runtime overrides it
+
     def warm_up(self) -> float:
         """Run one noise pass and one answer pass on zeros (first passes are slow: memory, kernel choice)
         and time a second noise pass; returns the measured images per second."""
@@ -188,10 +214,13 @@ class Engine:
         self(zeros)
         return self.passes_per_s
 
-    def _in_passes(self, batch: torch.Tensor, rows: int, *, timed: bool) -> torch.Tensor:
+    def _check_shape(self, batch: torch.Tensor) -> None:
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
             raise ValueError(f"expected images (B, {', '.join(map(str, self.input_shape))}), "
                              f"got shape {tuple(batch.shape)}")
+
+    def _in_passes(self, batch: torch.Tensor, rows: int, *, timed: bool) -> torch.Tensor:
+        self._check_shape(batch)
         outputs = []
         for start in range(0, batch.shape[0], rows):
             part = batch[start:start + rows]
@@ -221,7 +250,8 @@ class TorchEngine(Engine):
     runtime = "torch"
 
     def __init__(
-        self, model: torch.nn.Module, *, precision: str, pass_rows: int, input_shape: Sequence[int]
+        self, model: torch.nn.Module, *, precision: str, pass_rows: int, input_shape: Sequence[int],
+        descriptors: Sequence[str] = (),
     ) -> None:
         device = next(model.parameters()).device
         super().__init__(precision=precision, pass_rows=pass_rows, device=device, input_shape=input_shape)
@@ -235,6 +265,13 @@ class TorchEngine(Engine):
         with torch.inference_mode():
             inputs = part.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
             return self.network(inputs).float()
+
+    def _run_described(self, part: torch.Tensor, layers: tuple[str, ...]) -> list[torch.Tensor]:
+        # The hooks go on the engine's own copy for this pass only (its noise passes never carry them).
+        inputs = part.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            logits, descriptors = descriptor_pass(self.network, inputs, layers)
+        return [logits.float(), *(torch.from_numpy(descriptors[layer]) for layer in layers)]
 
 
 def network_fingerprint(model: torch.nn.Module) -> str:
@@ -263,27 +300,48 @@ class OpenVinoEngine(Engine):
     runtime = "openvino"
 
     def __init__(
-        self, model: torch.nn.Module, *, precision: str, pass_rows: int, input_shape: Sequence[int]
+        self, model: torch.nn.Module, *, precision: str, pass_rows: int, input_shape: Sequence[int],
+        descriptors: Sequence[str] = (),
     ) -> None:
         super().__init__(precision=precision, pass_rows=pass_rows, device=torch.device("cpu"),
                          input_shape=input_shape)
-        fingerprint = network_fingerprint(model)
-        self._requests = {}
-        self._locks = {}
+        self._model = model
+        self._fingerprint = network_fingerprint(model)
+        self._requests: dict[Any, Any] = {}
+        self._locks: dict[Any, threading.Lock] = {}
         for rows in sorted({1, pass_rows}):
-            compiled = self._compiled(model, fingerprint, rows)
+            compiled = self._compiled(model, self._fingerprint, rows)
             self._requests[rows] = compiled.create_infer_request()
             self._locks[rows] = threading.Lock()
+        if descriptors:
+            self._described_request(tuple(descriptors))
 
-    def _compiled(self, model: torch.nn.Module, fingerprint: str, rows: int) -> Any:
+    def _described_request(self, layers: tuple[str, ...]) -> tuple[Any, threading.Lock]:
+        """The inference request of the one-image pass that also returns ``layers``' descriptors
+        (compiled on first use, or at construction for the ``descriptors`` given)."""
+        key = ("described", layers)
+        with _COMPILED_LOCK:
+            ready = key in self._requests
+        if not ready:
+            compiled = self._compiled(DescribedNetwork(self._model, layers), self._fingerprint, 1,
+                                      variant=layers)
+            with _COMPILED_LOCK:
+                if key not in self._requests:
+                    self._requests[key] = compiled.create_infer_request()
+                    self._locks[key] = threading.Lock()
+        return self._requests[key], self._locks[key]
+
+    def _compiled(
+        self, model: torch.nn.Module, fingerprint: str, rows: int, variant: tuple[str, ...] = ()
+    ) -> Any:
         import openvino as ov  # optional: only this runtime needs it
 
-        key = (fingerprint, rows, self.input_shape, self.precision, self.threads)
+        key = (fingerprint, variant, rows, self.input_shape, self.precision, self.threads)
         with _COMPILED_LOCK:
             if key in _COMPILED:
                 _COMPILED.move_to_end(key)
                 return _COMPILED[key]
-            converted = _COMPILED.get((fingerprint, "converted"))
+            converted = _COMPILED.get((fingerprint, variant, "converted"))
             if converted is None:
                 # Traced once on one image (tracing a large batch costs minutes), reshaped per pass.
                 with torch.no_grad(), warnings.catch_warnings():
@@ -292,7 +350,7 @@ class OpenVinoEngine(Engine):
                     warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
                     converted = ov.convert_model(copy.deepcopy(model).cpu().eval().float(),
                                                  example_input=torch.zeros((1, *self.input_shape)))
-                self._keep((fingerprint, "converted"), converted)
+                self._keep((fingerprint, variant, "converted"), converted)
             shaped = converted.clone()
             shaped.reshape({shaped.inputs[0]: [rows, *self.input_shape]})
             config = {"INFERENCE_NUM_THREADS": self.threads,
@@ -314,6 +372,14 @@ class OpenVinoEngine(Engine):
             outputs = self._requests[rows].infer({0: inputs})
             return torch.from_numpy(np.array(outputs[0], dtype=np.float32, copy=True))
 
+    def _run_described(self, part: torch.Tensor, layers: tuple[str, ...]) -> list[torch.Tensor]:
+        request, lock = self._described_request(layers)
+        inputs = np.ascontiguousarray(part.detach().cpu().numpy(), dtype=np.float32)
+        with lock:
+            outputs = request.infer({0: inputs})
+            return [torch.from_numpy(np.array(outputs[i], dtype=np.float32, copy=True))
+                    for i in range(1 + len(layers))]
+
 
 def make_engine(
     model: torch.nn.Module,
@@ -322,12 +388,14 @@ def make_engine(
     runtime: str = "auto",
     precision: str = "auto",
     pass_rows: int | None = None,
+    descriptors: Sequence[str] = (),
 ) -> Engine:
     """The :class:`Engine` of ``model`` (on its device) for images ``input_shape`` ``(C, H, W)``: the
     runtime and precision :func:`choose_engine` gives, in passes of ``pass_rows`` images (by default
-    :data:`CPU_PASS_ROWS` on a CPU, :data:`GPU_PASS_ROWS` on a GPU). With ``runtime="auto"`` a network
-    OpenVINO cannot convert runs with torch (with a ``RuntimeWarning``); asked for by name, it raises
-    :class:`EngineError`."""
+    :data:`CPU_PASS_ROWS` on a CPU, :data:`GPU_PASS_ROWS` on a GPU). ``descriptors`` (in-distribution
+    descriptor names) are prepared for :meth:`Engine.answer_described` now rather than on first use.
+    With ``runtime="auto"`` a network OpenVINO cannot convert (with its descriptors, when given) runs
+    with torch (with a ``RuntimeWarning``); asked for by name, it raises :class:`EngineError`."""
     device = next(model.parameters()).device
     asked = runtime
     runtime, precision = choose_engine(device, runtime=runtime, precision=precision)
@@ -335,10 +403,12 @@ def make_engine(
         pass_rows = CPU_PASS_ROWS if device.type == "cpu" else GPU_PASS_ROWS
     if runtime == "openvino":
         try:
-            return OpenVinoEngine(model, precision=precision, pass_rows=pass_rows, input_shape=input_shape)
+            return OpenVinoEngine(model, precision=precision, pass_rows=pass_rows, input_shape=input_shape,
+                                  descriptors=descriptors)
         except Exception as error:  # the converter's own error types; it covers most networks, not all
             if asked != "auto":
                 raise EngineError(f"OpenVINO cannot run this network: {error}") from error
             warnings.warn(f"OpenVINO cannot convert {type(model).__name__} ({type(error).__name__}); "
                           "running it with torch", RuntimeWarning, stacklevel=2)
-    return TorchEngine(model, precision=precision, pass_rows=pass_rows, input_shape=input_shape)
+    return TorchEngine(model, precision=precision, pass_rows=pass_rows, input_shape=input_shape,
+                       descriptors=descriptors)

@@ -52,6 +52,24 @@ BF16_MEASURED: Mapping[str, float] = {"demo_frames": 200, "demo_differ": 0, "dem
                                       "random_frames": 64, "random_differ": 0}
 """The measurement of ``results/latency/bench.json`` (``bf16_disagreement``)."""
 
+REFUSAL_AGREEMENT = (
+    "The in-distribution check reads its descriptors in the answer's own pass of the engine (one pass, "
+    "about the network that answers), while its threshold was set on float32 descriptors. Measured with "
+    "scripts/bench_latency.py (results/latency/bench.json, bf16_disagreement.refusal): on the demo "
+    "model's {frames} pictures ({face_crops} held-out face crops and {others} pictures that are not face "
+    "crops: photos, human faces, noise, blank and whole uncropped frames), the bf16 engine's refusal "
+    "differed from the float32 refusal on {differ} (largest score gap {gap:.2g}; the nearest float32 "
+    "score lay {nearest:.2g} from the threshold {threshold:.4g}, within that gap, and kept its side). The "
+    "threshold's guarantee is about float32 scores: a frame whose score is that close to the threshold "
+    "can be decided the other way in bf16."
+)
+"""How often the refusal from the low-precision engine's descriptors differs from float32's, as
+measured (the figures of :data:`REFUSAL_MEASURED`)."""
+
+REFUSAL_MEASURED: Mapping[str, float] = {"frames": 834, "face_crops": 200, "others": 634, "differ": 0,
+                                         "gap": 0.066, "nearest": 0.010, "threshold": 2.004}
+"""The measurement of ``results/latency/bench.json`` (``bf16_disagreement.refusal``)."""
+
 
 def model_card_dict(
     metadata: BundleMetadata,
@@ -90,7 +108,8 @@ def model_card_dict(
         "in_distribution": (metadata.in_distribution.to_dict() if metadata.in_distribution is not None
                             else {"note": metadata.in_distribution_note}),
         "gates": {name: verdict.to_dict() for name, verdict in metadata.gates.items()},
-        "engine": {**dict(engine or {}), "bf16_agreement": BF16_AGREEMENT.format(**BF16_MEASURED)},
+        "engine": {**dict(engine or {}), "bf16_agreement": BF16_AGREEMENT.format(**BF16_MEASURED),
+                   "bf16_refusal_agreement": REFUSAL_AGREEMENT.format(**REFUSAL_MEASURED)},
         "limits": limits,
     }
 
@@ -131,7 +150,8 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
     engine = card.get("engine") or {}
     if engine.get("runtime"):
         lines += [f"**Engine.** Answers and noise draws computed by {engine['runtime']} at "
-                  f"{engine.get('precision')} on {engine.get('device')}. {engine['bf16_agreement']}", ""]
+                  f"{engine.get('precision')} on {engine.get('device')}. {engine['bf16_agreement']} "
+                  f"{engine.get('bf16_refusal_agreement', '')}".rstrip(), ""]
     gates = card.get("gates") or {}
     if not gates:
         lines.append("**Certification gate.** Not run.")

@@ -41,8 +41,10 @@ Abstention is an answer: ``label == "abstain"``, ``class_index == -1``, ``radius
 reason in words (``abstain_reason``, from :data:`ABSTAIN_REASONS`).
 
 Frames unlike the training frames are refused (docs/design.md, "The in-distribution check"): when the
-bundle carries an in-distribution check, the frame's answer also scores it, from the descriptors of one
-clean pass of the fp32 network (the network the check's threshold was set on); a frame scoring above
+bundle carries an in-distribution check, the frame's answer also scores it, from the descriptors read in
+the answer's own clean pass of the engine (:meth:`~painwatch.inference.engine.Engine.answer_described`:
+one pass, about the network that answers; the threshold was set on fp32 descriptors, and how often
+the bf16 engine's refusal differs from fp32's is measured in the model card); a frame scoring above
 the threshold is refused (:attr:`Answer.abstain_code` ``"not_like_training_frames"``, radius 0) and no
 noise is drawn for it. Every :class:`FrameResult` records the score and the threshold. A bundle without
 a check still answers; :attr:`Predictor.in_distribution_note` then says why it cannot refuse such frames.
@@ -140,7 +142,9 @@ class Predictor:
                                         f"{runtime}/{precision}")
                 runtime, precision = "torch", "fp32"
             try:
-                engine = make_engine(model, self.input_shape, runtime=runtime, precision=precision)
+                engine = make_engine(model, self.input_shape, runtime=runtime, precision=precision,
+                                     descriptors=() if in_distribution is None
+                                     else in_distribution.spec.descriptors)
             except EngineError as error:
                 raise SettingsError(str(error)) from error
         self.engine = engine
@@ -313,23 +317,20 @@ class Predictor:
         return None if self.in_distribution is None else float(self.in_distribution.threshold)
 
     def answer_tensor(self, x: torch.Tensor, name: str = "image") -> Answer:
-        """The :class:`Answer` of one preprocessed frame ``(C, H, W)``: one clean pass of the engine and,
-        when the bundle has an in-distribution check, one of the fp32 network for its score (the
-        answer then carries the refusal of a frame unlike the training frames)."""
+        """The :class:`Answer` of one preprocessed frame ``(C, H, W)`` from one clean pass of the engine;
+        when the bundle has an in-distribution check, that same pass gives the check's descriptors and
+        the answer carries the refusal of a frame unlike the training frames."""
         batch = x.unsqueeze(0).to(self.device)
-        score, passes = None, 1
-        if self.in_distribution is not None and self.runtime == "torch" and self.precision == "fp32":
-            # The engine is the fp32 network itself: its pass with the check's hooks answers too.
-            logits, descriptors = descriptor_pass(self.model, batch, self.in_distribution.spec.descriptors)
-            score = float(self.in_distribution.scores(descriptors)[0])
-        else:
+        score = None
+        if self.in_distribution is None:
             logits = self.engine.answer(batch)
-            if self.in_distribution is not None:
-                _, descriptors = descriptor_pass(self.model, batch, self.in_distribution.spec.descriptors)
-                score, passes = float(self.in_distribution.scores(descriptors)[0]), 2
+        else:
+            logits, descriptors = self.engine.answer_described(batch, self.in_distribution.spec.descriptors)
+            score = float(self.in_distribution.scores(descriptors)[0])
         logits = logits.detach().to("cpu", torch.float64)
         probabilities = calibrated_probabilities(logits.numpy(), self.temperature)[0]
         index = int(np.argmax(probabilities))
+        passes = 1
         return Answer(name=name, label=self.classes[index], class_index=index,
                       confidence=float(probabilities[index]),
                       probabilities={c: float(p) for c, p in zip(self.classes, probabilities, strict=True)},

@@ -178,22 +178,15 @@ def _recording(backbone: nn.Module, modules: Sequence[str]) -> Iterator[dict[str
             handle.remove()
 
 
-def descriptor_pass(
-    model: nn.Module, x: torch.Tensor, layers: Sequence[str]
-) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
-    """One forward pass of ``model`` (a :class:`painwatch.models.PainNet`) over images ``x`` ``(B, C, H, W)``
-    in [0, 1]: the logits ``(B, K)`` and each descriptor of ``layers`` as a float64 array ``(B, d)``.
-
-    No gradients; the hooks are removed afterwards, whatever happens.
-    """
-    parsed = {layer: _parse_layer(layer) for layer in layers}
-    modules = sorted({module for module, kind, _ in parsed.values() if module})
-    backbone = getattr(model, "backbone", model)
-    with torch.no_grad(), _recording(backbone, modules) as maps:
-        features = model.features(x)
-        logits = model.head(features)
-    descriptors: dict[str, np.ndarray] = {}
-    for layer, (module, kind, side) in parsed.items():
+def descriptor_tensors(
+    layers: Sequence[str], *, features: torch.Tensor, logits: torch.Tensor, maps: Mapping[str, torch.Tensor]
+) -> list[torch.Tensor]:
+    """Each descriptor of ``layers`` ``(B, d)`` (float32 or wider), in order, from one pass's pooled
+    ``features``, ``logits`` and stage feature ``maps`` (by module name): the one definition of the
+    descriptors, shared by :func:`descriptor_pass` and :class:`DescribedNetwork`."""
+    values = []
+    for layer in layers:
+        module, kind, side = _parse_layer(layer)
         if kind == "pooled":
             value = features
         elif kind == "logits":
@@ -208,8 +201,51 @@ def descriptor_pass(
             else:
                 value = torch.cat([feature_map.mean(dim=(2, 3)),
                                    feature_map.std(dim=(2, 3), unbiased=False)], dim=1)
-        descriptors[layer] = value.detach().to("cpu", torch.float64).numpy()
-    return logits, descriptors
+        values.append(value.float() if value.dtype in (torch.float16, torch.bfloat16) else value)
+    return values
+
+
+def _stage_names(layers: Sequence[str]) -> list[str]:
+    return sorted({module for module, _, _ in map(_parse_layer, layers) if module})
+
+
+def descriptor_pass(
+    model: nn.Module, x: torch.Tensor, layers: Sequence[str]
+) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """One forward pass of ``model`` (a :class:`painwatch.models.PainNet`) over images ``x`` ``(B, C, H, W)``
+    in [0, 1]: the logits ``(B, K)`` and each descriptor of ``layers`` as a float64 array ``(B, d)``.
+
+    No gradients; the hooks are removed afterwards, whatever happens.
+    """
+    layers = tuple(layers)
+    backbone = getattr(model, "backbone", model)
+    with torch.no_grad(), _recording(backbone, _stage_names(layers)) as maps:
+        features = model.features(x)
+        logits = model.head(features)
+        values = descriptor_tensors(layers, features=features, logits=logits, maps=maps)
+    return logits, {layer: value.detach().to("cpu", torch.float64).numpy()
+                    for layer, value in zip(layers, values, strict=True)}
+
+
+class DescribedNetwork(nn.Module):
+    """``model`` whose forward pass returns ``(logits, *descriptors)``: the logits and each descriptor
+    of ``layers`` ``(B, d)``, in order, computed as :func:`descriptor_pass` computes them (the same
+    :func:`descriptor_tensors`), in the same pass. A runtime that compiles a traced network (OpenVINO)
+    compiles this one to answer and read the in-distribution check's descriptors at once
+    (docs/design.md, "The in-distribution check"). The hooks live only during a forward pass."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = tuple(layers)
+        check_layers(model, self.layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        backbone = getattr(self.model, "backbone", self.model)
+        with _recording(backbone, _stage_names(self.layers)) as maps:
+            features = self.model.features(x)
+            logits = self.model.head(features)
+            return (logits, *descriptor_tensors(self.layers, features=features, logits=logits, maps=maps))
 
 
 # ---------------------------------------------------------------------------------- the fitted statistic
