@@ -47,7 +47,7 @@ def load_predictor(bundle: str, fingerprint: str, method: str | None, sigma: flo
     predictor = Predictor.load(bundle, method=method, sigma=sigma, alpha=alpha, seed=SEED)
     # Time the engine now, while the model loads: the time budget needs its speed, and the first
     # upload's answers should not wait for it.
-    predictor.engine.warm_up()
+    predictor.warm_up()
     return predictor
 
 

@@ -289,3 +289,19 @@ def test_predictor_refuses_far_frames_with_the_reason_and_no_noise_draws(checked
     # Reproducing a batch: a refused frame has no noise seed to give back.
     again = predictor.predict([noise, alike], noise_seeds=[None, answered.noise_seed])
     assert again[0].abstain_code == "not_like_training_frames" and again[1].radius == answered.radius
+
+
+def test_warming_up_makes_the_answer_pass_with_the_check_s_descriptors_too(checked_bundle: Path,
+                                                                            monkeypatch) -> None:
+    predictor = Predictor.load(checked_bundle, seed=0)
+    described = []
+    real = predictor.engine.answer_described
+
+    def recording(batch, layers):
+        described.append((tuple(batch.shape), tuple(layers)))
+        return real(batch, layers)
+
+    monkeypatch.setattr(predictor.engine, "answer_described", recording)
+    rate = predictor.warm_up()
+    assert rate > 0 and math.isfinite(rate)
+    assert described == [((1, *predictor.input_shape), tuple(predictor.in_distribution.spec.descriptors))]

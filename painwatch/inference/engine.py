@@ -205,11 +205,14 @@ class Engine:
     def _run_described(self, part: torch.Tensor, layers: tuple[str, ...]) -> list[torch.Tensor]:
         raise NotImplementedError  # pragma: no cover - every runtime overrides it
 
-    def warm_up(self) -> float:
-        """Run one noise pass and one answer pass on zeros (first passes are slow: memory, kernel choice)
-        and time a second noise pass; returns the measured images per second."""
+    def warm_up(self, layers: Sequence[str] = ()) -> float:
+        """Run one noise pass and one answer pass on zeros (first passes are slow: memory, kernel choice),
+        the answer with the descriptors of ``layers`` too when given, and time a second noise pass;
+        returns the measured images per second."""
         zeros = torch.zeros((self.pass_rows, *self.input_shape), device=self.device)
         self.answer(zeros[:1])
+        if layers:
+            self.answer_described(zeros[:1], layers)
         self(zeros)
         self(zeros)
         return self.passes_per_s

@@ -221,8 +221,15 @@ class Predictor:
             raise ValueError(f"seconds must be a positive number, got {seconds!r}")
         rate = self.engine.draws_per_s
         if not math.isfinite(rate):
-            rate = self.engine.warm_up()
+            rate = self.warm_up()
         return max(0, int(rate * float(seconds)) - self.settings.n0 - 1)
+
+    def warm_up(self) -> float:
+        """Make the engine's first passes now (noise, answer, and the answer with the in-distribution
+        check's descriptors when the bundle has one), so that the first frame does not pay for them;
+        returns the measured noise passes per second."""
+        layers = self.in_distribution.spec.descriptors if self.in_distribution is not None else ()
+        return self.engine.warm_up(layers)
 
     # ---------------------------------------------------------------------------------- properties
 
