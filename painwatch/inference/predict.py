@@ -337,11 +337,10 @@ class Predictor:
         logits = logits.detach().to("cpu", torch.float64)
         probabilities = calibrated_probabilities(logits.numpy(), self.temperature)[0]
         index = int(np.argmax(probabilities))
-        passes = 1
         return Answer(name=name, label=self.classes[index], class_index=index,
                       confidence=float(probabilities[index]),
                       probabilities={c: float(p) for c, p in zip(self.classes, probabilities, strict=True)},
-                      runtime=self.runtime, precision=self.precision, forward_passes=passes,
+                      runtime=self.runtime, precision=self.precision, forward_passes=1,
                       in_distribution_score=score, logits=logits[0],
                       abstain_code="not_like_training_frames" if self.refuses(score) else None)
 
